@@ -1,0 +1,23 @@
+package warm
+import (
+	_ "github.com/spiffe/go-spiffe/v2/workloadapi"
+	_ "github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
+	_ "github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
+	_ "github.com/envoyproxy/go-control-plane/pkg/server/v3"
+	_ "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/rbac/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	_ "github.com/prometheus/client_golang/prometheus/promhttp"
+	_ "github.com/prometheus/common/expfmt"
+	_ "go.yaml.in/yaml/v3"
+	_ "github.com/fsnotify/fsnotify"
+	_ "k8s.io/api/admission/v1"
+	_ "k8s.io/api/core/v1"
+	_ "k8s.io/api/apps/v1"
+	_ "go.uber.org/goleak"
+	_ "google.golang.org/grpc"
+)

@@ -1,0 +1,68 @@
+package proxy
+
+import (
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"latch.dev/latch/identity"
+)
+
+// Config is one complete, immutable snapshot of what the data plane serves.
+// It is built once (from a file or from xDS), validated, then handed to the
+// Server, which swaps it in atomically. Nothing mutates a Config after that.
+type Config struct {
+	// Version identifies the snapshot in logs and status (a file hash, an xDS
+	// version).
+	Version string
+	// Source says where the snapshot came from ("file:/etc/latch.yaml", "xds").
+	Source string
+	// TLS is the profile every listener is held to.
+	TLS      identity.Profile
+	Inbound  []Inbound
+	Outbound []Outbound
+}
+
+// Inbound terminates mTLS from peers and forwards plain TCP to the app.
+type Inbound struct {
+	// Name is unique among all listeners of a Config and stable across
+	// snapshots: a listener keeps its socket while its Name and Listen do not
+	// change.
+	Name string
+	// Listen is the host:port the sidecar accepts peers on.
+	Listen string
+	// App is the host:port of the local application.
+	App string
+	// Allow decides which peer SPIFFE IDs may connect. Empty denies all.
+	Allow identity.AllowList
+	// Timeouts and limits; zero means the package default.
+	HandshakeTimeout time.Duration
+	IdleTimeout      time.Duration
+	ConnectTimeout   time.Duration
+	MaxConnections   int
+}
+
+// Outbound accepts plain TCP from the local app on loopback and originates
+// mTLS to an upstream that must prove ServerID.
+type Outbound struct {
+	Name string
+	// Listen must be a loopback address: an outbound listener reachable from
+	// the network would be an open relay into the mesh.
+	Listen string
+	// Upstreams are host:port endpoints, tried in order until one connects.
+	Upstreams []string
+	// ServerID is the SPIFFE ID the upstream must present.
+	ServerID         spiffeid.ID
+	HandshakeTimeout time.Duration
+	IdleTimeout      time.Duration
+	ConnectTimeout   time.Duration
+	MaxConnections   int
+}
+
+// Defaults applied where a listener leaves a field zero.
+const (
+	DefaultHandshakeTimeout = 10 * time.Second
+	DefaultIdleTimeout      = time.Hour
+	DefaultConnectTimeout   = 5 * time.Second
+	DefaultMaxConnections   = 10000
+)
