@@ -1,0 +1,47 @@
+# Everyday targets. `make test` is the one command CI runs (.ci/run).
+GO      ?= go
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+# Keep in step with the Dockerfile's build line (a test checks the Dockerfile's flags).
+LDFLAGS := -s -w -X main.version=$(VERSION)
+HELM_VERSION := v3.22.0
+
+.PHONY: all build test test-short demo lint fmt vet staticcheck bench tools clean
+
+all: build
+
+build:
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/latch ./cmd/latch
+
+# The full suite, race detector on: a proxy is all concurrency.
+test: tools
+	$(GO) test -race -timeout 20m ./...
+
+test-short:
+	$(GO) test -short ./...
+
+demo:
+	$(GO) run ./cmd/latch demo
+
+lint: vet staticcheck
+	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || (gofmt -l $$(git ls-files '*.go'); exit 1)
+
+fmt:
+	gofmt -w $$(git ls-files '*.go')
+
+vet:
+	$(GO) vet ./...
+
+staticcheck:
+	@command -v staticcheck >/dev/null 2>&1 || $(GO) install honnef.co/go/tools/cmd/staticcheck@latest
+	PATH="$$PATH:$$($(GO) env GOPATH)/bin" staticcheck ./...
+
+bench:
+	$(GO) test -run '^$$' -bench . -benchmem ./proxy/... ./identity/...
+
+# Tools the tests need that a fresh machine lacks: helm for the chart tests.
+tools:
+	@PATH="$$PATH:$$($(GO) env GOPATH)/bin" command -v helm >/dev/null 2>&1 || \
+		(echo "installing helm $(HELM_VERSION)"; $(GO) install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION))
+
+clean:
+	rm -rf bin
