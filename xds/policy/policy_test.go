@@ -98,7 +98,9 @@ func TestParseHostile(t *testing.T) {
 		{"two allow kinds in one item", func(s string) string {
 			return strings.Replace(s, "- trustDomain: partner.test", "- trustDomain: partner.test\n          id: spiffe://mesh.test/x", 1)
 		}, 15, "exactly one of id, trustDomain, pathPrefix"},
-		{"bad SPIFFE ID", func(s string) string { return strings.Replace(s, "spiffe://mesh.test/ns/shop/sa/backend", "spiffe://MESH/ns", 1) }, 7, "is not a SPIFFE ID"},
+		{"bad SPIFFE ID", func(s string) string {
+			return strings.Replace(s, "spiffe://mesh.test/ns/shop/sa/backend", "spiffe://MESH/ns", 1)
+		}, 7, "is not a SPIFFE ID"},
 		{"not a spiffe URI", func(s string) string {
 			return strings.Replace(s, "id: spiffe://mesh.test/ns/shop/sa/frontend", "id: https://mesh.test/x", 1)
 		}, 13, "scheme is missing or invalid"},
@@ -108,7 +110,9 @@ func TestParseHostile(t *testing.T) {
 		{"own ID in wrong trust domain", func(s string) string {
 			return strings.Replace(s, "spiffe://mesh.test/ns/shop/sa/backend", "spiffe://evil.test/ns/shop/sa/backend", 1)
 		}, 7, `trust domain "evil.test" is not one of the configured`},
-		{"allowed peer in wrong trust domain", func(s string) string { return strings.Replace(s, "trustDomain: partner.test", "trustDomain: evil.test", 1) }, 15, `trust domain "evil.test"`},
+		{"allowed peer in wrong trust domain", func(s string) string {
+			return strings.Replace(s, "trustDomain: partner.test", "trustDomain: evil.test", 1)
+		}, 15, `trust domain "evil.test"`},
 		{"server ID in wrong trust domain", func(s string) string {
 			return strings.Replace(s, "serverID: spiffe://mesh.test/", "serverID: spiffe://evil.test/", 1)
 		}, 19, `trust domain "evil.test"`},
@@ -135,7 +139,9 @@ func TestParseHostile(t *testing.T) {
 		{"wrong kind", func(s string) string { return strings.Replace(s, "kind: ServicePolicy", "kind: Policy", 1) }, 2, `kind: "Policy" is not supported`},
 		{"wrong apiVersion", func(s string) string { return strings.Replace(s, "v1alpha1", "v1", 1) }, 1, "is not supported"},
 		{"bad metadata name", func(s string) string { return strings.Replace(s, "name: backend", "name: Back_End", 1) }, 4, "not a lowercase DNS name"},
-		{"field given twice", func(s string) string { return strings.Replace(s, "  namespace: shop\n", "  namespace: shop\n  namespace: other\n", 1) }, 6, `"namespace" given twice`},
+		{"field given twice", func(s string) string {
+			return strings.Replace(s, "  namespace: shop\n", "  namespace: shop\n  namespace: other\n", 1)
+		}, 6, `"namespace" given twice`},
 		{"YAML syntax error", func(s string) string { return strings.Replace(s, "port: 9001", "port: [9001", 1) }, 16, "YAML: line 16: did not find expected ',' or ']'"},
 		{"tab indentation", func(s string) string { return strings.Replace(s, "  inbound:", "\tinbound:", 1) }, 7, "YAML: line 7: found a tab character"},
 		{"alias", func(s string) string {

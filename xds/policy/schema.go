@@ -31,8 +31,6 @@ type schema struct {
 	maxProps    *int64
 	pattern     string
 	enum        []string
-	// preserveUnknown marks metadata, whose shape the API server owns.
-	preserveUnknown bool
 	// stringMap marks a map of strings (labels, annotations).
 	stringMap bool
 }
