@@ -1,0 +1,346 @@
+package translate
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"net"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	endpoint "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
+	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	rbacconfig "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
+	rbac "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/rbac/v3"
+	tcpproxy "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	matcher "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"latch.dev/latch/identity"
+	"latch.dev/latch/xds/policy"
+)
+
+// Names of the Envoy extensions in the subset latch speaks.
+const (
+	RBACFilter         = "envoy.filters.network.rbac"
+	TCPProxyFilter     = "envoy.filters.network.tcp_proxy"
+	TLSTransportSocket = "envoy.transport_sockets.tls"
+)
+
+// DefaultSDSCluster is the Envoy cluster name SPIRE's documentation gives the
+// agent's SDS service; latch resolves the secrets from the Workload API and
+// only keeps the reference so Envoy could consume the same resources.
+const DefaultSDSCluster = "spire_agent"
+
+// Options shape the resources; the zero value is the production default.
+type Options struct {
+	// InboundHost is the address inbound listeners bind ("0.0.0.0" if empty).
+	InboundHost string
+	// SDSCluster names the SDS cluster in secret references (DefaultSDSCluster
+	// if empty).
+	SDSCluster string
+}
+
+// Resources are the Envoy resources of one node, each list sorted by name.
+type Resources struct {
+	Listeners []*listener.Listener
+	Clusters  []*cluster.Cluster
+	Endpoints []*endpoint.ClusterLoadAssignment
+}
+
+// Listener and cluster names. They are stable across translations, so a
+// sidecar keeps a listener's socket while its port does not change.
+func InboundName(port uint32) string    { return "inbound|" + strconv.FormatUint(uint64(port), 10) }
+func AppClusterName(port uint32) string { return InboundName(port) + "|app" }
+func OutboundName(port uint32) string   { return "outbound|" + strconv.FormatUint(uint64(port), 10) }
+
+// BundleSecretName is the SDS name SPIRE gives a trust domain's bundle.
+func BundleSecretName(td spiffeid.TrustDomain) string { return td.IDString() }
+
+// Translate turns one declaration into the resources its sidecar serves. It
+// is a pure function of its arguments.
+func Translate(d policy.Declaration, opts Options) Resources {
+	if opts.InboundHost == "" {
+		opts.InboundHost = "0.0.0.0"
+	}
+	if opts.SDSCluster == "" {
+		opts.SDSCluster = DefaultSDSCluster
+	}
+	t := translator{decl: d, opts: opts}
+	var r Resources
+	for _, in := range d.Inbound {
+		r.Listeners = append(r.Listeners, t.inboundListener(in))
+		r.Clusters = append(r.Clusters, plainCluster(AppClusterName(in.Port), in.App))
+	}
+	for _, out := range d.Outbound {
+		r.Listeners = append(r.Listeners, t.outboundListener(out))
+		c, cla := t.outboundCluster(out)
+		r.Clusters = append(r.Clusters, c)
+		if cla != nil {
+			r.Endpoints = append(r.Endpoints, cla)
+		}
+	}
+	slices.SortFunc(r.Listeners, func(a, b *listener.Listener) int { return strings.Compare(a.Name, b.Name) })
+	slices.SortFunc(r.Clusters, func(a, b *cluster.Cluster) int { return strings.Compare(a.Name, b.Name) })
+	slices.SortFunc(r.Endpoints, func(a, b *endpoint.ClusterLoadAssignment) int {
+		return strings.Compare(a.ClusterName, b.ClusterName)
+	})
+	return r
+}
+
+// Hash is a content hash of the resources, used as the snapshot version: the
+// same declarations give the same version on every control-plane replica.
+func (r Resources) Hash() string {
+	h := sha256.New()
+	det := proto.MarshalOptions{Deterministic: true}
+	add := func(kind string, m proto.Message) {
+		b, err := det.Marshal(m)
+		if err != nil {
+			panic(fmt.Sprintf("marshalling %s: %v", kind, err)) // resources built here always marshal
+		}
+		fmt.Fprintf(h, "%s %d\n", kind, len(b))
+		h.Write(b)
+	}
+	for _, l := range r.Listeners {
+		add("listener", l)
+	}
+	for _, c := range r.Clusters {
+		add("cluster", c)
+	}
+	for _, e := range r.Endpoints {
+		add("endpoints", e)
+	}
+	return hex.EncodeToString(h.Sum(nil))[:16]
+}
+
+type translator struct {
+	decl policy.Declaration
+	opts Options
+}
+
+func (t translator) sdsConfig() *core.ConfigSource {
+	return &core.ConfigSource{
+		ResourceApiVersion: core.ApiVersion_V3,
+		ConfigSourceSpecifier: &core.ConfigSource_ApiConfigSource{ApiConfigSource: &core.ApiConfigSource{
+			ApiType:             core.ApiConfigSource_GRPC,
+			TransportApiVersion: core.ApiVersion_V3,
+			GrpcServices: []*core.GrpcService{{
+				TargetSpecifier: &core.GrpcService_EnvoyGrpc_{EnvoyGrpc: &core.GrpcService_EnvoyGrpc{ClusterName: t.opts.SDSCluster}},
+			}},
+		}},
+	}
+}
+
+// svidSecret references the workload's own SVID, named by its SPIFFE ID.
+func (t translator) svidSecret() []*tlsv3.SdsSecretConfig {
+	return []*tlsv3.SdsSecretConfig{{Name: t.decl.ID.String(), SdsConfig: t.sdsConfig()}}
+}
+
+func (t translator) bundleSecret(td spiffeid.TrustDomain) *tlsv3.SdsSecretConfig {
+	return &tlsv3.SdsSecretConfig{Name: BundleSecretName(td), SdsConfig: t.sdsConfig()}
+}
+
+func (t translator) inboundListener(in policy.Inbound) *listener.Listener {
+	name := InboundName(in.Port)
+	tlsCtx := &tlsv3.DownstreamTlsContext{
+		RequireClientCertificate: wrapperspb.Bool(true),
+		CommonTlsContext: &tlsv3.CommonTlsContext{
+			TlsCertificateSdsSecretConfigs: t.svidSecret(),
+			ValidationContextType: &tlsv3.CommonTlsContext_ValidationContextSdsSecretConfig{
+				ValidationContextSdsSecretConfig: t.bundleSecret(t.decl.ID.TrustDomain()),
+			},
+		},
+	}
+	return &listener.Listener{
+		Name:             name,
+		Address:          socketAddress(t.opts.InboundHost, in.Port),
+		TrafficDirection: core.TrafficDirection_INBOUND,
+		FilterChains: []*listener.FilterChain{{
+			Filters: []*listener.Filter{
+				filter(RBACFilter, &rbac.RBAC{StatPrefix: name, Rules: allowRules(in.Allow)}),
+				filter(TCPProxyFilter, tcpProxy(name, AppClusterName(in.Port), in.IdleTimeout)),
+			},
+			TransportSocket: transportSocket(tlsCtx),
+		}},
+	}
+}
+
+func (t translator) outboundListener(out policy.Outbound) *listener.Listener {
+	name := OutboundName(out.Port)
+	return &listener.Listener{
+		Name:             name,
+		Address:          socketAddress("127.0.0.1", out.Port),
+		TrafficDirection: core.TrafficDirection_OUTBOUND,
+		FilterChains: []*listener.FilterChain{{
+			Filters: []*listener.Filter{filter(TCPProxyFilter, tcpProxy(name, name, out.IdleTimeout))},
+		}},
+	}
+}
+
+// outboundCluster returns the mTLS cluster of an upstream and, when its
+// endpoints are IP addresses, the ClusterLoadAssignment served over EDS.
+// Host names go in a STRICT_DNS cluster's inline assignment instead, as EDS
+// endpoints must be addresses.
+func (t translator) outboundCluster(out policy.Outbound) (*cluster.Cluster, *endpoint.ClusterLoadAssignment) {
+	name := OutboundName(out.Port)
+	tlsCtx := &tlsv3.UpstreamTlsContext{
+		CommonTlsContext: &tlsv3.CommonTlsContext{
+			TlsCertificateSdsSecretConfigs: t.svidSecret(),
+			ValidationContextType: &tlsv3.CommonTlsContext_CombinedValidationContext{
+				CombinedValidationContext: &tlsv3.CommonTlsContext_CombinedCertificateValidationContext{
+					DefaultValidationContext: &tlsv3.CertificateValidationContext{
+						MatchTypedSubjectAltNames: []*tlsv3.SubjectAltNameMatcher{{
+							SanType: tlsv3.SubjectAltNameMatcher_URI,
+							Matcher: exact(out.ServerID.String()),
+						}},
+					},
+					ValidationContextSdsSecretConfig: t.bundleSecret(out.ServerID.TrustDomain()),
+				},
+			},
+		},
+	}
+	cla := loadAssignment(name, out.Endpoints)
+	c := &cluster.Cluster{
+		Name:            name,
+		ConnectTimeout:  durationpb.New(5 * time.Second),
+		TransportSocket: transportSocket(tlsCtx),
+	}
+	if allIPs(out.Endpoints) {
+		c.ClusterDiscoveryType = &cluster.Cluster_Type{Type: cluster.Cluster_EDS}
+		c.EdsClusterConfig = &cluster.Cluster_EdsClusterConfig{EdsConfig: &core.ConfigSource{
+			ResourceApiVersion:    core.ApiVersion_V3,
+			ConfigSourceSpecifier: &core.ConfigSource_Ads{Ads: &core.AggregatedConfigSource{}},
+		}}
+		return c, cla
+	}
+	c.ClusterDiscoveryType = &cluster.Cluster_Type{Type: cluster.Cluster_STRICT_DNS}
+	c.LoadAssignment = cla
+	return c, nil
+}
+
+// plainCluster is the application behind an inbound listener: plain TCP.
+func plainCluster(name, addr string) *cluster.Cluster {
+	typ := cluster.Cluster_STATIC
+	if !allIPs([]string{addr}) {
+		typ = cluster.Cluster_STRICT_DNS
+	}
+	return &cluster.Cluster{
+		Name:                 name,
+		ClusterDiscoveryType: &cluster.Cluster_Type{Type: typ},
+		ConnectTimeout:       durationpb.New(5 * time.Second),
+		LoadAssignment:       loadAssignment(name, []string{addr}),
+	}
+}
+
+// loadAssignment puts each endpoint at its own priority, in order: Envoy then
+// fails over in the declared order, which is what the latch proxy does.
+func loadAssignment(name string, addrs []string) *endpoint.ClusterLoadAssignment {
+	cla := &endpoint.ClusterLoadAssignment{ClusterName: name}
+	for i, a := range addrs {
+		host, port, _ := net.SplitHostPort(a) // validated by the policy decoder
+		p, _ := strconv.ParseUint(port, 10, 32)
+		cla.Endpoints = append(cla.Endpoints, &endpoint.LocalityLbEndpoints{
+			Priority: uint32(i),
+			LbEndpoints: []*endpoint.LbEndpoint{{
+				HostIdentifier: &endpoint.LbEndpoint_Endpoint{Endpoint: &endpoint.Endpoint{Address: socketAddress(host, uint32(p))}},
+			}},
+		})
+	}
+	return cla
+}
+
+// allowRules renders an allow-list as an RBAC ALLOW policy on the peer's
+// certificate URI SAN. No rules at all would make Envoy's filter allow
+// everyone; an ALLOW action with no policy denies everyone, which is what an
+// empty allow-list means.
+func allowRules(rules []identity.Rule) *rbacconfig.RBAC {
+	out := &rbacconfig.RBAC{Action: rbacconfig.RBAC_ALLOW, Policies: map[string]*rbacconfig.Policy{}}
+	if len(rules) == 0 {
+		return out
+	}
+	var principals []*rbacconfig.Principal
+	for _, r := range rules {
+		switch r.Kind() {
+		case identity.MatchID:
+			principals = append(principals, principal(exact(r.Value())))
+		case identity.MatchTrustDomain:
+			principals = append(principals, principal(prefix(r.TrustDomain().IDString()+"/")))
+		case identity.MatchPathPrefix:
+			// The prefix itself, and everything below it segment by segment:
+			// a bare string prefix would let /ns/prod match /ns/production.
+			principals = append(principals, principal(exact(r.Value())), principal(prefix(r.Value()+"/")))
+		}
+	}
+	out.Policies["allow"] = &rbacconfig.Policy{
+		Permissions: []*rbacconfig.Permission{{Rule: &rbacconfig.Permission_Any{Any: true}}},
+		Principals:  principals,
+	}
+	return out
+}
+
+func principal(m *matcher.StringMatcher) *rbacconfig.Principal {
+	return &rbacconfig.Principal{Identifier: &rbacconfig.Principal_Authenticated_{
+		Authenticated: &rbacconfig.Principal_Authenticated{PrincipalName: m},
+	}}
+}
+
+func exact(s string) *matcher.StringMatcher {
+	return &matcher.StringMatcher{MatchPattern: &matcher.StringMatcher_Exact{Exact: s}}
+}
+
+func prefix(s string) *matcher.StringMatcher {
+	return &matcher.StringMatcher{MatchPattern: &matcher.StringMatcher_Prefix{Prefix: s}}
+}
+
+func tcpProxy(statPrefix, clusterName string, idle time.Duration) *tcpproxy.TcpProxy {
+	tp := &tcpproxy.TcpProxy{
+		StatPrefix:       statPrefix,
+		ClusterSpecifier: &tcpproxy.TcpProxy_Cluster{Cluster: clusterName},
+	}
+	if idle > 0 {
+		tp.IdleTimeout = durationpb.New(idle)
+	}
+	return tp
+}
+
+func filter(name string, cfg proto.Message) *listener.Filter {
+	return &listener.Filter{Name: name, ConfigType: &listener.Filter_TypedConfig{TypedConfig: mustAny(cfg)}}
+}
+
+func transportSocket(cfg proto.Message) *core.TransportSocket {
+	return &core.TransportSocket{Name: TLSTransportSocket, ConfigType: &core.TransportSocket_TypedConfig{TypedConfig: mustAny(cfg)}}
+}
+
+func socketAddress(host string, port uint32) *core.Address {
+	return &core.Address{Address: &core.Address_SocketAddress{SocketAddress: &core.SocketAddress{
+		Address:       host,
+		PortSpecifier: &core.SocketAddress_PortValue{PortValue: port},
+	}}}
+}
+
+func allIPs(addrs []string) bool {
+	for _, a := range addrs {
+		host, _, err := net.SplitHostPort(a)
+		if err != nil || net.ParseIP(host) == nil {
+			return false
+		}
+	}
+	return true
+}
+
+func mustAny(m proto.Message) *anypb.Any {
+	a, err := anypb.New(m)
+	if err != nil {
+		panic(fmt.Sprintf("packing %T: %v", m, err)) // only fails for nil
+	}
+	return a
+}
