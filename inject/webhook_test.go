@@ -1,0 +1,510 @@
+package inject_test
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"crypto/tls"
+	"encoding/json"
+	"net/http"
+	"slices"
+	"strings"
+	"testing"
+
+	"go.uber.org/goleak"
+	"go.yaml.in/yaml/v3"
+	admissionv1 "k8s.io/api/admission/v1"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
+
+	"latch.dev/latch/inject"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+func baseConfig() inject.Config {
+	return inject.Config{
+		Image: "ghcr.io/latch-dev/latch:1.0.0",
+		Resources: corev1.ResourceRequirements{
+			Requests: corev1.ResourceList{corev1.ResourceCPU: resource.MustParse("50m"), corev1.ResourceMemory: resource.MustParse("32Mi")},
+			Limits:   corev1.ResourceList{corev1.ResourceMemory: resource.MustParse("128Mi")},
+		},
+	}
+}
+
+func cpConfig() inject.Config {
+	c := baseConfig()
+	c.ControlPlane = inject.ControlPlane{Address: "latch-control-plane.latch.svc:18000", ServerID: "spiffe://mesh.test/ns/latch/sa/latch-control-plane"}
+	c.WorkloadAPI = inject.WorkloadAPI{Source: inject.SourceHostPath, HostPath: "/run/spire/sockets", SocketName: "agent.sock"}
+	return c
+}
+
+func sidecarOf(t *testing.T, pod *corev1.Pod) corev1.Container {
+	t.Helper()
+	if len(pod.Spec.InitContainers) == 0 || pod.Spec.InitContainers[0].Name != inject.ContainerName {
+		t.Fatalf("first init container is not %q: %+v", inject.ContainerName, pod.Spec.InitContainers)
+	}
+	return pod.Spec.InitContainers[0]
+}
+
+func volumeOf(pod *corev1.Pod, name string) *corev1.Volume {
+	for i := range pod.Spec.Volumes {
+		if pod.Spec.Volumes[i].Name == name {
+			return &pod.Spec.Volumes[i]
+		}
+	}
+	return nil
+}
+
+// checkHardened asserts the sidecar's pod-security settings.
+func checkHardened(t *testing.T, c corev1.Container) {
+	t.Helper()
+	sc := c.SecurityContext
+	switch {
+	case sc == nil:
+		t.Fatal("no securityContext")
+	case sc.RunAsNonRoot == nil || !*sc.RunAsNonRoot:
+		t.Error("runAsNonRoot not true")
+	case sc.RunAsUser == nil || *sc.RunAsUser != 65532:
+		t.Errorf("runAsUser = %v, want 65532", sc.RunAsUser)
+	case sc.ReadOnlyRootFilesystem == nil || !*sc.ReadOnlyRootFilesystem:
+		t.Error("readOnlyRootFilesystem not true")
+	case sc.AllowPrivilegeEscalation == nil || *sc.AllowPrivilegeEscalation:
+		t.Error("allowPrivilegeEscalation not false")
+	case sc.Capabilities == nil || !slices.Equal(sc.Capabilities.Drop, []corev1.Capability{"ALL"}) || len(sc.Capabilities.Add) != 0:
+		t.Errorf("capabilities = %+v, want drop ALL and nothing added", sc.Capabilities)
+	case sc.SeccompProfile == nil || sc.SeccompProfile.Type != corev1.SeccompProfileTypeRuntimeDefault:
+		t.Errorf("seccompProfile = %+v, want RuntimeDefault", sc.SeccompProfile)
+	}
+}
+
+func checkProbes(t *testing.T, c corev1.Container, adminPort int32) {
+	t.Helper()
+	if len(c.Ports) == 0 || c.Ports[0].Name != "latch-admin" || c.Ports[0].ContainerPort != adminPort {
+		t.Fatalf("ports = %+v, want latch-admin %d first", c.Ports, adminPort)
+	}
+	for name, want := range map[string]struct {
+		p    *corev1.Probe
+		path string
+	}{"readiness": {c.ReadinessProbe, "/readyz"}, "liveness": {c.LivenessProbe, "/healthz"}, "startup": {c.StartupProbe, "/readyz"}} {
+		if want.p == nil || want.p.HTTPGet == nil {
+			t.Errorf("%s probe missing or not HTTP", name)
+			continue
+		}
+		if want.p.HTTPGet.Path != want.path || want.p.HTTPGet.Port.String() != "latch-admin" {
+			t.Errorf("%s probe = %s on %s, want %s on latch-admin", name, want.p.HTTPGet.Path, want.p.HTTPGet.Port.String(), want.path)
+		}
+	}
+}
+
+func TestInjectStaticPolicyFromAnnotations(t *testing.T) {
+	ts := startServer(t, baseConfig())
+	pod := fixturePod(t)
+	out := ts.review(t, inject.PathNamespace, podReview(t, pod))
+	resp := out.Response
+	if !resp.Allowed || resp.UID != "705ab4f5-6393-11e8-b7cc-42010a800002" {
+		t.Fatalf("allowed=%v uid=%q result=%+v", resp.Allowed, resp.UID, resp.Result)
+	}
+	got := applyPatch(t, pod, resp)
+
+	// Native sidecar: first init container, restartPolicy Always; the pod's
+	// own init container and app container untouched behind it.
+	c := sidecarOf(t, got)
+	if c.RestartPolicy == nil || *c.RestartPolicy != corev1.ContainerRestartPolicyAlways {
+		t.Fatalf("restartPolicy = %v, want Always", c.RestartPolicy)
+	}
+	if len(got.Spec.InitContainers) != 2 || got.Spec.InitContainers[1].Name != "migrate" {
+		t.Errorf("init containers = %v, want [latch migrate]", names(got.Spec.InitContainers))
+	}
+	if len(got.Spec.Containers) != 1 || got.Spec.Containers[0].Name != "web" || len(got.Spec.Containers[0].VolumeMounts) != 1 {
+		t.Errorf("app container changed: %+v", got.Spec.Containers)
+	}
+	if c.Image != "ghcr.io/latch-dev/latch:1.0.0" {
+		t.Errorf("image = %q", c.Image)
+	}
+	wantArgs := []string{"proxy", "--config=/etc/latch/latch.yaml", "--admin-address=0.0.0.0:15000"}
+	if !slices.Equal(c.Args, wantArgs) {
+		t.Errorf("args = %q, want %q", c.Args, wantArgs)
+	}
+	checkHardened(t, c)
+	checkProbes(t, c, 15000)
+	if c.Ports[1].Name != "latch-in-8443" || c.Ports[1].ContainerPort != 8443 {
+		t.Errorf("inbound port = %+v", c.Ports[1])
+	}
+	if q := c.Resources.Limits[corev1.ResourceMemory]; q.String() != "128Mi" {
+		t.Errorf("memory limit = %s", q.String())
+	}
+	env := map[string]corev1.EnvVar{}
+	for _, e := range c.Env {
+		env[e.Name] = e
+	}
+	if env["SPIFFE_ENDPOINT_SOCKET"].Value != "unix:///spiffe-workload-api/spire-agent.sock" {
+		t.Errorf("SPIFFE_ENDPOINT_SOCKET = %q", env["SPIFFE_ENDPOINT_SOCKET"].Value)
+	}
+	if e := env["GOMEMLIMIT"]; e.ValueFrom == nil || e.ValueFrom.ResourceFieldRef == nil || e.ValueFrom.ResourceFieldRef.Resource != "limits.memory" {
+		t.Errorf("GOMEMLIMIT = %+v, want from limits.memory", e)
+	}
+
+	// Volumes: the pod's own, then the CSI Workload API socket and the config
+	// projected from the pod's annotation.
+	if volumeOf(got, "kube-api-access-abcde") == nil {
+		t.Error("pod's own volume lost")
+	}
+	wl := volumeOf(got, inject.VolumeWorkloadAPI)
+	if wl == nil || wl.CSI == nil || wl.CSI.Driver != "csi.spiffe.io" || wl.CSI.ReadOnly == nil || !*wl.CSI.ReadOnly {
+		t.Fatalf("workload API volume = %+v, want read-only csi.spiffe.io", wl)
+	}
+	cv := volumeOf(got, inject.VolumeConfig)
+	if cv == nil || cv.DownwardAPI == nil || len(cv.DownwardAPI.Items) != 1 ||
+		cv.DownwardAPI.Items[0].FieldRef.FieldPath != "metadata.annotations['latch.dev/config']" || cv.DownwardAPI.Items[0].Path != "latch.yaml" {
+		t.Fatalf("config volume = %+v", cv)
+	}
+	mounts := map[string]corev1.VolumeMount{}
+	for _, m := range c.VolumeMounts {
+		mounts[m.Name] = m
+	}
+	if m := mounts[inject.VolumeWorkloadAPI]; m.MountPath != "/spiffe-workload-api" || !m.ReadOnly {
+		t.Errorf("workload API mount = %+v", m)
+	}
+	if m := mounts[inject.VolumeConfig]; m.MountPath != "/etc/latch" || !m.ReadOnly {
+		t.Errorf("config mount = %+v", m)
+	}
+
+	// The generated config is the pod's policy, in the config file format.
+	if got.Annotations[inject.AnnotationStatus] != inject.StatusInjected {
+		t.Errorf("status annotation = %q", got.Annotations[inject.AnnotationStatus])
+	}
+	if got.Annotations["latch.dev/inbound"] != "8443:8080" {
+		t.Error("pod's own annotations lost")
+	}
+	var cfg map[string]any
+	dec := yaml.NewDecoder(strings.NewReader(got.Annotations[inject.AnnotationConfig]))
+	if err := dec.Decode(&cfg); err != nil {
+		t.Fatalf("config annotation is not YAML: %v", err)
+	}
+	want := map[string]any{
+		"tls": map[string]any{"profile": "modern"},
+		"inbound": []any{map[string]any{
+			"name": "inbound-8443", "listen": "0.0.0.0:8443", "app": "127.0.0.1:8080",
+			"allow": []any{
+				map[string]any{"id": "spiffe://mesh.test/ns/shop/sa/frontend"},
+				map[string]any{"pathPrefix": "spiffe://mesh.test/ns/batch"},
+			},
+		}},
+		"outbound": []any{map[string]any{
+			"name": "outbound-15001", "listen": "127.0.0.1:15001",
+			"upstreams": []any{"backend.shop.svc:8443"}, "serverID": "spiffe://mesh.test/ns/shop/sa/backend",
+		}},
+	}
+	if g, w := mustJSON(t, cfg), mustJSON(t, want); g != w {
+		t.Errorf("generated config\n got %s\nwant %s", g, w)
+	}
+
+	// Idempotent: the injected pod sent again gets no patch.
+	again := ts.review(t, inject.PathNamespace, podReview(t, got))
+	if !again.Response.Allowed || len(again.Response.Patch) != 0 || again.Response.PatchType != nil {
+		t.Errorf("second pass: allowed=%v patch=%s", again.Response.Allowed, again.Response.Patch)
+	}
+}
+
+func TestInjectControlPlaneHostPath(t *testing.T) {
+	ts := startServer(t, cpConfig())
+	// A bare pod with no annotations, volumes or init containers in an
+	// enabled namespace: the paths that must be created, not appended to.
+	pod := &corev1.Pod{}
+	pod.APIVersion, pod.Kind = "v1", "Pod"
+	pod.Name = "bare"
+	pod.Spec.Containers = []corev1.Container{{Name: "app", Image: "app"}}
+	got := applyPatch(t, pod, ts.review(t, inject.PathNamespace, podReview(t, pod)).Response)
+	c := sidecarOf(t, got)
+	wantArgs := []string{"proxy",
+		"--xds-address=latch-control-plane.latch.svc:18000",
+		"--xds-server-id=spiffe://mesh.test/ns/latch/sa/latch-control-plane",
+		"--state-dir=/var/lib/latch",
+		"--admin-address=0.0.0.0:15000"}
+	if !slices.Equal(c.Args, wantArgs) {
+		t.Errorf("args = %q, want %q", c.Args, wantArgs)
+	}
+	checkHardened(t, c)
+	checkProbes(t, c, 15000)
+	wl := volumeOf(got, inject.VolumeWorkloadAPI)
+	if wl == nil || wl.HostPath == nil || wl.HostPath.Path != "/run/spire/sockets" || wl.HostPath.Type == nil || *wl.HostPath.Type != corev1.HostPathDirectory {
+		t.Fatalf("workload API volume = %+v, want hostPath directory", wl)
+	}
+	if st := volumeOf(got, inject.VolumeState); st == nil || st.EmptyDir == nil {
+		t.Errorf("state volume = %+v, want emptyDir", st)
+	}
+	if volumeOf(got, inject.VolumeConfig) != nil {
+		t.Error("control-plane pod got a static config volume")
+	}
+	if _, ok := got.Annotations[inject.AnnotationConfig]; ok {
+		t.Error("control-plane pod got a static config annotation")
+	}
+	for _, e := range c.Env {
+		if e.Name == "SPIFFE_ENDPOINT_SOCKET" && e.Value != "unix:///spiffe-workload-api/agent.sock" {
+			t.Errorf("SPIFFE_ENDPOINT_SOCKET = %q", e.Value)
+		}
+	}
+
+	// Explicit annotation and a TLS profile.
+	pod.Annotations = map[string]string{"latch.dev/policy": "control-plane", "latch.dev/tls-profile": "intermediate", "latch.dev/inject": "true"}
+	got = applyPatch(t, pod, ts.review(t, inject.PathPod, podReview(t, pod)).Response)
+	if c := sidecarOf(t, got); !slices.Contains(c.Args, "--tls-profile=intermediate") {
+		t.Errorf("args = %q, want --tls-profile=intermediate", c.Args)
+	}
+}
+
+func TestNoInjection(t *testing.T) {
+	ts := startServer(t, cpConfig())
+	tests := []struct {
+		name string
+		path string
+		ann  map[string]string
+		mod  func(*corev1.Pod)
+	}{
+		{"opted out in an enabled namespace", inject.PathNamespace, map[string]string{"latch.dev/inject": "false"}, nil},
+		{"opted out with malformed policy is still out", inject.PathNamespace, map[string]string{"latch.dev/inject": "false", "latch.dev/inbound": "junk"}, nil},
+		{"unlabelled namespace, no annotation", inject.PathPod, nil, nil},
+		{"unlabelled namespace, opted out", inject.PathPod, map[string]string{"latch.dev/inject": "false"}, nil},
+		{"already injected (status)", inject.PathNamespace, map[string]string{"latch.dev/status": "injected"}, nil},
+		{"already injected (container)", inject.PathNamespace, nil, func(p *corev1.Pod) {
+			p.Spec.InitContainers = []corev1.Container{{Name: "latch", Image: "x"}}
+		}},
+		{"host network", inject.PathNamespace, nil, func(p *corev1.Pod) { p.Spec.HostNetwork = true }},
+		{"own container named latch", inject.PathNamespace, nil, func(p *corev1.Pod) {
+			p.Spec.Containers = append(p.Spec.Containers, corev1.Container{Name: "latch", Image: "x"})
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			pod := &corev1.Pod{}
+			pod.Name, pod.Annotations = "p", tt.ann
+			pod.Spec.Containers = []corev1.Container{{Name: "app", Image: "app"}}
+			if tt.mod != nil {
+				tt.mod(pod)
+			}
+			resp := ts.review(t, tt.path, podReview(t, pod)).Response
+			if !resp.Allowed || len(resp.Patch) != 0 || resp.PatchType != nil {
+				t.Errorf("allowed=%v patch=%s, want allowed without patch", resp.Allowed, resp.Patch)
+			}
+		})
+	}
+}
+
+func TestMalformedAnnotationsRefused(t *testing.T) {
+	ts := startServer(t, baseConfig())
+	const allow = "spiffe://mesh.test/ns/a/sa/b"
+	const sid = "@spiffe://mesh.test/ns/a/sa/backend"
+	tests := []struct {
+		name string
+		ann  map[string]string
+		want []string // substrings of the refusal message
+	}{
+		{"inject not a boolean", map[string]string{"latch.dev/inject": "yes"}, []string{"latch.dev/inject", `"true" or "false"`}},
+		{"no policy and no control plane", map[string]string{}, []string{"no control plane", "latch.dev/inbound"}},
+		{"policy control-plane without one", map[string]string{"latch.dev/policy": "control-plane"}, []string{"latch.dev/policy", "no control plane"}},
+		{"policy unknown value", map[string]string{"latch.dev/policy": "static"}, []string{"latch.dev/policy", `"control-plane"`}},
+		{"inbound missing colon", map[string]string{"latch.dev/inbound": "8443", "latch.dev/allow": allow}, []string{"latch.dev/inbound", "SIDECAR_PORT:APP_PORT"}},
+		{"inbound port zero", map[string]string{"latch.dev/inbound": "0:8080", "latch.dev/allow": allow}, []string{"latch.dev/inbound", "sidecar port", "1-65535"}},
+		{"inbound port too big", map[string]string{"latch.dev/inbound": "8443:70000", "latch.dev/allow": allow}, []string{"app port", "70000"}},
+		{"inbound port not a number", map[string]string{"latch.dev/inbound": "https:8080", "latch.dev/allow": allow}, []string{"latch.dev/inbound", `"https"`}},
+		{"inbound same port both sides", map[string]string{"latch.dev/inbound": "8080:8080", "latch.dev/allow": allow}, []string{"cannot share a port"}},
+		{"inbound duplicate", map[string]string{"latch.dev/inbound": "8443:8080,8443:9090", "latch.dev/allow": allow}, []string{"port 8443 is already an inbound sidecar port"}},
+		{"inbound app port is a sidecar port", map[string]string{"latch.dev/inbound": "8443:9443,9443:8080", "latch.dev/allow": allow}, []string{"app port 9443 is also an inbound sidecar port"}},
+		{"inbound on admin port", map[string]string{"latch.dev/inbound": "15000:8080", "latch.dev/allow": allow}, []string{"port 15000", "admin port"}},
+		{"inbound empty", map[string]string{"latch.dev/inbound": " , ", "latch.dev/allow": allow}, []string{"latch.dev/inbound", "is empty"}},
+		{"inbound without allow", map[string]string{"latch.dev/inbound": "8443:8080"}, []string{"latch.dev/allow", "every peer would be refused"}},
+		{"allow without inbound", map[string]string{"latch.dev/allow": allow, "latch.dev/outbound": "15001=b:1" + sid}, []string{"latch.dev/allow", "latch.dev/inbound is not set"}},
+		{"allow malformed id", map[string]string{"latch.dev/inbound": "8443:8080", "latch.dev/allow": "spiffe://"}, []string{"latch.dev/allow", `entry "spiffe://"`}},
+		{"allow unknown kind", map[string]string{"latch.dev/inbound": "8443:8080", "latch.dev/allow": "prefix=spiffe://td/x"}, []string{"latch.dev/allow", "unknown allow rule kind"}},
+		{"allow pathPrefix without path", map[string]string{"latch.dev/inbound": "8443:8080", "latch.dev/allow": "pathPrefix=spiffe://mesh.test"}, []string{"has no path"}},
+		{"allow not a spiffe id", map[string]string{"latch.dev/inbound": "8443:8080", "latch.dev/allow": "frontend"}, []string{"latch.dev/allow", `"frontend"`}},
+		{"outbound shape", map[string]string{"latch.dev/outbound": "15001:backend:8443"}, []string{"latch.dev/outbound", "LOCAL_PORT=HOST:PORT@SPIFFE_ID"}},
+		{"outbound no server id", map[string]string{"latch.dev/outbound": "15001=backend:8443"}, []string{"LOCAL_PORT=HOST:PORT@SPIFFE_ID"}},
+		{"outbound target without port", map[string]string{"latch.dev/outbound": "15001=backend" + sid}, []string{"target \"backend\" is not HOST:PORT"}},
+		{"outbound target bad port", map[string]string{"latch.dev/outbound": "15001=backend:http" + sid}, []string{"target port"}},
+		{"outbound bad server id", map[string]string{"latch.dev/outbound": "15001=backend:8443@spiffe://mesh.test/a/../b"}, []string{"server ID"}},
+		{"outbound port collides with inbound", map[string]string{"latch.dev/inbound": "8443:8080", "latch.dev/allow": allow, "latch.dev/outbound": "8443=backend:8443" + sid}, []string{"latch.dev/outbound", "port 8443 is already an inbound sidecar port"}},
+		{"outbound duplicate", map[string]string{"latch.dev/outbound": "15001=a:1" + sid + ",15001=b:1" + sid}, []string{"port 15001 is already an outbound local port"}},
+		{"policy conflicts with inbound", map[string]string{"latch.dev/policy": "control-plane", "latch.dev/inbound": "8443:8080"}, []string{"latch.dev/policy", "conflicts with latch.dev/inbound"}},
+		{"tls profile weak", map[string]string{"latch.dev/tls-profile": "legacy", "latch.dev/outbound": "15001=b:1" + sid}, []string{"latch.dev/tls-profile", "modern or intermediate"}},
+		{"too many entries", map[string]string{"latch.dev/inbound": strings.Repeat("1:2,", 65), "latch.dev/allow": allow}, []string{"65 entries", "at most 64"}},
+		{"volume name taken", map[string]string{"latch.dev/outbound": "15001=b:1" + sid, "test/volume": "latch-config"}, []string{`volume named "latch-config"`}},
+		{"admin port taken by app", map[string]string{"latch.dev/outbound": "15001=b:1" + sid, "test/port": "15000"}, []string{`container "app" declares port 15000`}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			pod := &corev1.Pod{}
+			pod.Name = "p"
+			pod.Annotations = tt.ann
+			pod.Spec.Containers = []corev1.Container{{Name: "app", Image: "app"}}
+			if v := tt.ann["test/volume"]; v != "" {
+				pod.Spec.Volumes = []corev1.Volume{{Name: v, VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{}}}}
+			}
+			if tt.ann["test/port"] != "" {
+				pod.Spec.Containers[0].Ports = []corev1.ContainerPort{{ContainerPort: 15000}}
+			}
+			resp := ts.review(t, inject.PathNamespace, podReview(t, pod)).Response
+			if resp.Allowed || len(resp.Patch) != 0 {
+				t.Fatalf("allowed=%v patch=%s, want refused", resp.Allowed, resp.Patch)
+			}
+			if resp.Result == nil || resp.Result.Code != http.StatusBadRequest || resp.Result.Status != "Failure" {
+				t.Fatalf("result = %+v, want Failure 400", resp.Result)
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(resp.Result.Message, w) {
+					t.Errorf("message %q does not contain %q", resp.Result.Message, w)
+				}
+			}
+		})
+	}
+}
+
+func TestNonPodObjectsPassUntouched(t *testing.T) {
+	ts := startServer(t, baseConfig())
+	dep, err := json.Marshal(readReview(t, "review-deployment.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	update := readReview(t, "review-pod.json")
+	update.Request.Operation = admissionv1.Update
+	sub := readReview(t, "review-pod.json")
+	sub.Request.SubResource = "status"
+	for name, body := range map[string][]byte{"deployment": dep, "pod update": mustMarshal(t, update), "pod subresource": mustMarshal(t, sub)} {
+		t.Run(name, func(t *testing.T) {
+			resp := ts.review(t, inject.PathNamespace, body).Response
+			if !resp.Allowed || len(resp.Patch) != 0 || resp.PatchType != nil || resp.Result != nil {
+				t.Errorf("allowed=%v patch=%s result=%+v, want allowed untouched", resp.Allowed, resp.Patch, resp.Result)
+			}
+		})
+	}
+}
+
+func TestHostileHTTP(t *testing.T) {
+	ts := startServer(t, baseConfig())
+	good := mustMarshal(t, readReview(t, "review-pod.json"))
+	tests := []struct {
+		name, method, path, ctype string
+		body                      []byte
+		want                      int
+	}{
+		{"GET review", http.MethodGet, inject.PathNamespace, "", nil, http.StatusMethodNotAllowed},
+		{"unknown path", http.MethodPost, "/mutate", "application/json", good, http.StatusNotFound},
+		{"wrong content type", http.MethodPost, inject.PathNamespace, "text/plain", good, http.StatusUnsupportedMediaType},
+		{"not JSON", http.MethodPost, inject.PathNamespace, "application/json", []byte("{{{"), http.StatusBadRequest},
+		{"no request", http.MethodPost, inject.PathNamespace, "application/json", []byte(`{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}`), http.StatusBadRequest},
+		{"body over 3 MiB", http.MethodPost, inject.PathNamespace, "application/json", bytes.Repeat([]byte(" "), inject.MaxRequestBytes+1), http.StatusRequestEntityTooLarge},
+		{"health", http.MethodGet, inject.PathHealth, "", nil, http.StatusOK},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			req, err := http.NewRequest(tt.method, ts.url+tt.path, bytes.NewReader(tt.body))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tt.ctype != "" {
+				req.Header.Set("Content-Type", tt.ctype)
+			}
+			resp, err := ts.client.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != tt.want {
+				t.Errorf("status %d, want %d", resp.StatusCode, tt.want)
+			}
+		})
+	}
+	// An undecodable pod inside a valid review is refused with a message.
+	r := readReview(t, "review-pod.json")
+	r.Request.Object.Raw = []byte(`{"spec":{"containers":"nope"}}`)
+	resp := ts.review(t, inject.PathNamespace, mustMarshal(t, r)).Response
+	if resp.Allowed || resp.Result == nil || !strings.Contains(resp.Result.Message, "decoding pod") {
+		t.Errorf("undecodable pod: allowed=%v result=%+v", resp.Allowed, resp.Result)
+	}
+}
+
+func TestServingCertificateReload(t *testing.T) {
+	ts := startServer(t, baseConfig())
+	served := func() [32]byte {
+		t.Helper()
+		conn, err := tls.Dial("tcp", strings.TrimPrefix(ts.url, "https://"), &tls.Config{RootCAs: ts.ca.pool, ServerName: "latch-injector.latch.svc"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		return sha256.Sum256(conn.ConnectionState().PeerCertificates[0].Raw)
+	}
+	first := served()
+
+	c2, k2 := ts.ca.issue(t, 200)
+	// A half-updated pair (new certificate, old key) is not served: the
+	// previous pair stays.
+	writeAtomic(t, ts.certPath, c2)
+	if got := served(); got != first {
+		t.Fatal("mismatched pair was served")
+	}
+	writeAtomic(t, ts.keyPath, k2)
+	second := served()
+	if second == first {
+		t.Fatal("certificate not reloaded after both files were replaced")
+	}
+	blk := sha256.Sum256(pemDER(t, c2))
+	if second != blk {
+		t.Error("served certificate is not the new file's")
+	}
+	// Requests still work on the new certificate.
+	ts.client.Transport.(*http.Transport).CloseIdleConnections()
+	if resp := ts.review(t, inject.PathNamespace, mustMarshal(t, readReview(t, "review-pod.json"))).Response; !resp.Allowed {
+		t.Errorf("review after reload refused: %+v", resp.Result)
+	}
+}
+
+func TestConfigValidate(t *testing.T) {
+	bad := map[string]func(*inject.Config){
+		"no image":             func(c *inject.Config) { c.Image = "" },
+		"admin port":           func(c *inject.Config) { c.AdminPort = 70000 },
+		"root":                 func(c *inject.Config) { c.RunAsUser = -1 },
+		"pull policy":          func(c *inject.Config) { c.ImagePullPolicy = "Sometimes" },
+		"source":               func(c *inject.Config) { c.WorkloadAPI.Source = "secret" },
+		"relative hostPath":    func(c *inject.Config) { c.WorkloadAPI.HostPath = "run/spire" },
+		"socket path":          func(c *inject.Config) { c.WorkloadAPI.SocketName = "a/b.sock" },
+		"control plane half":   func(c *inject.Config) { c.ControlPlane.ServerID = "" },
+		"control plane bad id": func(c *inject.Config) { c.ControlPlane.ServerID = "latch" },
+		"log level":            func(c *inject.Config) { c.LogLevel = "trace" },
+	}
+	if err := cpConfig().Validate(); err != nil {
+		t.Fatalf("good config refused: %v", err)
+	}
+	for name, mod := range bad {
+		c := cpConfig()
+		mod(&c)
+		if err := c.Validate(); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+		if _, err := inject.NewWebhook(c, nil); err == nil {
+			t.Errorf("%s: NewWebhook accepted it", name)
+		}
+	}
+}
+
+func names(cs []corev1.Container) []string {
+	var n []string
+	for _, c := range cs {
+		n = append(n, c.Name)
+	}
+	return n
+}
+
+func mustJSON(t *testing.T, v any) string {
+	t.Helper()
+	return string(mustMarshal(t, v))
+}
+
+func mustMarshal(t *testing.T, v any) []byte {
+	t.Helper()
+	b, err := json.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
