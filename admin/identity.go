@@ -360,7 +360,7 @@ func (m *IdentityMonitor) evaluate() {
 			}
 			if successor := successorOf(ca, cas, now, m.opts.CAWarnBefore); successor != nil {
 				// A rollover going to plan: say so once, without the alarm.
-				m.warnLevel(slog.LevelInfo, "ca:"+caKey(ca), now, "", "bundle CA nears expiry; a successor CA is in the bundle",
+				m.warnLevel(slog.LevelInfo, "ca-successor:"+caKey(ca), now, "", "bundle CA nears expiry; a successor CA is in the bundle",
 					"trust_domain", td.Name(), "subject", ca.Subject.String(), "subject_key_id", keyID(ca),
 					"not_after", ca.NotAfter.UTC().Format(time.RFC3339),
 					"successor_subject", successor.Subject.String(), "successor_not_after", successor.NotAfter.UTC().Format(time.RFC3339))

@@ -1,0 +1,225 @@
+package admin
+
+import (
+	"context"
+	"crypto/x509"
+	"log/slog"
+	"math"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+
+	"latch.dev/latch/identity"
+	"latch.dev/latch/identity/identitytest"
+)
+
+// runMonitor starts mon.Run and stops it at the end of the test.
+func runMonitor(t *testing.T, mon *IdentityMonitor) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error)
+	go func() { done <- mon.Run(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+}
+
+// TestMetricsAfterTraffic scrapes /metrics over HTTP after real handshakes
+// with the test endpoint, accepted and refused, and checks every latch
+// metric of the package against what happened and what the source holds.
+func TestMetricsAfterTraffic(t *testing.T) {
+	ca := identitytest.NewCA(t, trustDomain)
+	src := ca.Source(t, sidecarID)
+	reg := prometheus.NewPedanticRegistry()
+	mon := NewIdentityMonitor(src, MonitorOptions{TrustDomain: td, Logger: slog.New(slog.DiscardHandler)})
+	reg.MustRegister(mon)
+	if err := RegisterBuildInfo(reg, "v1.2.3-test"); err != nil {
+		t.Fatal(err)
+	}
+	base := startServer(t, Options{Gatherer: reg})
+	nobody := identity.NewAllowList()
+	open := startTestEndpoint(t, src, TestEndpointOptions{Registerer: reg})
+	for range 3 {
+		if _, _, err := dialEndpoint(t, ca, open.Addr().String(), identity.Modern()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	closedReg := prometheus.NewRegistry()
+	closed := startTestEndpoint(t, src, TestEndpointOptions{Allow: &nobody, Registerer: closedReg})
+	if _, _, err := dialEndpoint(t, ca, closed.Addr().String(), identity.Modern()); err == nil {
+		t.Fatal("deny-all test endpoint answered")
+	}
+	runMonitor(t, mon)
+
+	fams := scrape(t, base)
+	svid, _ := src.GetX509SVID()
+	leaf := svid.Certificates[0]
+	checks := []struct {
+		name   string
+		labels []string
+		want   float64
+		tol    float64
+	}{
+		{MetricTestEndpointConnections, []string{"result=ok"}, 3, 0},
+		{MetricBuildInfo, []string{"version=v1.2.3-test"}, 1, 0},
+		{MetricSVIDExpiry, nil, time.Until(leaf.NotAfter).Seconds(), 60},
+		{MetricCAExpiry, []string{"trust_domain=mesh.test", "subject_key_id=" + keyID(ca.Cert()), "subject=" + ca.Cert().Subject.CommonName},
+			time.Until(ca.Cert().NotAfter).Seconds(), 60},
+		{MetricBundleCAs, []string{"trust_domain=mesh.test"}, 1, 0},
+	}
+	for _, c := range checks {
+		got, ok := value(fams, c.name, c.labels...)
+		if !ok {
+			t.Errorf("%s%v not exported", c.name, c.labels)
+			continue
+		}
+		if math.Abs(got-c.want) > c.tol {
+			t.Errorf("%s%v = %v, want %v", c.name, c.labels, got, c.want)
+		}
+	}
+	// The refusal is counted by class on the other endpoint's registry.
+	if n := testutilCount(t, closedReg, MetricTestEndpointConnections, "result", string(identity.ClassNotAllowed)); n != 1 {
+		t.Errorf("refused connections counted %v, want 1", n)
+	}
+}
+
+func testutilCount(t *testing.T, g prometheus.Gatherer, name, label, value string) float64 {
+	t.Helper()
+	fams, err := g.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range fams {
+		if f.GetName() != name {
+			continue
+		}
+		for _, m := range f.Metric {
+			for _, l := range m.Label {
+				if l.GetName() == label && l.GetValue() == value {
+					return m.Counter.GetValue()
+				}
+			}
+		}
+	}
+	return 0
+}
+
+// TestSVIDNearExpiryAlarm: an SVID within the threshold raises the WARN line
+// and the alarm metric; after rotation to a fresh SVID the alarm clears and
+// the rotation is logged and counted.
+func TestSVIDNearExpiryAlarm(t *testing.T) {
+	ca := identitytest.NewCA(t, trustDomain)
+	src := ca.Source(t, sidecarID, identitytest.NotAfter(time.Now().Add(2*time.Minute)))
+	logs := newLogRecorder()
+	updated := make(chan struct{})
+	reg := prometheus.NewRegistry()
+	mon := NewIdentityMonitor(src, MonitorOptions{
+		TrustDomain:    td,
+		SVIDWarnBefore: 5 * time.Minute,
+		Updated:        updated,
+		Interval:       time.Hour,
+		Logger:         slog.New(logs),
+	})
+	reg.MustRegister(mon)
+	base := startServer(t, Options{Gatherer: reg})
+	runMonitor(t, mon)
+
+	attrs := logs.wait(t, slog.LevelWarn, "X.509-SVID expires soon")
+	if attrs["spiffe_id"] != sidecarID || attrs["not_after"] == "" {
+		t.Errorf("warning attributes %v", attrs)
+	}
+	fams := scrape(t, base)
+	if v, _ := value(fams, MetricExpiryAlarm, "kind=svid"); v != 1 {
+		t.Errorf("svid alarm = %v, want 1", v)
+	}
+	if v, _ := value(fams, MetricExpiryWarns, "kind=svid"); v != 1 {
+		t.Errorf("svid warnings = %v, want 1", v)
+	}
+
+	src.SetSVID(ca.SVID(t, sidecarID))
+	updated <- struct{}{}
+	logs.wait(t, slog.LevelInfo, "X.509-SVID rotated")
+	fams = scrape(t, base)
+	if v, ok := value(fams, MetricExpiryAlarm, "kind=svid"); !ok || v != 0 {
+		t.Errorf("svid alarm after rotation = %v (exported %v), want 0", v, ok)
+	}
+	if v, _ := value(fams, MetricSVIDRotations); v != 1 {
+		t.Errorf("rotations = %v, want 1", v)
+	}
+	if n := logs.count(slog.LevelWarn, "X.509-SVID expires soon"); n != 0 {
+		t.Errorf("%d more warnings after rotation", n)
+	}
+}
+
+// TestBundleCAAlarmsAndRollover walks a CA rollover: the old CA alone near
+// its end is an alarm; a successor CA added to the bundle is logged and
+// turns the alarm into a planned rollover; removing the old CA is logged
+// as a WARN and counted.
+func TestBundleCAAlarmsAndRollover(t *testing.T) {
+	ca := identitytest.NewCA(t, trustDomain) // valid for a day
+	src := ca.Source(t, sidecarID)
+	logs := newLogRecorder()
+	updated := make(chan struct{})
+	reg := prometheus.NewRegistry()
+	// The clock stands 23 hours ahead: the old CA has an hour left.
+	now := func() time.Time { return time.Now().Add(23 * time.Hour) }
+	mon := NewIdentityMonitor(src, MonitorOptions{
+		TrustDomain:    td,
+		CAWarnBefore:   2 * time.Hour,
+		SVIDWarnBefore: time.Minute,
+		Updated:        updated,
+		Interval:       time.Hour,
+		Logger:         slog.New(logs),
+		Now:            now,
+	})
+	reg.MustRegister(mon)
+	base := startServer(t, Options{Gatherer: reg})
+	runMonitor(t, mon)
+
+	attrs := logs.wait(t, slog.LevelWarn, "bundle CA expires soon and no successor CA is in the bundle")
+	if attrs["subject"] != ca.Cert().Subject.String() || attrs["subject_key_id"] != keyID(ca.Cert()) {
+		t.Errorf("alarm attributes %v", attrs)
+	}
+	fams := scrape(t, base)
+	if v, _ := value(fams, MetricExpiryAlarm, "kind=bundle_ca"); v != 1 {
+		t.Errorf("bundle_ca alarm = %v, want 1", v)
+	}
+	if v, _ := value(fams, MetricCAExpiry, "subject_key_id="+keyID(ca.Cert())); v > 3600 || v < 3500 {
+		t.Errorf("CA expiry seconds = %v, want about 3600", v)
+	}
+
+	// The successor arrives.
+	next := longLivedCA(t, "root CA mesh.test 2", time.Now().Add(30*24*time.Hour))
+	src.SetBundle(x509bundle.FromX509Authorities(td, []*x509.Certificate{ca.Cert(), next}))
+	updated <- struct{}{}
+	added := logs.wait(t, slog.LevelInfo, "bundle CA added")
+	if added["subject"] != "CN=root CA mesh.test 2" || added["cas"] != "2" {
+		t.Errorf("added attributes %v", added)
+	}
+	logs.wait(t, slog.LevelInfo, "bundle CA nears expiry; a successor CA is in the bundle")
+	fams = scrape(t, base)
+	if v, _ := value(fams, MetricExpiryAlarm, "kind=bundle_ca"); v != 0 {
+		t.Errorf("bundle_ca alarm with successor = %v, want 0", v)
+	}
+	if v, _ := value(fams, MetricBundleChanges, "change=added"); v != 1 {
+		t.Errorf("added = %v, want 1", v)
+	}
+	if v, _ := value(fams, MetricBundleCAs); v != 2 {
+		t.Errorf("bundle CAs = %v, want 2", v)
+	}
+
+	// The old CA leaves the bundle.
+	src.SetBundle(x509bundle.FromX509Authorities(td, []*x509.Certificate{next}))
+	updated <- struct{}{}
+	removed := logs.wait(t, slog.LevelWarn, "bundle CA removed")
+	if removed["subject"] != ca.Cert().Subject.String() {
+		t.Errorf("removed attributes %v", removed)
+	}
+	fams = scrape(t, base)
+	if v, _ := value(fams, MetricBundleChanges, "change=removed"); v != 1 {
+		t.Errorf("removed = %v, want 1", v)
+	}
+	if n := logs.count(slog.LevelWarn, "bundle CA expires soon and no successor CA is in the bundle"); n != 0 {
+		t.Errorf("%d alarms repeated within RepeatWarning", n)
+	}
+}
