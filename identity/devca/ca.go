@@ -78,16 +78,17 @@ type CA struct {
 	ownDir      bool // socketDir was made by New and is removed by Close
 	log         *slog.Logger
 
-	mu        sync.Mutex
-	closed    bool
-	active    *authority
-	pending   *authority
-	retired   []*authority // oldest first
-	workloads map[spiffeid.ID]*workload
-	order     []spiffeid.ID // registration order, for stable socket names and Status
-	bundleGen uint64        // bumped whenever the set of published authorities changes
-	changed   chan struct{} // closed and replaced on every change streams care about
-	subs      map[*subscriber]struct{}
+	mu          sync.Mutex
+	closed      bool
+	active      *authority
+	pending     *authority
+	retired     []*authority // oldest first
+	workloads   map[spiffeid.ID]*workload
+	order       []spiffeid.ID // registration order, for stable socket names and Status
+	rollRetryAt time.Time     // after a failed timed rollover, when to try again
+	bundleGen   uint64        // bumped whenever the set of published authorities changes
+	changed     chan struct{} // closed and replaced on every change streams care about
+	subs        map[*subscriber]struct{}
 
 	wake      chan struct{} // nudges the scheduler after a change of plan
 	done      chan struct{} // closed by Close
@@ -269,7 +270,8 @@ type rollConfig struct {
 }
 
 // RollOverlap sets how long the new CA is published before it starts signing,
-// instead of Options.CAOverlap. Zero activates it in the same step, right after
+// instead of Options.CAOverlap. The overlap is cut short if the active CA would
+// otherwise have to sign SVIDs that outlive it. Zero activates it in the same step, right after
 // publishing it: fine for tests of the mechanics, but workloads then have no
 // time to learn the new CA before they meet SVIDs signed by it.
 func RollOverlap(d time.Duration) RollOption {
@@ -534,8 +536,18 @@ func (ca *CA) dropRetiredLocked(now time.Time) {
 func (ca *CA) rollAtLocked() time.Time {
 	c := ca.active.cert
 	half := c.NotBefore.Add(c.NotAfter.Sub(c.NotBefore) / 2)
-	latest := c.NotAfter.Add(-ca.caOverlap - ca.svidTTL)
+	// The slack absorbs timer lateness and whole-second certificate times, so
+	// the full overlap fits before the CA must hand over.
+	const slack = time.Second
+	latest := c.NotAfter.Add(-ca.caOverlap - ca.svidTTL - slack)
 	return later(c.NotBefore, earlier(half, latest))
+}
+
+// activateAtLocked is when the pending CA takes over: at the end of its
+// overlap, or earlier if the active CA could otherwise no longer issue a
+// full-length SVID (a long overlap asked of a short-lived CA).
+func (ca *CA) activateAtLocked() time.Time {
+	return earlier(ca.pending.activateAt, ca.active.cert.NotAfter.Add(-ca.svidTTL))
 }
 
 // schedule runs every timed step (SVID rotation, CA activation, retirement and
@@ -564,12 +576,13 @@ func (ca *CA) step(now time.Time) time.Time {
 		return now.Add(time.Hour)
 	}
 	changed := false
-	if ca.pending == nil && !now.Before(ca.rollAtLocked()) {
+	if ca.pending == nil && !now.Before(ca.rollAtLocked()) && !now.Before(ca.rollRetryAt) {
 		if err := ca.publishLocked(now, ca.caOverlap, "timed"); err != nil {
 			ca.log.Error("timed CA rollover failed", "error", err, "warning", Warning)
+			ca.rollRetryAt = now.Add(time.Second)
 		}
 	}
-	if ca.pending != nil && !now.Before(ca.pending.activateAt) {
+	if ca.pending != nil && !now.Before(ca.activateAtLocked()) {
 		ca.activateLocked(now)
 	}
 	for _, id := range ca.order {
@@ -590,9 +603,9 @@ func (ca *CA) step(now time.Time) time.Time {
 
 	next := now.Add(time.Hour)
 	if ca.pending != nil {
-		next = earlier(next, ca.pending.activateAt)
+		next = earlier(next, ca.activateAtLocked())
 	} else {
-		next = earlier(next, ca.rollAtLocked())
+		next = earlier(next, later(ca.rollAtLocked(), ca.rollRetryAt))
 	}
 	for _, a := range ca.retired {
 		next = earlier(next, a.lastSVIDExpiry.Add(time.Millisecond))

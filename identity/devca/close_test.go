@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"io/fs"
-	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -19,10 +18,12 @@ import (
 
 func socketPath(addr string) string { return strings.TrimPrefix(addr, "unix://") }
 
+// Not parallel: goleak must see only this test's goroutines. Parallel tests
+// start only after every sequential one has finished.
 func TestCloseRemovesSocketsAndStopsEverything(t *testing.T) {
 	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
 
-	ca, err := devca.New(td, devca.Options{SVIDTTL: 2 * time.Second, RotateEvery: 100 * time.Millisecond, Logger: slog.New(slog.DiscardHandler)})
+	ca, err := devca.New(td, devca.Options{SVIDTTL: 2 * time.Second, RotateEvery: 100 * time.Millisecond, Logger: discard()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -110,7 +111,7 @@ func addWorkloadNoCleanup(t *testing.T, ca *devca.CA, id string) string {
 
 func TestCallerSocketDirIsKept(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "sockets")
-	ca, err := devca.New(td, devca.Options{SocketDir: dir, Logger: slog.New(slog.DiscardHandler)})
+	ca, err := devca.New(td, devca.Options{SocketDir: dir, Logger: discard()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -130,7 +131,7 @@ func TestCallerSocketDirIsKept(t *testing.T) {
 }
 
 func TestServeClosesWhenContextEnds(t *testing.T) {
-	ca, err := devca.New(td, devca.Options{Logger: slog.New(slog.DiscardHandler)})
+	ca, err := devca.New(td, devca.Options{Logger: discard()})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -37,11 +37,13 @@ func TestMain(m *testing.M) {
 	goleak.VerifyTestMain(m)
 }
 
+func discard() *slog.Logger { return slog.New(slog.DiscardHandler) }
+
 // newCA starts a CA that logs nothing and is closed when the test ends.
 func newCA(t *testing.T, opts devca.Options) *devca.CA {
 	t.Helper()
 	if opts.Logger == nil {
-		opts.Logger = slog.New(slog.DiscardHandler)
+		opts.Logger = discard()
 	}
 	ca, err := devca.New(td, opts)
 	if err != nil {
@@ -93,7 +95,7 @@ func (w *watcher) watchErrors() []error {
 
 // watch opens a Workload API client on addr and streams X.509 contexts into
 // the returned watcher until the test ends.
-func watch(t *testing.T, addr string) *watcher {
+func watch(t testing.TB, addr string) *watcher {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	client, err := workloadapi.New(ctx, workloadapi.WithAddr(addr))
@@ -421,7 +423,7 @@ func TestNewRefusesBadOptions(t *testing.T) {
 		{"socket dir is a file", td, devca.Options{SocketDir: "/dev/null"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			tc.opts.Logger = slog.New(slog.DiscardHandler)
+			tc.opts.Logger = discard()
 			ca, err := devca.New(tc.td, tc.opts)
 			if err == nil {
 				ca.Close()

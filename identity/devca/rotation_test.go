@@ -12,6 +12,7 @@ import (
 )
 
 func TestTimedRotationReachesTheSourceWithoutReconnecting(t *testing.T) {
+	t.Parallel() // waits on wall-clock expiry, not CPU
 	ca := newCA(t, devca.Options{SVIDTTL: 2 * time.Second, RotateEvery: 200 * time.Millisecond})
 	addr := addWorkload(t, ca, "spiffe://devca.test/rotating")
 	ctx := testContext(t)
@@ -91,6 +92,9 @@ func (l *ledger) observe(t *testing.T, e devca.Event) {
 	t.Helper()
 	if e.Kind == devca.EventSVIDIssued {
 		l.svids = append(l.svids, e.SVID)
+		if e.SVID.Certificates[0].NotAfter.After(e.CA.NotAfter) {
+			t.Errorf("SVID %s outlives the CA that signed it (%s > %s)", e.SVID.ID, e.SVID.Certificates[0].NotAfter, e.CA.NotAfter)
+		}
 	}
 	for _, s := range l.svids {
 		leaf := s.Certificates[0]
@@ -142,6 +146,7 @@ func await(t *testing.T, events <-chan devca.Event, l *ledger, kind devca.EventK
 func inBundle(e devca.Event, c *x509.Certificate) bool { return e.Bundle.HasX509Authority(c) }
 
 func TestCARolloverPhases(t *testing.T) {
+	t.Parallel() // waits on wall-clock expiry, not CPU
 	ca := newCA(t, devca.Options{SVIDTTL: 2 * time.Second, RotateEvery: time.Second, CATTL: time.Hour})
 	events, stop := ca.Subscribe(4096)
 	t.Cleanup(stop)
@@ -244,11 +249,12 @@ func TestCARolloverPhases(t *testing.T) {
 // workloads watching, and checks the ordering of the phases and the
 // verification property at every event.
 func TestTimedCARollover(t *testing.T) {
+	t.Parallel() // waits on wall-clock expiry, not CPU
 	ca := newCA(t, devca.Options{
 		SVIDTTL:     time.Second,
 		RotateEvery: 300 * time.Millisecond,
 		CAOverlap:   500 * time.Millisecond,
-		CATTL:       2 * time.Second,
+		CATTL:       3 * time.Second,
 	})
 	events, stop := ca.Subscribe(4096)
 	t.Cleanup(stop)
@@ -304,6 +310,32 @@ func TestTimedCARollover(t *testing.T) {
 		}
 		if errs := []*watcher{wa, wb}[i].watchErrors(); len(errs) != 0 {
 			t.Errorf("watch stream broke during rollover: %v", errs)
+		}
+	}
+}
+
+// TestLongOverlapIsCutShortBeforeTheCAExpires asks a three-second CA for an
+// hour of overlap: the new CA must take over while the old one can still sign
+// full-length SVIDs.
+func TestLongOverlapIsCutShortBeforeTheCAExpires(t *testing.T) {
+	t.Parallel() // waits on wall-clock expiry, not CPU
+	const svidTTL = time.Second
+	ca := newCA(t, devca.Options{SVIDTTL: svidTTL, RotateEvery: 400 * time.Millisecond, CATTL: 3 * time.Second})
+	events, stop := ca.Subscribe(4096)
+	t.Cleanup(stop)
+	var l ledger
+	addWorkload(t, ca, "spiffe://devca.test/a")
+	old := ca.Status().Active()
+	if err := ca.RollCA(devca.RollOverlap(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	activated := await(t, events, &l, devca.EventCAActivated, nil)
+	if deadline := old.NotAfter.Add(-svidTTL); activated.Time.After(deadline.Add(100 * time.Millisecond)) {
+		t.Errorf("new CA activated at %s, after the old one could last sign a full SVID (%s)", activated.Time, deadline)
+	}
+	for _, s := range l.svids {
+		if signedBy(s, old) && s.Certificates[0].NotAfter.Sub(s.Certificates[0].NotBefore) < svidTTL {
+			t.Errorf("old CA issued a short SVID (%s) instead of handing over", s.Certificates[0].NotAfter.Sub(s.Certificates[0].NotBefore))
 		}
 	}
 }
