@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"sync"
 	"time"
 
@@ -168,10 +169,19 @@ func New(trustDomain string, opts Options) (*CA, error) {
 		}
 		ca.socketDir, ca.ownDir = dir, true
 	} else {
-		if err := os.MkdirAll(opts.SocketDir, 0o700); err != nil {
+		// Absolute, because the address handed out is a unix:// URL.
+		dir, err := filepath.Abs(opts.SocketDir)
+		if err != nil {
+			return nil, fmt.Errorf("devca: socket directory %q: %w", opts.SocketDir, err)
+		}
+		if err := os.MkdirAll(dir, 0o700); err != nil {
 			return nil, fmt.Errorf("devca: creating socket directory: %w", err)
 		}
-		ca.socketDir = opts.SocketDir
+		ca.socketDir = dir
+		if fi, err := os.Stat(dir); err == nil && fi.Mode().Perm()&0o077 != 0 {
+			ca.log.Warn("socket directory is reachable by other users: any of them can fetch these SVIDs",
+				"socket_dir", dir, "mode", fi.Mode().Perm().String())
+		}
 	}
 
 	now := time.Now()
@@ -218,7 +228,7 @@ func (ca *CA) Issue(id string) (*x509svid.SVID, error) {
 	if ca.closed {
 		return nil, ErrClosed
 	}
-	svid, err := ca.issueLocked(sid, time.Now())
+	svid, err := ca.issueLocked(sid, time.Now(), "Issue")
 	if err != nil {
 		return nil, err
 	}
@@ -271,9 +281,10 @@ type rollConfig struct {
 
 // RollOverlap sets how long the new CA is published before it starts signing,
 // instead of Options.CAOverlap. The overlap is cut short if the active CA would
-// otherwise have to sign SVIDs that outlive it. Zero activates it in the same step, right after
-// publishing it: fine for tests of the mechanics, but workloads then have no
-// time to learn the new CA before they meet SVIDs signed by it.
+// otherwise have to sign SVIDs that outlive it. Zero activates the new CA in
+// the same step, right after publishing it: fine for tests of the mechanics,
+// but workloads then have no time to learn the new CA before they meet SVIDs
+// signed by it.
 func RollOverlap(d time.Duration) RollOption {
 	return func(c *rollConfig) { c.overlap = d }
 }
@@ -425,14 +436,21 @@ func (ca *CA) authorityCertsLocked() []*x509.Certificate {
 
 // issueLocked signs an SVID with the active CA and records how long that CA
 // must stay in the bundle because of it.
-func (ca *CA) issueLocked(id spiffeid.ID, now time.Time) (*x509svid.SVID, error) {
+func (ca *CA) issueLocked(id spiffeid.ID, now time.Time, reason string) (*x509svid.SVID, error) {
 	svid, err := ca.active.sign(id, now, ca.svidTTL)
 	if err != nil {
 		return nil, fmt.Errorf("devca: %w", err)
 	}
-	if na := svid.Certificates[0].NotAfter; na.After(ca.active.lastSVIDExpiry) {
-		ca.active.lastSVIDExpiry = na
+	leaf := svid.Certificates[0]
+	if leaf.NotAfter.After(ca.active.lastSVIDExpiry) {
+		ca.active.lastSVIDExpiry = leaf.NotAfter
 	}
+	ca.log.Info("issued SVID",
+		"spiffe_id", id.String(),
+		"serial", serialHex(leaf),
+		"not_after", leaf.NotAfter,
+		"ca_serial", serialHex(ca.active.cert),
+		"reason", reason)
 	ca.emitLocked(Event{Kind: EventSVIDIssued, Time: now, SVID: svid, CA: ca.active.cert})
 	return svid, nil
 }
@@ -440,7 +458,7 @@ func (ca *CA) issueLocked(id spiffeid.ID, now time.Time) (*x509svid.SVID, error)
 // rotateLocked gives w a fresh SVID and schedules the next one. The caller
 // notifies streams.
 func (ca *CA) rotateLocked(w *workload, now time.Time, reason string) error {
-	svid, err := ca.issueLocked(w.id, now)
+	svid, err := ca.issueLocked(w.id, now, reason)
 	if err != nil {
 		return err
 	}
@@ -455,12 +473,6 @@ func (ca *CA) rotateLocked(w *workload, now time.Time, reason string) error {
 	if life := leaf.NotAfter.Sub(now); life < ca.svidTTL {
 		w.rotateAt = now.Add(min(ca.rotateEvery, life/2))
 	}
-	ca.log.Info("issued SVID",
-		"spiffe_id", w.id.String(),
-		"serial", serialHex(leaf),
-		"not_after", leaf.NotAfter,
-		"ca_serial", serialHex(ca.active.cert),
-		"reason", reason)
 	return nil
 }
 

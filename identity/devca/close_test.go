@@ -150,3 +150,20 @@ func TestServeClosesWhenContextEnds(t *testing.T) {
 		t.Errorf("AddWorkload after Serve ended: %v, want ErrClosed", err)
 	}
 }
+
+func TestRelativeSocketDirYieldsAbsoluteAddress(t *testing.T) {
+	t.Chdir(t.TempDir())
+	ca := newCA(t, devca.Options{SocketDir: "sockets"})
+	addr := addWorkload(t, ca, "spiffe://devca.test/rel")
+	if p := socketPath(addr); !filepath.IsAbs(p) {
+		t.Fatalf("AddWorkload = %q, want an absolute unix:// address", addr)
+	}
+	client, err := workloadapi.New(testContext(t), workloadapi.WithAddr(addr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	if _, err := client.FetchX509SVID(testContext(t)); err != nil {
+		t.Errorf("FetchX509SVID over %s: %v", addr, err)
+	}
+}
