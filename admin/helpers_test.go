@@ -35,8 +35,8 @@ type logRecorder struct {
 func newLogRecorder() *logRecorder { return &logRecorder{changed: make(chan struct{}, 1)} }
 
 func (r *logRecorder) Enabled(context.Context, slog.Level) bool { return true }
-func (r *logRecorder) WithAttrs([]slog.Attr) slog.Handler      { return r }
-func (r *logRecorder) WithGroup(string) slog.Handler           { return r }
+func (r *logRecorder) WithAttrs([]slog.Attr) slog.Handler       { return r }
+func (r *logRecorder) WithGroup(string) slog.Handler            { return r }
 func (r *logRecorder) Handle(_ context.Context, rec slog.Record) error {
 	r.mu.Lock()
 	r.records = append(r.records, rec.Clone())
@@ -48,7 +48,7 @@ func (r *logRecorder) Handle(_ context.Context, rec slog.Record) error {
 	return nil
 }
 
-// find returns the attributes of the first record at level with message msg
+// take returns the attributes of the first record at level with message msg
 // that has not been taken yet, and marks it taken.
 func (r *logRecorder) take(level slog.Level, msg string) (map[string]string, bool) {
 	r.mu.Lock()

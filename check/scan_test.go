@@ -62,4 +62,3 @@ func TestScan(t *testing.T) {
 		}
 	}
 }
-
