@@ -1,0 +1,101 @@
+// Command latch-bench measures a latch sidecar pair side by side with the
+// same pair built from HAProxy, nginx and stunnel (those installed) and with
+// a direct connection, on loopback, and prints the comparison as Markdown.
+// See docs/performance.md.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"latch.dev/latch/bench"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	stop()
+	if err != nil && !errors.Is(err, flag.ErrHelp) {
+		fmt.Fprintln(os.Stderr, "latch-bench:", err)
+		os.Exit(1)
+	}
+}
+
+// listFlag collects a repeatable string flag.
+type listFlag []string
+
+func (l *listFlag) String() string     { return strings.Join(*l, " ") }
+func (l *listFlag) Set(v string) error { *l = append(*l, v); return nil }
+
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("latch-bench", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var (
+		opts      bench.Options
+		conns     = fs.String("conns", "1,8", "parallel connections of the bulk test, comma-separated")
+		only      = fs.String("only", "", "run only these topologies, comma-separated (direct,latch,haproxy,nginx,stunnel)")
+		jsonPath  = fs.String("json", "", "write the results as JSON to this file (default latch-bench-<time>.json in the working directory; \"-\" for none)")
+		latchArgs listFlag
+		latchEnv  listFlag
+	)
+	fs.DurationVar(&opts.Duration, "duration", 3*time.Second, "length of each measurement, per topology and round")
+	fs.IntVar(&opts.Rounds, "rounds", 3, "rounds; each runs every measurement over every topology, in rotated order")
+	fs.IntVar(&opts.MessageSize, "size", 1024, "echo message size of the latency test, bytes")
+	fs.IntVar(&opts.ConnectWorkers, "workers", 4, "concurrent clients of the new-connection test")
+	fs.IntVar(&opts.IdleConns, "idle", 2000, "idle proxied connections held open for the memory test")
+	fs.StringVar(&opts.LatchBinary, "latch", "", "latch binary to test (default: build ./cmd/latch with the release flags)")
+	fs.Var(&latchArgs, "latch-arg", "extra argument for each `latch proxy` (repeatable; {side} becomes out or in)")
+	fs.Var(&latchEnv, "latch-env", "extra NAME=value in the latch sidecars' environment (repeatable)")
+	fs.BoolVar(&opts.KeepDir, "keep", false, "keep the temporary directory with configs and logs")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	for _, c := range strings.Split(*conns, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(c))
+		if err != nil || n < 1 {
+			return fmt.Errorf("-conns: %q is not a positive number", c)
+		}
+		opts.BulkConns = append(opts.BulkConns, n)
+	}
+	if *only != "" {
+		for _, n := range strings.Split(*only, ",") {
+			opts.Topologies = append(opts.Topologies, strings.TrimSpace(n))
+		}
+	}
+	opts.LatchArgs, opts.LatchEnv = latchArgs, latchEnv
+	opts.Progress = stderr
+
+	res, err := bench.Run(ctx, opts)
+	if err != nil {
+		return err
+	}
+	res.WriteMarkdown(stdout)
+	if *jsonPath == "-" {
+		return nil
+	}
+	if *jsonPath == "" {
+		*jsonPath = "latch-bench-" + res.Started.Format("20060102-150405") + ".json"
+	}
+	b, err := json.MarshalIndent(res, "", "  ")
+	if err != nil {
+		return fmt.Errorf("encoding results: %w", err)
+	}
+	if err := os.WriteFile(*jsonPath, append(b, '\n'), 0o644); err != nil {
+		return fmt.Errorf("writing results: %w", err)
+	}
+	fmt.Fprintf(stderr, "results written to %s\n", *jsonPath)
+	return nil
+}
