@@ -1,0 +1,319 @@
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"latch.dev/latch/identity"
+)
+
+// Close reasons: the "reason" of the access log and the label of
+// latch_connections_closed_total.
+const (
+	reasonEOF                 = "eof"                  // both sides closed cleanly
+	reasonIdleTimeout         = "idle_timeout"         // no byte either way for the idle timeout
+	reasonPolicyRevoked       = "policy_revoked"       // the new allow-list no longer allows the peer
+	reasonServerIDChanged     = "server_id_changed"    // the outbound listener now expects another server
+	reasonUpstreamReset       = "upstream_reset"       // the dialed side (app or upstream) failed mid-stream
+	reasonDownstreamReset     = "downstream_reset"     // the accepting side (peer or app) failed mid-stream
+	reasonDrain               = "drain"                // closed by Shutdown or after a listener's removal
+	reasonHandshakeFailed     = "handshake_failed"     // refused or failed TLS handshake
+	reasonUpstreamUnreachable = "upstream_unreachable" // could not connect to the app or any upstream
+)
+
+// conn is one accepted connection, from Accept to the access-log line.
+//
+// Naming: the downstream is the accepted connection (the peer sidecar for
+// inbound, the local app for outbound); the upstream is the one the proxy
+// dials (the app for inbound, the upstream sidecar for outbound).
+type conn struct {
+	l     *listener
+	start time.Time
+	// down and up are the raw TCP connections, kept to close (or reset)
+	// them from other goroutines without going through TLS.
+	down net.Conn
+	ctx  context.Context // cancelled by kill: aborts dials
+	stop context.CancelFunc
+
+	// peer is the verified SPIFFE ID of the other sidecar, set after the
+	// handshake. serverID is what an outbound connection expects of its
+	// upstream, set before the handshake. Apply's revocation reads them.
+	peer     atomic.Pointer[spiffeid.ID]
+	serverID atomic.Pointer[spiffeid.ID]
+	// reason is the first close reason decided; later ones are ignored.
+	reason atomic.Pointer[string]
+	// last is the time of the last byte read either way, as nanoseconds
+	// since start (monotonic).
+	last atomic.Int64
+
+	mu        sync.Mutex
+	up        net.Conn
+	idleTimer *time.Timer
+
+	remoteAddr string // the peer sidecar's address
+	appAddr    string // the local app's address
+	bytesIn    atomic.Int64
+	bytesOut   atomic.Int64
+}
+
+func newConn(l *listener, raw net.Conn) *conn {
+	ctx, stop := context.WithCancel(context.Background())
+	return &conn{l: l, start: time.Now(), down: raw, ctx: ctx, stop: stop}
+}
+
+func (c *conn) log() *slog.Logger { return c.l.s.log }
+
+// kill ends the connection for reason from any goroutine. With reset, both
+// sides are closed with an RST (SO_LINGER 0) rather than a FIN, so that a
+// failure is not passed on as a clean end of stream.
+func (c *conn) kill(reason string, reset bool) {
+	if !c.reason.CompareAndSwap(nil, &reason) {
+		return
+	}
+	c.stop()
+	c.mu.Lock()
+	up := c.up
+	c.mu.Unlock()
+	for _, nc := range []net.Conn{c.down, up} {
+		if nc == nil {
+			continue
+		}
+		if reset {
+			setLinger0(nc)
+		}
+		nc.Close()
+	}
+}
+
+func (c *conn) killed() bool { return c.reason.Load() != nil }
+
+// setUp records the dialed connection, unless the connection was killed in
+// the meantime (then it closes it and returns false).
+func (c *conn) setUp(up net.Conn) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.killed() {
+		up.Close()
+		return false
+	}
+	c.up = up
+	return true
+}
+
+func setLinger0(nc net.Conn) {
+	if tc, ok := nc.(*net.TCPConn); ok {
+		tc.SetLinger(0)
+	}
+}
+
+func (c *conn) serve() {
+	defer c.stop()
+	r := c.l.s.route(c.l.name, c.l.dir)
+	if r == nil {
+		// The listener was removed between Accept and now.
+		c.kill(reasonDrain, false)
+		c.finish()
+		return
+	}
+	if c.l.dir == DirectionInbound {
+		c.serveInbound(r)
+	} else {
+		c.serveOutbound(r)
+	}
+}
+
+// serveInbound: handshake (the tls.Config verifies and authorizes the peer),
+// re-check the peer against the current snapshot, and only then dial the app.
+// Nothing the peer sends is read into the app before that.
+func (c *conn) serveInbound(r *route) {
+	c.remoteAddr = c.down.RemoteAddr().String()
+	c.appAddr = r.in.App
+	tc := tls.Server(c.down, r.tls)
+	if !c.handshake(tc, c.down, r) {
+		return
+	}
+	peer, err := identity.PeerID(tc.ConnectionState())
+	if err != nil {
+		c.refused(err)
+		return
+	}
+	c.peer.Store(&peer)
+	if err := c.authorized(); err != nil {
+		c.refused(err)
+		return
+	}
+	d := net.Dialer{Timeout: r.connectTimeout}
+	app, err := d.DialContext(c.ctx, "tcp", r.in.App)
+	if err != nil {
+		c.l.metrics.connectFailed()
+		c.log().Warn("connecting to app failed", "listener", c.l.name, "peer_id", peer.String(), "app_addr", r.in.App, "error", err)
+		c.kill(reasonUpstreamUnreachable, false)
+		c.finish()
+		return
+	}
+	if !c.setUp(app) {
+		c.finish()
+		return
+	}
+	c.pipe(tc, c.down, app, app, r.idleTimeout)
+	c.finish()
+}
+
+// serveOutbound: dial the upstreams in order, handshake (the tls.Config
+// requires the server to prove the expected ID), then copy. The app's bytes
+// are not read before the upstream proved its identity.
+func (c *conn) serveOutbound(r *route) {
+	c.appAddr = c.down.RemoteAddr().String()
+	want := r.out.ServerID
+	c.serverID.Store(&want)
+	d := net.Dialer{Timeout: r.connectTimeout}
+	var raw net.Conn
+	for _, addr := range r.out.Upstreams {
+		var err error
+		raw, err = d.DialContext(c.ctx, "tcp", addr)
+		if err == nil {
+			c.remoteAddr = addr
+			break
+		}
+		c.l.metrics.connectFailed()
+		c.log().Warn("connecting to upstream failed", "listener", c.l.name, "remote_addr", addr, "error", err)
+		if c.killed() {
+			break
+		}
+	}
+	if raw == nil {
+		c.kill(reasonUpstreamUnreachable, false)
+		c.finish()
+		return
+	}
+	if !c.setUp(raw) {
+		c.finish()
+		return
+	}
+	tc := tls.Client(raw, r.tls)
+	if !c.handshake(tc, raw, r) {
+		return
+	}
+	c.peer.Store(&want)
+	if err := c.authorized(); err != nil {
+		c.refused(err)
+		return
+	}
+	c.pipe(c.down, c.down, tc, raw, r.idleTimeout)
+	c.finish()
+}
+
+// handshake runs the TLS handshake under the listener's deadline. On failure
+// it logs the refusal, closes the connection and returns false.
+func (c *conn) handshake(tc *tls.Conn, raw net.Conn, r *route) bool {
+	begin := time.Now()
+	raw.SetDeadline(begin.Add(r.handshakeTimeout))
+	err := tc.HandshakeContext(c.ctx)
+	if err == nil {
+		raw.SetDeadline(time.Time{})
+		c.l.metrics.handshakeOK(time.Since(begin).Seconds())
+		return true
+	}
+	if c.killed() {
+		// Shutdown or removal cut the handshake: not the peer's fault.
+		c.finish()
+		return false
+	}
+	c.refused(err)
+	return false
+}
+
+// authorized re-checks a connection whose handshake just completed against
+// the snapshot current now. Apply swaps the snapshot before it sweeps the
+// live connections, and the peer (or expected server ID) is stored before
+// this check, so a connection handshaking during an Apply is caught by one
+// or the other.
+func (c *conn) authorized() error {
+	r := c.l.s.route(c.l.name, c.l.dir)
+	peer := *c.peer.Load()
+	switch {
+	case r == nil:
+		return &identity.VerifyError{Class: identity.ClassNotAllowed, Peer: peer,
+			Err: fmt.Errorf("listener %q removed during the handshake: %w", c.l.name, identity.ErrNotAllowed)}
+	case r.in != nil:
+		if err := r.in.Allow.Authorize(peer); err != nil {
+			return &identity.VerifyError{Class: identity.ClassNotAllowed, Peer: peer, Err: err}
+		}
+	case r.out != nil:
+		if r.out.ServerID != *c.serverID.Load() {
+			return &identity.VerifyError{Class: identity.ClassWrongServerID, Peer: peer,
+				Err: fmt.Errorf("server %s: listener %q now expects %s", peer, c.l.name, r.out.ServerID)}
+		}
+	}
+	return nil
+}
+
+// refused logs a failed or refused handshake (one line, with the class and
+// the reason) and closes the connection.
+func (c *conn) refused(err error) {
+	class := identity.ClassOf(err)
+	c.l.metrics.handshakeFailed(class)
+	attrs := []any{
+		"listener", c.l.name,
+		"direction", string(c.l.dir),
+		"remote_addr", c.remoteAddr,
+	}
+	if ve, ok := errors.AsType[*identity.VerifyError](err); ok && !ve.Peer.IsZero() {
+		attrs = append(attrs, "peer_id", ve.Peer.String())
+	}
+	if c.l.dir == DirectionOutbound {
+		attrs = append(attrs, "app_addr", c.appAddr)
+	}
+	attrs = append(attrs, "class", string(class), "reason", err.Error())
+	c.log().Warn("handshake refused", attrs...)
+	c.kill(reasonHandshakeFailed, false)
+	c.closeRaw()
+	c.l.metrics.connClosed(reasonHandshakeFailed)
+}
+
+func (c *conn) closeRaw() {
+	c.down.Close()
+	c.mu.Lock()
+	up := c.up
+	if c.idleTimer != nil {
+		c.idleTimer.Stop()
+	}
+	c.mu.Unlock()
+	if up != nil {
+		up.Close()
+	}
+}
+
+// finish closes both sides and writes the access-log line.
+func (c *conn) finish() {
+	c.closeRaw()
+	reason := reasonEOF
+	if p := c.reason.Load(); p != nil {
+		reason = *p
+	}
+	c.l.metrics.connClosed(reason)
+	attrs := []any{
+		"listener", c.l.name,
+		"direction", string(c.l.dir),
+		"peer_id", "",
+		"remote_addr", c.remoteAddr,
+		"app_addr", c.appAddr,
+		"bytes_in", c.bytesIn.Load(),
+		"bytes_out", c.bytesOut.Load(),
+		"duration", time.Since(c.start),
+		"reason", reason,
+	}
+	if p := c.peer.Load(); p != nil {
+		attrs[5] = p.String()
+	}
+	c.log().Info("connection closed", attrs...)
+}

@@ -1,0 +1,363 @@
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"latch.dev/latch/identity"
+)
+
+// TLSConfigs builds the tls.Configs of the data plane. *identity.TLS satisfies
+// it: the configurations verify peers (and call authorize on the verified ID)
+// inside the handshake, and pick the current SVID per handshake.
+type TLSConfigs interface {
+	ServerConfig(p identity.Profile, authorize func(peer spiffeid.ID) error) *tls.Config
+	ClientConfig(p identity.Profile, serverID spiffeid.ID) *tls.Config
+}
+
+// Direction says which way a listener carries traffic.
+type Direction string
+
+// Directions, also the "direction" label and log field.
+const (
+	DirectionInbound  Direction = "inbound"
+	DirectionOutbound Direction = "outbound"
+)
+
+// DefaultDrainTimeout is how long connections of a listener removed by Apply
+// may go on before they are closed, when Options.DrainTimeout is zero.
+const DefaultDrainTimeout = 30 * time.Second
+
+// ErrServerClosed is returned by Apply after Shutdown.
+var ErrServerClosed = errors.New("proxy: server shut down")
+
+// Options configures a Server. The zero value works: logs are discarded,
+// metrics are off, removed listeners drain for DefaultDrainTimeout.
+type Options struct {
+	Logger  *slog.Logger
+	Metrics *Metrics
+	// DrainTimeout bounds how long the live connections of a listener that
+	// Apply removed may go on. Shutdown has its own deadline, its context.
+	DrainTimeout time.Duration
+}
+
+// ListenerStatus describes one running listener.
+type ListenerStatus struct {
+	Name      string
+	Direction Direction
+	// Addr is the bound address (with the real port when Listen asked for 0).
+	Addr string
+	// Active counts open connections, handshaking ones included.
+	Active int
+}
+
+// Server runs the listeners of the Config it was last given. It starts empty:
+// nothing is served until the first successful Apply. All methods are safe
+// for concurrent use.
+type Server struct {
+	tlsc         TLSConfigs
+	log          *slog.Logger
+	metrics      *Metrics
+	drainTimeout time.Duration
+
+	// snap is what every connection consults: its listener's settings at
+	// accept time, and its allow-list or server ID at every handshake and
+	// after every Apply.
+	snap atomic.Pointer[snapshot]
+
+	mu        sync.Mutex // serializes Apply, Shutdown and Listeners
+	listeners []*listener
+	draining  map[*listener]struct{}
+	closed    bool
+
+	// wg counts every goroutine the Server starts: accept loops, connections
+	// (including the slot reserved before each Accept), drains.
+	wg sync.WaitGroup
+}
+
+// NewServer returns a Server that builds its TLS configurations with tlsc.
+func NewServer(tlsc TLSConfigs, opts Options) *Server {
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Server{
+		tlsc:         tlsc,
+		log:          log,
+		metrics:      opts.Metrics,
+		drainTimeout: orDuration(opts.DrainTimeout, DefaultDrainTimeout),
+		draining:     make(map[*listener]struct{}),
+	}
+}
+
+// snapshot is a Config made ready to serve: per listener, the settings with
+// defaults filled in and the tls.Config built for them.
+type snapshot struct {
+	cfg    *Config
+	routes map[string]*route
+}
+
+// route is one listener's settings within a snapshot.
+type route struct {
+	name             string
+	dir              Direction
+	listen           string
+	in               *Inbound  // inbound only
+	out              *Outbound // outbound only
+	tls              *tls.Config
+	handshakeTimeout time.Duration
+	idleTimeout      time.Duration
+	connectTimeout   time.Duration
+	maxConns         int
+}
+
+// key identifies the socket a route needs: a listener keeps its socket across
+// snapshots while direction, name and address stay the same.
+func (r *route) key() string { return string(r.dir) + "|" + r.name + "|" + r.listen }
+
+func (s *Server) newSnapshot(cfg *Config) *snapshot {
+	snap := &snapshot{cfg: cfg, routes: make(map[string]*route, len(cfg.Inbound)+len(cfg.Outbound))}
+	for i := range cfg.Inbound {
+		in := &cfg.Inbound[i]
+		snap.routes[in.Name] = &route{
+			name: in.Name, dir: DirectionInbound, listen: in.Listen, in: in,
+			tls:              s.tlsc.ServerConfig(cfg.TLS, s.authorizer(in.Name)),
+			handshakeTimeout: orDuration(in.HandshakeTimeout, DefaultHandshakeTimeout),
+			idleTimeout:      orDuration(in.IdleTimeout, DefaultIdleTimeout),
+			connectTimeout:   orDuration(in.ConnectTimeout, DefaultConnectTimeout),
+			maxConns:         orInt(in.MaxConnections, DefaultMaxConnections),
+		}
+	}
+	for i := range cfg.Outbound {
+		out := &cfg.Outbound[i]
+		snap.routes[out.Name] = &route{
+			name: out.Name, dir: DirectionOutbound, listen: out.Listen, out: out,
+			tls:              s.tlsc.ClientConfig(cfg.TLS, out.ServerID),
+			handshakeTimeout: orDuration(out.HandshakeTimeout, DefaultHandshakeTimeout),
+			idleTimeout:      orDuration(out.IdleTimeout, DefaultIdleTimeout),
+			connectTimeout:   orDuration(out.ConnectTimeout, DefaultConnectTimeout),
+			maxConns:         orInt(out.MaxConnections, DefaultMaxConnections),
+		}
+	}
+	return snap
+}
+
+// route returns the current settings of the named listener, nil when the
+// running config has no such listener in direction dir.
+func (s *Server) route(name string, dir Direction) *route {
+	snap := s.snap.Load()
+	if snap == nil {
+		return nil
+	}
+	r := snap.routes[name]
+	if r == nil || r.dir != dir {
+		return nil
+	}
+	return r
+}
+
+// authorizer is the authorize function of an inbound listener's tls.Config.
+// It reads the allow-list of the snapshot current at that handshake, not of
+// the one the tls.Config was built for, so a policy change applies to the
+// next handshake at once.
+func (s *Server) authorizer(name string) func(spiffeid.ID) error {
+	return func(id spiffeid.ID) error {
+		r := s.route(name, DirectionInbound)
+		if r == nil {
+			return fmt.Errorf("listener %q: peer %s: %w (listener removed)", name, id, identity.ErrNotAllowed)
+		}
+		return r.in.Allow.Authorize(id)
+	}
+}
+
+// Current returns the running Config, nil before the first Apply.
+func (s *Server) Current() *Config {
+	if snap := s.snap.Load(); snap != nil {
+		return snap.cfg
+	}
+	return nil
+}
+
+// Apply makes cfg the running configuration, all or nothing. It validates
+// cfg, binds the sockets of new listeners (if one fails, the ones just bound
+// are closed, the error is returned, and the old configuration keeps
+// serving), then swaps the snapshot in. Listeners whose direction, name and
+// address are unchanged keep their socket and their connections; removed
+// listeners stop accepting and their connections drain for up to the drain
+// timeout. Finally every live connection that the new policy would refuse is
+// closed: inbound ones whose peer the listener's new allow-list does not
+// allow ("policy_revoked"), outbound ones whose listener now expects another
+// server ID ("server_id_changed").
+func (s *Server) Apply(cfg *Config) error {
+	if err := cfg.Validate(); err != nil {
+		return fmt.Errorf("applying proxy config: %w", err)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return ErrServerClosed
+	}
+	snap := s.newSnapshot(cfg)
+
+	old := make(map[string]*listener, len(s.listeners))
+	for _, l := range s.listeners {
+		old[l.key] = l
+	}
+	var next, fresh []*listener
+	for _, r := range orderedRoutes(cfg, snap) {
+		if l, ok := old[r.key()]; ok {
+			delete(old, r.key())
+			next = append(next, l)
+			continue
+		}
+		ln, err := net.Listen("tcp", r.listen)
+		if err != nil {
+			for _, l := range fresh {
+				l.ln.Close()
+			}
+			return fmt.Errorf("applying proxy config %s: %s listener %q: %w", cfg.Version, r.dir, r.name, err)
+		}
+		l := s.newListener(r, ln)
+		next = append(next, l)
+		fresh = append(fresh, l)
+	}
+
+	s.snap.Store(snap)
+	s.listeners = next
+	s.metrics.setConfig(cfg.Version, cfg.Source)
+
+	for _, l := range next {
+		l.limit.setMax(snap.routes[l.name].maxConns)
+	}
+	for _, l := range fresh {
+		s.log.Info("listening", "listener", l.name, "direction", string(l.dir), "addr", l.addr)
+		s.wg.Add(1)
+		go l.acceptLoop()
+	}
+	for _, l := range old {
+		s.log.Info("listener removed, draining", "listener", l.name, "direction", string(l.dir), "addr", l.addr, "drain_timeout", s.drainTimeout)
+		l.stopAccepting()
+		s.draining[l] = struct{}{}
+		s.wg.Add(1)
+		go s.drain(l)
+	}
+	revoked := s.revoke(next, snap)
+	s.log.Info("proxy config applied", "version", cfg.Version, "source", cfg.Source,
+		"inbound", len(cfg.Inbound), "outbound", len(cfg.Outbound),
+		"bound", len(fresh), "removed", len(old), "revoked", revoked)
+	return nil
+}
+
+func orderedRoutes(cfg *Config, snap *snapshot) []*route {
+	out := make([]*route, 0, len(snap.routes))
+	for _, in := range cfg.Inbound {
+		out = append(out, snap.routes[in.Name])
+	}
+	for _, o := range cfg.Outbound {
+		out = append(out, snap.routes[o.Name])
+	}
+	return out
+}
+
+// revoke closes the live connections of ls that snap no longer allows and
+// returns how many. Connections still handshaking are not missed: each one
+// re-checks the current snapshot after its handshake (see conn.authorized).
+func (s *Server) revoke(ls []*listener, snap *snapshot) int {
+	n := 0
+	for _, l := range ls {
+		r := snap.routes[l.name]
+		for _, c := range l.connections() {
+			switch {
+			case r.in != nil:
+				if p := c.peer.Load(); p != nil && !r.in.Allow.Allows(*p) {
+					c.kill(reasonPolicyRevoked, false)
+					n++
+				}
+			case r.out != nil:
+				if id := c.serverID.Load(); id != nil && *id != r.out.ServerID {
+					c.kill(reasonServerIDChanged, false)
+					n++
+				}
+			}
+		}
+	}
+	return n
+}
+
+// drain waits for a removed listener's connections to finish, and closes
+// those still open after the drain timeout.
+func (s *Server) drain(l *listener) {
+	defer s.wg.Done()
+	t := time.NewTimer(s.drainTimeout)
+	defer t.Stop()
+	select {
+	case <-l.idle:
+	case <-t.C:
+		l.killAll(reasonDrain)
+		<-l.idle
+	}
+	s.mu.Lock()
+	delete(s.draining, l)
+	s.mu.Unlock()
+}
+
+// Listeners reports the running listeners in configuration order.
+func (s *Server) Listeners() []ListenerStatus {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]ListenerStatus, 0, len(s.listeners))
+	for _, l := range s.listeners {
+		out = append(out, ListenerStatus{Name: l.name, Direction: l.dir, Addr: l.addr, Active: l.active()})
+	}
+	return out
+}
+
+// Shutdown stops every listener from accepting, lets the live connections
+// finish until ctx is done, then closes the rest (reason "drain"). It returns
+// once every goroutine of the Server has exited: nil if all connections
+// finished on their own, ctx's error otherwise. Apply fails after Shutdown.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		s.wg.Wait()
+		return nil
+	}
+	s.closed = true
+	all := append([]*listener(nil), s.listeners...)
+	for l := range s.draining {
+		all = append(all, l)
+	}
+	s.mu.Unlock()
+
+	for _, l := range all {
+		l.stopAccepting()
+	}
+	var err error
+wait:
+	for _, l := range all {
+		select {
+		case <-l.idle:
+		case <-ctx.Done():
+			err = ctx.Err()
+			break wait
+		}
+	}
+	if err != nil {
+		for _, l := range all {
+			l.killAll(reasonDrain)
+		}
+	}
+	s.wg.Wait()
+	s.log.Info("proxy stopped", "forced", err != nil)
+	return err
+}

@@ -1,0 +1,231 @@
+package proxy
+
+import (
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"latch.dev/latch/identity"
+)
+
+// FieldError is a Validate failure tied to one field of a Config, named by a
+// path in the configuration file's spelling ("inbound[1].listen"). Parse turns
+// it into a file:line:col error; a Config built elsewhere (xDS) reports the
+// path as is.
+type FieldError struct {
+	Field string
+	Err   error
+}
+
+func (e *FieldError) Error() string { return e.Field + ": " + e.Err.Error() }
+func (e *FieldError) Unwrap() error { return e.Err }
+
+// maxNameLen bounds listener names: they become metric label values and log
+// fields, so they must stay short and printable.
+const maxNameLen = 64
+
+// Validate checks the whole snapshot and returns the first problem found. A
+// Config that passes can be applied: every address parses, names and listen
+// addresses are unique, outbound listeners are on loopback, every outbound has
+// a server ID and at least one upstream, limits are not negative, and the TLS
+// profile is no weaker than intermediate.
+func (c *Config) Validate() error {
+	if c == nil {
+		return errors.New("no config")
+	}
+	if err := validateProfile(c.TLS); err != nil {
+		return err
+	}
+	names := make(map[string]string)   // name → field that declared it
+	listens := make(map[string]string) // listen address → field that declared it
+	unique := func(field, name, listen string) error {
+		if prev, ok := names[name]; ok {
+			return &FieldError{field + ".name", fmt.Errorf("listener name %q already used by %s", name, prev)}
+		}
+		names[name] = field
+		// Port 0 asks the kernel for a fresh port each time, so two such
+		// listeners never collide.
+		if _, port, _ := net.SplitHostPort(listen); port != "0" {
+			if prev, ok := listens[listen]; ok {
+				return &FieldError{field + ".listen", fmt.Errorf("address %s already used by %s", listen, prev)}
+			}
+			listens[listen] = field
+		}
+		return nil
+	}
+	for i, in := range c.Inbound {
+		f := fmt.Sprintf("inbound[%d]", i)
+		if err := validateName(f, in.Name); err != nil {
+			return err
+		}
+		if err := validateHostPort(in.Listen, true); err != nil {
+			return &FieldError{f + ".listen", err}
+		}
+		if err := validateHostPort(in.App, false); err != nil {
+			return &FieldError{f + ".app", err}
+		}
+		if err := validateLimits(f, in.HandshakeTimeout, in.IdleTimeout, in.ConnectTimeout, in.MaxConnections); err != nil {
+			return err
+		}
+		if err := unique(f, in.Name, in.Listen); err != nil {
+			return err
+		}
+	}
+	for i, out := range c.Outbound {
+		f := fmt.Sprintf("outbound[%d]", i)
+		if err := validateName(f, out.Name); err != nil {
+			return err
+		}
+		if err := validateHostPort(out.Listen, true); err != nil {
+			return &FieldError{f + ".listen", err}
+		}
+		if err := requireLoopback(out.Listen); err != nil {
+			return &FieldError{f + ".listen", err}
+		}
+		if len(out.Upstreams) == 0 {
+			return &FieldError{f + ".upstreams", errors.New("at least one upstream is required")}
+		}
+		for j, u := range out.Upstreams {
+			if err := validateHostPort(u, false); err != nil {
+				return &FieldError{fmt.Sprintf("%s.upstreams[%d]", f, j), err}
+			}
+		}
+		if out.ServerID.IsZero() {
+			return &FieldError{f + ".serverID", errors.New("required: the SPIFFE ID the upstream must prove")}
+		}
+		if err := validateLimits(f, out.HandshakeTimeout, out.IdleTimeout, out.ConnectTimeout, out.MaxConnections); err != nil {
+			return err
+		}
+		if err := unique(f, out.Name, out.Listen); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func validateName(field, name string) error {
+	switch {
+	case name == "":
+		return &FieldError{field + ".name", errors.New("required")}
+	case len(name) > maxNameLen:
+		return &FieldError{field + ".name", fmt.Errorf("%q is longer than %d characters", name, maxNameLen)}
+	}
+	for _, r := range name {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || strings.ContainsRune("-_.:|", r)) {
+			return &FieldError{field + ".name", fmt.Errorf("%q: only letters, digits and - _ . : | are allowed", name)}
+		}
+	}
+	return nil
+}
+
+// validateHostPort accepts host:port with a numeric port. A listen address may
+// leave the host empty (all interfaces) and use port 0 (any free port); an
+// address to dial may not.
+func validateHostPort(addr string, listen bool) error {
+	if addr == "" {
+		return errors.New("required (host:port)")
+	}
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("%q is not host:port: %w", addr, err)
+	}
+	n, err := strconv.ParseUint(port, 10, 16)
+	if err != nil {
+		return fmt.Errorf("%q: port %q is not a number from 0 to 65535", addr, port)
+	}
+	if !listen {
+		if host == "" {
+			return fmt.Errorf("%q: host is empty", addr)
+		}
+		if n == 0 {
+			return fmt.Errorf("%q: port 0 cannot be dialed", addr)
+		}
+	}
+	if strings.ContainsAny(host, " /") {
+		return fmt.Errorf("%q: host %q is not a host name or IP address", addr, host)
+	}
+	return nil
+}
+
+// requireLoopback refuses any outbound listen address that is not loopback:
+// an outbound listener lends the sidecar's identity to whoever connects, so
+// reachable from the network it would be an open relay into the mesh.
+func requireLoopback(addr string) error {
+	host, _, _ := net.SplitHostPort(addr)
+	if host == "localhost" {
+		return nil
+	}
+	ip := net.ParseIP(host)
+	if ip == nil || !ip.IsLoopback() {
+		return fmt.Errorf("%q: outbound listeners must listen on a loopback address (127.0.0.1, ::1 or localhost): anything else would let the network use this workload's identity", addr)
+	}
+	return nil
+}
+
+func validateLimits(field string, handshake, idle, connect time.Duration, maxConns int) error {
+	for _, d := range []struct {
+		name string
+		v    time.Duration
+	}{{"handshakeTimeout", handshake}, {"idleTimeout", idle}, {"connectTimeout", connect}} {
+		if d.v < 0 {
+			return &FieldError{field + "." + d.name, fmt.Errorf("%v is negative", d.v)}
+		}
+	}
+	if maxConns < 0 {
+		return &FieldError{field + ".maxConnections", fmt.Errorf("%d is negative", maxConns)}
+	}
+	return nil
+}
+
+// validateProfile refuses a profile wider than intermediate. The zero Profile
+// stands for modern. Profiles from identity.ProfileByName and Narrow always
+// pass; this guards Configs assembled by hand or from xDS.
+func validateProfile(p identity.Profile) error {
+	if p.Name == "" && p.MinVersion == 0 && p.MaxVersion == 0 && p.CipherSuites == nil && p.Curves == nil {
+		return nil
+	}
+	if p.Name != identity.ProfileModern && p.Name != identity.ProfileIntermediate {
+		return &FieldError{"tls.profile", fmt.Errorf("unknown TLS profile %q (want %q or %q)", p.Name, identity.ProfileModern, identity.ProfileIntermediate)}
+	}
+	if p.MinVersion < tls.VersionTLS12 {
+		return &FieldError{"tls.minVersion", fmt.Errorf("%s is below TLS 1.2", identity.VersionName(p.MinVersion))}
+	}
+	if p.MaxVersion != 0 && p.MaxVersion < p.MinVersion {
+		return &FieldError{"tls.maxVersion", fmt.Errorf("%s is below minVersion %s", identity.VersionName(p.MaxVersion), identity.VersionName(p.MinVersion))}
+	}
+	allowed := identity.Intermediate()
+	for _, s := range p.CipherSuites {
+		if !slices.Contains(allowed.CipherSuites, s) {
+			return &FieldError{"tls.cipherSuites", fmt.Errorf("%s is not an ECDHE AEAD suite", tls.CipherSuiteName(s))}
+		}
+	}
+	if p.MinVersion <= tls.VersionTLS12 && len(p.CipherSuites) == 0 {
+		return &FieldError{"tls.cipherSuites", errors.New("TLS 1.2 enabled but no cipher suite given")}
+	}
+	for _, c := range p.Curves {
+		if !slices.Contains(allowed.Curves, c) {
+			return &FieldError{"tls.curves", fmt.Errorf("%s is not allowed", c)}
+		}
+	}
+	return nil
+}
+
+// orDuration returns d, or def when d is zero.
+func orDuration(d, def time.Duration) time.Duration {
+	if d == 0 {
+		return def
+	}
+	return d
+}
+
+func orInt(n, def int) int {
+	if n == 0 {
+		return def
+	}
+	return n
+}
