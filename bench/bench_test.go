@@ -1,0 +1,380 @@
+package bench
+
+import (
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"go.uber.org/goleak"
+
+	"latch.dev/latch/identity/devca"
+	"latch.dev/latch/proxy"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
+
+func TestParseStat(t *testing.T) {
+	tests := []struct {
+		name    string
+		in      string
+		want    procStat
+		wantErr bool
+	}{
+		{"plain", "42 (nginx) S 7 42 42 0 -1 4194560 100 0 0 0 250 30 0 0 20 0 1 0 100 1000 200",
+			procStat{ppid: 7, utime: 250, stime: 30}, false},
+		{"name with spaces and parens", "9 (a b) (c)) R 1 9 9 0 -1 0 0 0 0 0 11 22 0 0 20 0 1 0",
+			procStat{ppid: 1, utime: 11, stime: 22}, false},
+		{"truncated", "9 (x) R 1 2 3", procStat{}, true},
+		{"no name", "9 x R 1", procStat{}, true},
+		{"not a number", "9 (x) R one 9 9 0 -1 0 0 0 0 0 11 22 0", procStat{}, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := parseStat([]byte(tt.in))
+			if (err != nil) != tt.wantErr || got != tt.want {
+				t.Fatalf("parseStat = %+v, %v; want %+v, error %v", got, err, tt.want, tt.wantErr)
+			}
+		})
+	}
+}
+
+func TestParseVmRSS(t *testing.T) {
+	tests := []struct {
+		name    string
+		in      string
+		want    int64
+		wantErr bool
+	}{
+		{"present", "Name:\tx\nVmPeak:\t 100 kB\nVmRSS:\t    8192 kB\nThreads: 3\n", 8192, false},
+		{"zombie has none", "Name:\tx\nState:\tZ (zombie)\n", 0, false},
+		{"unit missing", "VmRSS:\t8192\n", 0, true},
+		{"other unit", "VmRSS:\t8 MB\n", 0, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := parseVmRSS([]byte(tt.in))
+			if (err != nil) != tt.wantErr || got != tt.want {
+				t.Fatalf("parseVmRSS = %d, %v; want %d, error %v", got, err, tt.want, tt.wantErr)
+			}
+		})
+	}
+}
+
+func TestPercentile(t *testing.T) {
+	var s []time.Duration
+	for i := 1; i <= 1000; i++ {
+		s = append(s, time.Duration(1001-i)) // reversed: percentile must sort
+	}
+	for p, want := range map[float64]time.Duration{0.5: 500, 0.9: 900, 0.99: 990, 0.999: 999, 1: 1000} {
+		if got := percentile(s, p); got != want {
+			t.Errorf("percentile(%v) = %v, want %v", p, got, want)
+		}
+	}
+	if got := percentile(nil, 0.5); got != 0 {
+		t.Errorf("percentile of nothing = %v", got)
+	}
+}
+
+// TestDirect runs every load pattern against the backend directly: the
+// harness's own client and backend agree on the protocol.
+func TestDirect(t *testing.T) {
+	ctx := t.Context()
+	b := startBackend(t)
+	pair, err := direct{}.Start(ctx, &Env{Backend: b.Addr()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := newFramePool(1)
+	for _, conns := range []int{1, 3} {
+		r, err := runBulk(ctx, pair.Entry, conns, 50*time.Millisecond, pool)
+		if err != nil {
+			t.Fatalf("bulk ×%d: %v", conns, err)
+		}
+		if r.Bytes < uint64(conns*frameSize) || r.MBps() <= 0 {
+			t.Errorf("bulk ×%d: %d bytes at %.1f MB/s", conns, r.Bytes, r.MBps())
+		}
+	}
+	lat, err := runLatency(ctx, pair.Entry, 1024, 50*time.Millisecond)
+	if err != nil || len(lat) == 0 {
+		t.Fatalf("latency: %d samples, %v", len(lat), err)
+	}
+	c, err := runConnect(ctx, pair.Entry, 2, 50*time.Millisecond)
+	if err != nil || c.Count == 0 || len(c.TTFB) != c.Count {
+		t.Fatalf("connect: %d connections, %d TTFB samples, %v", c.Count, len(c.TTFB), err)
+	}
+	conns, err := openIdle(ctx, pair.Entry, 20, 4)
+	if err != nil || len(conns) != 20 {
+		t.Fatalf("idle: %d connections, %v", len(conns), err)
+	}
+	closeAll(conns)
+}
+
+// TestBulkDetectsCorruption puts a proxy that flips one byte between the
+// client and the backend: the checksum must catch it.
+func TestBulkDetectsCorruption(t *testing.T) {
+	b := startBackend(t)
+	addr := corruptingProxy(t, b.Addr(), 100_000)
+	_, err := runBulk(t.Context(), addr, 1, 50*time.Millisecond, newFramePool(2))
+	if err == nil || !strings.Contains(err.Error(), "CRC-32C") {
+		t.Fatalf("bulk through a corrupting proxy: %v, want a checksum mismatch", err)
+	}
+}
+
+// TestPeers starts every installed peer as a pair with certificates from a
+// devca and pushes bytes through it. Peers that are not installed are
+// skipped: CI need not have them.
+func TestPeers(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts proxy processes")
+	}
+	ctx := t.Context()
+	b := startBackend(t)
+	dir := t.TempDir()
+	ca, err := devca.New(trustDomain, devca.Options{SocketDir: filepath.Join(dir, "wl"), Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ca.Close() })
+	pki, err := devcaPKI(ca, filepath.Join(dir, "pki"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	named, err := newNamedPKI(filepath.Join(dir, "named"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, topo := range []Topology{haproxy{}, nginx{}, stunnel{}} {
+		t.Run(topo.Name(), func(t *testing.T) {
+			if err := topo.Check(); err != nil {
+				t.Skip(err)
+			}
+			env := &Env{Dir: t.TempDir(), Backend: b.Addr(), PKI: pki, NamedPKI: named}
+			pair, err := topo.Start(ctx, env)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(pair.Stop)
+			if len(pair.Sidecars) != 2 || pair.Version == "" || pair.Version == "unknown" {
+				t.Errorf("pair has %d sidecars, version %q", len(pair.Sidecars), pair.Version)
+			}
+			if _, err := runBulk(ctx, pair.Entry, 2, 100*time.Millisecond, newFramePool(3)); err != nil {
+				t.Fatalf("bulk: %v", err)
+			}
+			us, err := pair.Usage()
+			if err != nil {
+				t.Fatal(err)
+			}
+			for i, u := range us {
+				if u.RSSKB <= 0 || u.CPUSeconds <= 0 {
+					t.Errorf("sidecar %s: usage %+v after a bulk transfer", pair.Sidecars[i].Name, u)
+				}
+			}
+			pair.Stop()
+			for _, s := range pair.Sidecars {
+				if exited, _ := s.Exited(); !exited {
+					t.Errorf("sidecar %s still running after Stop", s.Name)
+				}
+				if _, err := os.Stat(filepath.Join("/proc", strconv.Itoa(s.PID()))); !errors.Is(err, os.ErrNotExist) {
+					t.Errorf("sidecar %s: /proc entry still there after Stop (%v)", s.Name, err)
+				}
+			}
+		})
+	}
+}
+
+// TestPeerRefusesStranger checks that a peer pair really verifies the
+// client: the same HAProxy pair that carries bytes with the right client
+// certificate must refuse one from another CA.
+func TestPeerRefusesStranger(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts proxy processes")
+	}
+	bin, err := lookBinary("haproxy")
+	if err != nil {
+		t.Skip(err)
+	}
+	b := startBackend(t)
+	dir := t.TempDir()
+	good, err := newNamedPKI(filepath.Join(dir, "good"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	stranger, err := newNamedPKI(filepath.Join(dir, "stranger"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The outbound side presents a client certificate of another CA but
+	// trusts the inbound side's CA, so only the inbound check can refuse.
+	mixed := *good
+	mixed.Client = stranger.Client
+	for _, tt := range []struct {
+		name   string
+		pki    *PKI
+		wantOK bool
+	}{
+		{"same CA", good, true},
+		{"client from another CA", &mixed, false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			sub := t.TempDir()
+			ports, err := newPairPorts(&Env{Dir: sub, Backend: b.Addr()}, tt.pki)
+			if err != nil {
+				t.Fatal(err)
+			}
+			p := &Pair{Entry: ports.Out}
+			t.Cleanup(p.Stop)
+			for _, side := range []string{"out", "in"} {
+				cfg := filepath.Join(sub, side+".cfg")
+				if err := render(cfg, haproxyTmpl, struct {
+					Side    string
+					MaxConn uint64
+					P       pairPorts
+				}{side, 100, ports}); err != nil {
+					t.Fatal(err)
+				}
+				proc, err := startProcess(side, filepath.Join(sub, side+".log"), []string{bin, "-db", "-f", cfg}, nil)
+				if err != nil {
+					t.Fatal(err)
+				}
+				p.Sidecars = append(p.Sidecars, proc)
+			}
+			// Once both sides listen, one connection decides.
+			for _, addr := range []string{ports.In, ports.Out} {
+				waitListening(t, addr)
+			}
+			_, err = connectOnce(t.Context(), p.Entry)
+			if (err == nil) != tt.wantOK {
+				t.Fatalf("bytes through the pair: error %v, want success %v", err, tt.wantOK)
+			}
+		})
+	}
+}
+
+// waitListening polls addr until it accepts TCP connections.
+func waitListening(t *testing.T, addr string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		c, err := net.DialTimeout("tcp", addr, time.Second)
+		if err == nil {
+			c.Close()
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s never listened: %v", addr, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func startBackend(t *testing.T) *Backend {
+	t.Helper()
+	b, err := StartBackend()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Close() })
+	return b
+}
+
+// corruptingProxy forwards to target, flipping the byte at offset of the
+// client-to-target stream.
+func corruptingProxy(t *testing.T, target string, offset int) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	t.Cleanup(func() { ln.Close(); wg.Wait() })
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			u, err := net.Dial("tcp", target)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			wg.Go(func() {
+				defer u.Close()
+				io.Copy(c, u)
+				c.Close()
+			})
+			wg.Go(func() {
+				defer c.Close()
+				buf := make([]byte, 32<<10)
+				seen := 0
+				for {
+					n, err := c.Read(buf)
+					if seen <= offset && offset < seen+n {
+						buf[offset-seen] ^= 0xff
+					}
+					seen += n
+					if _, werr := u.Write(buf[:n]); werr != nil || err != nil {
+						u.Close()
+						return
+					}
+				}
+			})
+		}
+	})
+	return ln.Addr().String()
+}
+
+// TestLatchConfig renders both sidecars' configs and loads them with the
+// proxy's own parser: the harness writes what `latch proxy --config` reads.
+func TestLatchConfig(t *testing.T) {
+	dir := t.TempDir()
+	ports := pairPorts{Dir: dir, Out: "127.0.0.1:15001", In: "127.0.0.1:15002", Backend: "127.0.0.1:8080"}
+	for _, side := range []string{"out", "in"} {
+		path := filepath.Join(dir, side+".yaml")
+		if err := render(path, latchTmpl, struct {
+			Side, ServerID, ClientID string
+			P                        pairPorts
+		}{side, serverID, clientID, ports}); err != nil {
+			t.Fatal(err)
+		}
+		cfg, err := proxy.LoadFile(path)
+		if err != nil {
+			t.Fatalf("%s side: %v", side, err)
+		}
+		switch side {
+		case "out":
+			if len(cfg.Outbound) != 1 || len(cfg.Inbound) != 0 {
+				t.Fatalf("out side: %d outbound, %d inbound listeners", len(cfg.Outbound), len(cfg.Inbound))
+			}
+			o := cfg.Outbound[0]
+			if o.Listen != ports.Out || len(o.Upstreams) != 1 || o.Upstreams[0] != ports.In || o.ServerID.String() != serverID {
+				t.Errorf("out side: %+v", o)
+			}
+		case "in":
+			if len(cfg.Inbound) != 1 || len(cfg.Outbound) != 0 {
+				t.Fatalf("in side: %d inbound, %d outbound listeners", len(cfg.Inbound), len(cfg.Outbound))
+			}
+			in := cfg.Inbound[0]
+			if in.Listen != ports.In || in.App != ports.Backend {
+				t.Errorf("in side: %+v", in)
+			}
+			// Exactly the client may connect: the pair authorizes by ID.
+			for id, want := range map[string]bool{clientID: true, serverID: false, "spiffe://bench.test/other": false} {
+				if got := in.Allow.Allows(spiffeid.RequireFromString(id)); got != want {
+					t.Errorf("in side allows %s = %v, want %v", id, got, want)
+				}
+			}
+		}
+	}
+}
