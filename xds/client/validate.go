@@ -1,0 +1,745 @@
+package client
+
+import (
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	endpoint "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
+	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	rbacconfig "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
+	rbac "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/rbac/v3"
+	tcpproxy "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	matcher "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
+	"google.golang.org/protobuf/types/known/anypb"
+
+	"latch.dev/latch/identity"
+	"latch.dev/latch/proxy"
+	"latch.dev/latch/xds/translate"
+)
+
+// Type URLs of the resources the client subscribes to.
+const (
+	ListenerType = "type.googleapis.com/envoy.config.listener.v3.Listener"
+	ClusterType  = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+	EndpointType = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+)
+
+// ValidationError is why an update was refused (NACKed). It names the
+// resource and the field, and is sent back to the control plane verbatim as
+// the NACK's error_detail.
+type ValidationError struct {
+	Type     string // "listener", "cluster", "endpoints"
+	Resource string // resource name ("" when the resource could not be decoded)
+	Field    string // proto field path within the resource
+	Reason   string
+}
+
+func (e *ValidationError) Error() string {
+	if e.Field == "" {
+		return fmt.Sprintf("%s %q: %s", e.Type, e.Resource, e.Reason)
+	}
+	return fmt.Sprintf("%s %q: %s: %s", e.Type, e.Resource, e.Field, e.Reason)
+}
+
+// ErrIncomplete means the resources refer to others not received yet (a
+// listener's cluster, an EDS cluster's endpoints). Not a reason to refuse:
+// the rest of the update is on its way.
+var ErrIncomplete = errors.New("update incomplete")
+
+// Validator holds what resources are checked against: the sidecar's own
+// identity (the only SVID it can present) and the TLS profile xDS may narrow
+// but never widen.
+type Validator struct {
+	NodeID  spiffeid.ID
+	Profile identity.Profile
+}
+
+// Listener is a validated listener.
+type Listener struct {
+	Name     string
+	Inbound  bool
+	Listen   string
+	Cluster  string
+	Allow    identity.AllowList // inbound only
+	Idle     time.Duration
+	TLS      *identity.Profile // narrowed profile, when tls_params were given
+	resource string
+}
+
+// Cluster is a validated cluster.
+type Cluster struct {
+	Name           string
+	ServerID       spiffeid.ID // zero for a plain (app) cluster
+	EDSName        string      // the ClusterLoadAssignment to wait for; "" for inline endpoints
+	Endpoints      []string
+	ConnectTimeout time.Duration
+	TLS            *identity.Profile
+}
+
+// Endpoints is a validated ClusterLoadAssignment.
+type Endpoints struct {
+	Name  string
+	Addrs []string
+}
+
+type checker struct {
+	v    Validator
+	typ  string
+	name string
+}
+
+func (c *checker) fail(field, format string, args ...any) error {
+	return &ValidationError{Type: c.typ, Resource: c.name, Field: field, Reason: fmt.Sprintf(format, args...)}
+}
+
+// only refuses any populated field of m not in allowed, and any field this
+// build of the Envoy API does not know: something latch does not implement
+// could change what the resource means for security, so it is never ignored.
+func (c *checker) only(m proto.Message, path string, allowed ...string) error {
+	r := m.ProtoReflect()
+	if len(r.GetUnknown()) > 0 {
+		return c.fail(path, "carries fields unknown to latch's Envoy API version")
+	}
+	var bad string
+	r.Range(func(fd protoreflect.FieldDescriptor, _ protoreflect.Value) bool {
+		if !slices.Contains(allowed, string(fd.Name())) {
+			bad = string(fd.Name())
+			return false
+		}
+		return true
+	})
+	if bad != "" {
+		return c.fail(join(path, bad), "not supported by latch")
+	}
+	return nil
+}
+
+func join(path, field string) string {
+	if path == "" {
+		return field
+	}
+	return path + "." + field
+}
+
+func unpack[T proto.Message](c *checker, a *anypb.Any, path string, into T) (T, error) {
+	if a == nil {
+		return into, c.fail(path, "missing")
+	}
+	want := "type.googleapis.com/" + string(into.ProtoReflect().Descriptor().FullName())
+	if a.GetTypeUrl() != want {
+		return into, c.fail(path, "type %s is not supported here (want %s)", a.GetTypeUrl(), want)
+	}
+	if err := a.UnmarshalTo(into); err != nil {
+		return into, c.fail(path, "decoding: %v", err)
+	}
+	return into, nil
+}
+
+// Listener validates one Listener resource.
+func (v Validator) Listener(a *anypb.Any) (Listener, error) {
+	c := &checker{v: v, typ: "listener"}
+	l, err := unpack(c, a, "", &listener.Listener{})
+	if err != nil {
+		return Listener{}, err
+	}
+	c.name = l.GetName()
+	if c.name == "" {
+		return Listener{}, c.fail("name", "missing")
+	}
+	if err := c.only(l, "", "name", "address", "filter_chains", "traffic_direction", "stat_prefix"); err != nil {
+		return Listener{}, err
+	}
+	out := Listener{Name: l.GetName(), resource: l.GetName()}
+	host, port, err := c.socketAddress(l.GetAddress(), "address")
+	if err != nil {
+		return Listener{}, err
+	}
+	ip := net.ParseIP(host)
+	if ip == nil {
+		return Listener{}, c.fail("address.socket_address.address", "%q is not an IP address", host)
+	}
+	out.Listen = net.JoinHostPort(host, strconv.Itoa(int(port)))
+
+	if len(l.GetFilterChains()) != 1 {
+		return Listener{}, c.fail("filter_chains", "want exactly one filter chain, got %d", len(l.GetFilterChains()))
+	}
+	fc := l.GetFilterChains()[0]
+	if err := c.only(fc, "filter_chains[0]", "filters", "transport_socket", "name"); err != nil {
+		return Listener{}, err
+	}
+	out.Inbound = fc.GetTransportSocket() != nil
+	switch dir := l.GetTrafficDirection(); {
+	case dir == core.TrafficDirection_INBOUND && !out.Inbound:
+		return Listener{}, c.fail("filter_chains[0].transport_socket", "an INBOUND listener must terminate TLS")
+	case dir == core.TrafficDirection_OUTBOUND && out.Inbound:
+		return Listener{}, c.fail("traffic_direction", "an OUTBOUND listener cannot terminate TLS")
+	}
+	if !out.Inbound && !ip.IsLoopback() {
+		// A plain listener reachable from the network would relay anyone
+		// into the mesh with this workload's identity.
+		return Listener{}, c.fail("address.socket_address.address", "outbound (plain) listener on %s: must be a loopback address", host)
+	}
+
+	filters := fc.GetFilters()
+	want := []string{translate.TCPProxyFilter}
+	if out.Inbound {
+		want = []string{translate.RBACFilter, translate.TCPProxyFilter}
+	}
+	for i, f := range filters {
+		path := fmt.Sprintf("filter_chains[0].filters[%d]", i)
+		if err := c.only(f, path, "name", "typed_config"); err != nil {
+			return Listener{}, err
+		}
+		if i >= len(want) || f.GetName() != want[i] {
+			return Listener{}, c.fail(path+".name", "filter %q is not supported here (want the filters %s, in that order)", f.GetName(), strings.Join(want, ", "))
+		}
+		switch f.GetName() {
+		case translate.RBACFilter:
+			cfg, err := unpack(c, f.GetTypedConfig(), path+".typed_config", &rbac.RBAC{})
+			if err != nil {
+				return Listener{}, err
+			}
+			if out.Allow, err = c.rbac(cfg, path+".typed_config"); err != nil {
+				return Listener{}, err
+			}
+		case translate.TCPProxyFilter:
+			cfg, err := unpack(c, f.GetTypedConfig(), path+".typed_config", &tcpproxy.TcpProxy{})
+			if err != nil {
+				return Listener{}, err
+			}
+			if err := c.only(cfg, path+".typed_config", "stat_prefix", "cluster", "idle_timeout"); err != nil {
+				return Listener{}, err
+			}
+			if out.Cluster = cfg.GetCluster(); out.Cluster == "" {
+				return Listener{}, c.fail(path+".typed_config.cluster", "missing")
+			}
+			if it := cfg.GetIdleTimeout(); it != nil {
+				if d := it.AsDuration(); it.CheckValid() != nil || d <= 0 {
+					// Envoy reads 0 as "never time out"; latch always does.
+					return Listener{}, c.fail(path+".typed_config.idle_timeout", "%v: must be positive", d)
+				}
+				out.Idle = it.AsDuration()
+			}
+		}
+	}
+	if len(filters) != len(want) {
+		return Listener{}, c.fail("filter_chains[0].filters", "want the filters %s, in that order; got %d filters", strings.Join(want, ", "), len(filters))
+	}
+
+	if out.Inbound {
+		ts := fc.GetTransportSocket()
+		if err := c.transportSocket(ts, "filter_chains[0].transport_socket"); err != nil {
+			return Listener{}, err
+		}
+		path := "filter_chains[0].transport_socket.typed_config"
+		dtc, err := unpack(c, ts.GetTypedConfig(), path, &tlsv3.DownstreamTlsContext{})
+		if err != nil {
+			return Listener{}, err
+		}
+		if err := c.only(dtc, path, "common_tls_context", "require_client_certificate"); err != nil {
+			return Listener{}, err
+		}
+		if !dtc.GetRequireClientCertificate().GetValue() {
+			return Listener{}, c.fail(path+".require_client_certificate", "must be true: every peer proves its SPIFFE ID")
+		}
+		ctx := dtc.GetCommonTlsContext()
+		if out.TLS, err = c.commonTLS(ctx, path+".common_tls_context", "validation_context_sds_secret_config", "tls_params", "tls_certificate_sds_secret_configs"); err != nil {
+			return Listener{}, err
+		}
+		if err := c.bundleSecret(ctx.GetValidationContextSdsSecretConfig(), path+".common_tls_context.validation_context_sds_secret_config", v.NodeID.TrustDomain()); err != nil {
+			return Listener{}, err
+		}
+	}
+	return out, nil
+}
+
+func (c *checker) transportSocket(ts *core.TransportSocket, path string) error {
+	if err := c.only(ts, path, "name", "typed_config"); err != nil {
+		return err
+	}
+	if ts.GetName() != translate.TLSTransportSocket {
+		return c.fail(path+".name", "transport socket %q is not supported (want %s)", ts.GetName(), translate.TLSTransportSocket)
+	}
+	return nil
+}
+
+// commonTLS checks the SVID reference and narrows the profile by tls_params.
+func (c *checker) commonTLS(ctx *tlsv3.CommonTlsContext, path string, allowed ...string) (*identity.Profile, error) {
+	if ctx == nil {
+		return nil, c.fail(path, "missing")
+	}
+	if err := c.only(ctx, path, allowed...); err != nil {
+		return nil, err
+	}
+	certs := ctx.GetTlsCertificateSdsSecretConfigs()
+	if len(certs) != 1 {
+		return nil, c.fail(path+".tls_certificate_sds_secret_configs", "want exactly one SVID reference, got %d", len(certs))
+	}
+	sp := path + ".tls_certificate_sds_secret_configs[0]"
+	if err := c.only(certs[0], sp, "name", "sds_config"); err != nil {
+		return nil, err
+	}
+	if certs[0].GetName() != c.v.NodeID.String() {
+		// The only SVID the sidecar holds is its own.
+		return nil, c.fail(sp+".name", "%q is not this workload's SVID (%s)", certs[0].GetName(), c.v.NodeID)
+	}
+	tp := ctx.GetTlsParams()
+	if tp == nil {
+		return nil, nil
+	}
+	pp := path + ".tls_params"
+	if err := c.only(tp, pp, "tls_minimum_protocol_version", "tls_maximum_protocol_version", "cipher_suites", "ecdh_curves"); err != nil {
+		return nil, err
+	}
+	var params identity.Params
+	versions := map[tlsv3.TlsParameters_TlsProtocol]uint16{
+		tlsv3.TlsParameters_TLS_AUTO: 0, tlsv3.TlsParameters_TLSv1_0: tls.VersionTLS10, tlsv3.TlsParameters_TLSv1_1: tls.VersionTLS11,
+		tlsv3.TlsParameters_TLSv1_2: tls.VersionTLS12, tlsv3.TlsParameters_TLSv1_3: tls.VersionTLS13,
+	}
+	var ok bool
+	if params.MinVersion, ok = versions[tp.GetTlsMinimumProtocolVersion()]; !ok {
+		return nil, c.fail(pp+".tls_minimum_protocol_version", "unknown version %v", tp.GetTlsMinimumProtocolVersion())
+	}
+	if params.MaxVersion, ok = versions[tp.GetTlsMaximumProtocolVersion()]; !ok {
+		return nil, c.fail(pp+".tls_maximum_protocol_version", "unknown version %v", tp.GetTlsMaximumProtocolVersion())
+	}
+	for i, s := range tp.GetCipherSuites() {
+		id, err := identity.ParseCipherSuite(s)
+		if err != nil {
+			return nil, c.fail(fmt.Sprintf("%s.cipher_suites[%d]", pp, i), "%v", err)
+		}
+		params.CipherSuites = append(params.CipherSuites, id)
+	}
+	for i, s := range tp.GetEcdhCurves() {
+		id, err := identity.ParseCurve(s)
+		if err != nil {
+			return nil, c.fail(fmt.Sprintf("%s.ecdh_curves[%d]", pp, i), "%v", err)
+		}
+		params.Curves = append(params.Curves, id)
+	}
+	p, err := c.v.Profile.Narrow(params)
+	if err != nil {
+		return nil, c.fail(pp, "%v (xDS may only narrow the %s profile)", err, c.v.Profile.Name)
+	}
+	return &p, nil
+}
+
+// bundleSecret checks a trust bundle reference: SPIRE's name for the bundle
+// of td. Federation is not enabled, so td is the workload's own.
+func (c *checker) bundleSecret(s *tlsv3.SdsSecretConfig, path string, td spiffeid.TrustDomain) error {
+	if s == nil {
+		return c.fail(path, "missing: peers must be verified against the trust bundle")
+	}
+	if err := c.only(s, path, "name", "sds_config"); err != nil {
+		return err
+	}
+	if want := translate.BundleSecretName(td); s.GetName() != want {
+		return c.fail(path+".name", "%q: want %q (only the workload's own trust domain is trusted)", s.GetName(), want)
+	}
+	return nil
+}
+
+// rbac accepts exactly what an allow-list can express: ALLOW policies that
+// permit everything to peers matched by their certificate's SPIFFE ID.
+func (c *checker) rbac(cfg *rbac.RBAC, path string) (identity.AllowList, error) {
+	if err := c.only(cfg, path, "stat_prefix", "rules"); err != nil {
+		return identity.AllowList{}, err
+	}
+	rules := cfg.GetRules()
+	if rules == nil {
+		// Envoy reads "no rules" as "filter disabled": everyone allowed.
+		return identity.AllowList{}, c.fail(path+".rules", "missing (Envoy would allow every peer)")
+	}
+	if err := c.only(rules, path+".rules", "action", "policies"); err != nil {
+		return identity.AllowList{}, err
+	}
+	if rules.GetAction() != rbacconfig.RBAC_ALLOW {
+		return identity.AllowList{}, c.fail(path+".rules.action", "%v is not supported (only ALLOW)", rules.GetAction())
+	}
+	names := make([]string, 0, len(rules.GetPolicies()))
+	for n := range rules.GetPolicies() {
+		names = append(names, n)
+	}
+	slices.Sort(names)
+	var out []identity.Rule
+	for _, n := range names {
+		pol := rules.GetPolicies()[n]
+		pp := fmt.Sprintf("%s.rules.policies[%q]", path, n)
+		if err := c.only(pol, pp, "permissions", "principals"); err != nil {
+			return identity.AllowList{}, err
+		}
+		perms := pol.GetPermissions()
+		if len(perms) != 1 || !perms[0].GetAny() {
+			return identity.AllowList{}, c.fail(pp+".permissions", "only [{any: true}] is supported: latch authorizes whole connections by peer")
+		}
+		if err := c.only(perms[0], pp+".permissions[0]", "any"); err != nil {
+			return identity.AllowList{}, err
+		}
+		rs, err := c.principals(pol.GetPrincipals(), pp+".principals")
+		if err != nil {
+			return identity.AllowList{}, err
+		}
+		out = append(out, rs...)
+	}
+	return identity.NewAllowList(out...), nil
+}
+
+func (c *checker) principals(ps []*rbacconfig.Principal, path string) ([]identity.Rule, error) {
+	var exacts []string
+	prefixes := map[string]bool{}
+	var order []string // values in order, "=" exact, "/" prefix
+	for i, p := range ps {
+		pp := fmt.Sprintf("%s[%d]", path, i)
+		auth := p.GetAuthenticated()
+		if auth == nil {
+			return nil, c.fail(pp, "only authenticated.principal_name is supported (the peer's SPIFFE ID)")
+		}
+		if err := c.only(auth, pp+".authenticated", "principal_name"); err != nil {
+			return nil, err
+		}
+		m := auth.GetPrincipalName()
+		mp := pp + ".authenticated.principal_name"
+		if m == nil {
+			return nil, c.fail(mp, "missing")
+		}
+		if err := c.only(m, mp, "exact", "prefix"); err != nil {
+			return nil, err
+		}
+		switch pat := m.GetMatchPattern().(type) {
+		case *matcher.StringMatcher_Exact:
+			if _, err := spiffeid.FromString(pat.Exact); err != nil {
+				return nil, c.fail(mp+".exact", "%q is not a SPIFFE ID: %v", pat.Exact, err)
+			}
+			exacts = append(exacts, pat.Exact)
+			order = append(order, "="+pat.Exact)
+		case *matcher.StringMatcher_Prefix:
+			// A prefix is only safe on a segment boundary: "spiffe://td/ns/prod"
+			// would also match spiffe://td/ns/production.
+			if !strings.HasSuffix(pat.Prefix, "/") {
+				return nil, c.fail(mp+".prefix", "%q does not end in '/': it would match IDs that merely start with the same letters", pat.Prefix)
+			}
+			base := strings.TrimSuffix(pat.Prefix, "/")
+			if _, err := spiffeid.FromString(base); err != nil {
+				return nil, c.fail(mp+".prefix", "%q is not a SPIFFE ID followed by '/': %v", pat.Prefix, err)
+			}
+			prefixes[base] = true
+			order = append(order, "/"+base)
+		default:
+			return nil, c.fail(mp, "only exact and prefix matchers are supported")
+		}
+	}
+	var out []identity.Rule
+	used := map[string]bool{}
+	for _, o := range order {
+		kind, val := o[0], o[1:]
+		if used[o] {
+			continue
+		}
+		used[o] = true
+		id, _ := spiffeid.FromString(val)
+		switch {
+		case kind == '/' && id.Path() == "":
+			out = append(out, identity.AllowTrustDomain(id.TrustDomain()))
+		case kind == '/':
+			// "below the prefix" alone is not an allow-list rule; together
+			// with the exact ID it is a path prefix. Alone, refuse rather
+			// than widen.
+			if !slices.Contains(exacts, val) {
+				return nil, c.fail(path, "prefix %q/ without the exact principal %q cannot be expressed (latch path prefixes include the prefix itself)", val, val)
+			}
+			out = append(out, identity.AllowPathPrefix(id))
+			used["="+val] = true
+		case kind == '=' && prefixes[val]:
+			out = append(out, identity.AllowPathPrefix(id))
+			used["/"+val] = true
+		default:
+			out = append(out, identity.AllowID(id))
+		}
+	}
+	return out, nil
+}
+
+func (c *checker) socketAddress(a *core.Address, path string) (string, uint32, error) {
+	if a == nil {
+		return "", 0, c.fail(path, "missing")
+	}
+	if err := c.only(a, path, "socket_address"); err != nil {
+		return "", 0, err
+	}
+	sa := a.GetSocketAddress()
+	sp := path + ".socket_address"
+	if err := c.only(sa, sp, "address", "port_value", "protocol"); err != nil {
+		return "", 0, err
+	}
+	if sa.GetProtocol() != core.SocketAddress_TCP {
+		return "", 0, c.fail(sp+".protocol", "only TCP is supported")
+	}
+	if sa.GetAddress() == "" {
+		return "", 0, c.fail(sp+".address", "missing")
+	}
+	if p := sa.GetPortValue(); p == 0 || p > 65535 {
+		return "", 0, c.fail(sp+".port_value", "%d is not a port", p)
+	}
+	return sa.GetAddress(), sa.GetPortValue(), nil
+}
+
+// Cluster validates one Cluster resource.
+func (v Validator) Cluster(a *anypb.Any) (Cluster, error) {
+	c := &checker{v: v, typ: "cluster"}
+	cl, err := unpack(c, a, "", &cluster.Cluster{})
+	if err != nil {
+		return Cluster{}, err
+	}
+	c.name = cl.GetName()
+	if c.name == "" {
+		return Cluster{}, c.fail("name", "missing")
+	}
+	if err := c.only(cl, "", "name", "type", "eds_cluster_config", "connect_timeout", "load_assignment", "transport_socket"); err != nil {
+		return Cluster{}, err
+	}
+	out := Cluster{Name: cl.GetName()}
+	if ct := cl.GetConnectTimeout(); ct != nil {
+		if ct.CheckValid() != nil || ct.AsDuration() <= 0 {
+			return Cluster{}, c.fail("connect_timeout", "must be positive")
+		}
+		out.ConnectTimeout = ct.AsDuration()
+	}
+	switch cl.GetType() {
+	case cluster.Cluster_EDS:
+		eds := cl.GetEdsClusterConfig()
+		if err := c.only(eds, "eds_cluster_config", "eds_config", "service_name"); err != nil {
+			return Cluster{}, err
+		}
+		if eds.GetEdsConfig().GetAds() == nil {
+			return Cluster{}, c.fail("eds_cluster_config.eds_config", "only ADS is supported as the EDS source")
+		}
+		if cl.GetLoadAssignment() != nil {
+			return Cluster{}, c.fail("load_assignment", "an EDS cluster takes its endpoints from EDS")
+		}
+		out.EDSName = eds.GetServiceName()
+		if out.EDSName == "" {
+			out.EDSName = out.Name
+		}
+	case cluster.Cluster_STATIC, cluster.Cluster_STRICT_DNS, cluster.Cluster_LOGICAL_DNS:
+		if cl.GetEdsClusterConfig() != nil {
+			return Cluster{}, c.fail("eds_cluster_config", "only for EDS clusters")
+		}
+		e, err := c.loadAssignment(cl.GetLoadAssignment(), "load_assignment")
+		if err != nil {
+			return Cluster{}, err
+		}
+		out.Endpoints = e.Addrs
+	default:
+		return Cluster{}, c.fail("type", "%v is not supported", cl.GetType())
+	}
+
+	ts := cl.GetTransportSocket()
+	if ts == nil {
+		return out, nil // plain: only valid behind an inbound listener (checked in Build)
+	}
+	if err := c.transportSocket(ts, "transport_socket"); err != nil {
+		return Cluster{}, err
+	}
+	path := "transport_socket.typed_config"
+	utc, err := unpack(c, ts.GetTypedConfig(), path, &tlsv3.UpstreamTlsContext{})
+	if err != nil {
+		return Cluster{}, err
+	}
+	if err := c.only(utc, path, "common_tls_context"); err != nil {
+		return Cluster{}, err
+	}
+	ctx := utc.GetCommonTlsContext()
+	cp := path + ".common_tls_context"
+	if out.TLS, err = c.commonTLS(ctx, cp, "combined_validation_context", "tls_params", "tls_certificate_sds_secret_configs"); err != nil {
+		return Cluster{}, err
+	}
+	cvc := ctx.GetCombinedValidationContext()
+	vp := cp + ".combined_validation_context"
+	if cvc == nil {
+		return Cluster{}, c.fail(vp, "missing: the upstream's SPIFFE ID must be named")
+	}
+	if err := c.only(cvc, vp, "default_validation_context", "validation_context_sds_secret_config"); err != nil {
+		return Cluster{}, err
+	}
+	dvc := cvc.GetDefaultValidationContext()
+	dp := vp + ".default_validation_context"
+	if err := c.only(dvc, dp, "match_typed_subject_alt_names"); err != nil {
+		return Cluster{}, err
+	}
+	sans := dvc.GetMatchTypedSubjectAltNames()
+	if len(sans) != 1 {
+		return Cluster{}, c.fail(dp+".match_typed_subject_alt_names", "want exactly one URI SAN (the server's SPIFFE ID), got %d", len(sans))
+	}
+	sp := dp + ".match_typed_subject_alt_names[0]"
+	if err := c.only(sans[0], sp, "san_type", "matcher"); err != nil {
+		return Cluster{}, err
+	}
+	if sans[0].GetSanType() != tlsv3.SubjectAltNameMatcher_URI {
+		return Cluster{}, c.fail(sp+".san_type", "%v is not supported (only URI)", sans[0].GetSanType())
+	}
+	if err := c.only(sans[0].GetMatcher(), sp+".matcher", "exact"); err != nil {
+		return Cluster{}, err
+	}
+	id, err := spiffeid.FromString(sans[0].GetMatcher().GetExact())
+	if err != nil {
+		return Cluster{}, c.fail(sp+".matcher.exact", "%q is not a SPIFFE ID: %v", sans[0].GetMatcher().GetExact(), err)
+	}
+	out.ServerID = id
+	if err := c.bundleSecret(cvc.GetValidationContextSdsSecretConfig(), vp+".validation_context_sds_secret_config", v.NodeID.TrustDomain()); err != nil {
+		return Cluster{}, err
+	}
+	if id.TrustDomain() != v.NodeID.TrustDomain() {
+		return Cluster{}, c.fail(sp+".matcher.exact", "%s is outside the trust domain %s (federation is not enabled)", id, v.NodeID.TrustDomain())
+	}
+	return out, nil
+}
+
+// Endpoints validates one ClusterLoadAssignment resource.
+func (v Validator) Endpoints(a *anypb.Any) (Endpoints, error) {
+	c := &checker{v: v, typ: "endpoints"}
+	cla, err := unpack(c, a, "", &endpoint.ClusterLoadAssignment{})
+	if err != nil {
+		return Endpoints{}, err
+	}
+	c.name = cla.GetClusterName()
+	if c.name == "" {
+		return Endpoints{}, c.fail("cluster_name", "missing")
+	}
+	return c.loadAssignment(cla, "")
+}
+
+// loadAssignment returns the endpoints in failover order: by priority, then
+// as listed. Endpoints reported unhealthy, draining or timed out are left out.
+func (c *checker) loadAssignment(cla *endpoint.ClusterLoadAssignment, path string) (Endpoints, error) {
+	if cla == nil {
+		return Endpoints{}, c.fail(path, "missing")
+	}
+	if err := c.only(cla, path, "cluster_name", "endpoints"); err != nil {
+		return Endpoints{}, err
+	}
+	out := Endpoints{Name: cla.GetClusterName()}
+	groups := slices.Clone(cla.GetEndpoints())
+	slices.SortStableFunc(groups, func(a, b *endpoint.LocalityLbEndpoints) int { return int(a.GetPriority()) - int(b.GetPriority()) })
+	for i, g := range cla.GetEndpoints() {
+		gp := join(path, fmt.Sprintf("endpoints[%d]", i))
+		if err := c.only(g, gp, "lb_endpoints", "priority", "locality", "load_balancing_weight"); err != nil {
+			return Endpoints{}, err
+		}
+		for j, e := range g.GetLbEndpoints() {
+			ep := fmt.Sprintf("%s.lb_endpoints[%d]", gp, j)
+			if err := c.only(e, ep, "endpoint", "health_status", "load_balancing_weight"); err != nil {
+				return Endpoints{}, err
+			}
+			if err := c.only(e.GetEndpoint(), ep+".endpoint", "address"); err != nil {
+				return Endpoints{}, err
+			}
+			if _, _, err := c.socketAddress(e.GetEndpoint().GetAddress(), ep+".endpoint.address"); err != nil {
+				return Endpoints{}, err
+			}
+		}
+	}
+	for _, g := range groups {
+		for _, e := range g.GetLbEndpoints() {
+			switch e.GetHealthStatus() {
+			case core.HealthStatus_UNHEALTHY, core.HealthStatus_DRAINING, core.HealthStatus_TIMEOUT:
+				continue
+			}
+			sa := e.GetEndpoint().GetAddress().GetSocketAddress()
+			out.Addrs = append(out.Addrs, net.JoinHostPort(sa.GetAddress(), strconv.Itoa(int(sa.GetPortValue()))))
+		}
+	}
+	return out, nil
+}
+
+// Set is one validated update: the resources of each type last received.
+type Set struct {
+	Listeners map[string]Listener
+	Clusters  map[string]Cluster
+	Endpoints map[string]Endpoints
+}
+
+// Build assembles a proxy configuration from a validated set. It returns an
+// error wrapping ErrIncomplete when a reference is not resolved yet, and a
+// *ValidationError when resources do not fit together.
+func (v Validator) Build(s Set, version string) (*proxy.Config, error) {
+	cfg := &proxy.Config{Version: version, Source: "xds", TLS: v.Profile}
+	var profile *identity.Profile
+	narrow := func(typ, name string, p *identity.Profile) error {
+		if p == nil {
+			return nil
+		}
+		if profile != nil && !sameProfile(*profile, *p) {
+			return &ValidationError{Type: typ, Resource: name, Field: "tls_params", Reason: "differs from the tls_params of other resources; latch runs one profile"}
+		}
+		profile = p
+		return nil
+	}
+	names := make([]string, 0, len(s.Listeners))
+	for n := range s.Listeners {
+		names = append(names, n)
+	}
+	slices.Sort(names)
+	for _, n := range names {
+		l := s.Listeners[n]
+		if err := narrow("listener", n, l.TLS); err != nil {
+			return nil, err
+		}
+		cl, ok := s.Clusters[l.Cluster]
+		if !ok {
+			return nil, fmt.Errorf("listener %q: cluster %q: %w", n, l.Cluster, ErrIncomplete)
+		}
+		if err := narrow("cluster", cl.Name, cl.TLS); err != nil {
+			return nil, err
+		}
+		addrs := cl.Endpoints
+		if cl.EDSName != "" {
+			e, ok := s.Endpoints[cl.EDSName]
+			if !ok {
+				return nil, fmt.Errorf("cluster %q: endpoints %q: %w", cl.Name, cl.EDSName, ErrIncomplete)
+			}
+			addrs = e.Addrs
+		}
+		if l.Inbound {
+			if !cl.ServerID.IsZero() {
+				return nil, &ValidationError{Type: "cluster", Resource: cl.Name, Field: "transport_socket", Reason: fmt.Sprintf("used by inbound listener %q, which forwards plain TCP to the app: TLS towards the app is not supported", n)}
+			}
+			if len(addrs) != 1 {
+				return nil, &ValidationError{Type: "cluster", Resource: cl.Name, Field: "load_assignment", Reason: fmt.Sprintf("the app behind inbound listener %q needs exactly one endpoint, got %d", n, len(addrs))}
+			}
+			cfg.Inbound = append(cfg.Inbound, proxy.Inbound{
+				Name: n, Listen: l.Listen, App: addrs[0], Allow: l.Allow,
+				IdleTimeout: l.Idle, ConnectTimeout: cl.ConnectTimeout,
+			})
+			continue
+		}
+		if cl.ServerID.IsZero() {
+			// No plaintext fallback: an outbound listener always originates mTLS.
+			return nil, &ValidationError{Type: "cluster", Resource: cl.Name, Field: "transport_socket", Reason: fmt.Sprintf("missing: outbound listener %q must originate mTLS", n)}
+		}
+		cfg.Outbound = append(cfg.Outbound, proxy.Outbound{
+			Name: n, Listen: l.Listen, Upstreams: addrs, ServerID: cl.ServerID,
+			IdleTimeout: l.Idle, ConnectTimeout: cl.ConnectTimeout,
+		})
+	}
+	if profile != nil {
+		cfg.TLS = *profile
+	}
+	return cfg, nil
+}
+
+func sameProfile(a, b identity.Profile) bool {
+	return a.MinVersion == b.MinVersion && a.MaxVersion == b.MaxVersion &&
+		slices.Equal(a.CipherSuites, b.CipherSuites) && slices.Equal(a.Curves, b.Curves)
+}
