@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/hex"
 	"errors"
 	"io"
@@ -15,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"go.uber.org/goleak"
 
@@ -294,5 +296,59 @@ func TestOrdinaryServer(t *testing.T) {
 	}
 	if res.Source != SourceClient || res.Connection.ServerSPIFFEID != serverID || res.Connection.ClientSPIFFEID != clientID || len(res.Notes) != 1 {
 		t.Errorf("result %+v", res)
+	}
+}
+
+// TestRolloverProcedure is the pre-switch test of docs/operations.md: a
+// canary serves an SVID from the new CA; a client whose bundle already holds
+// both CAs passes, one whose bundle holds only the old CA fails with
+// unknown_ca (do not switch yet), and a canary whose own bundle lacks the old
+// CA refuses old-CA clients (client_refused).
+func TestRolloverProcedure(t *testing.T) {
+	oldCA := identitytest.NewCA(t, td)
+	newCA := identitytest.NewCA(t, td)
+	both := x509bundle.FromX509Authorities(oldCA.TrustDomain(), []*x509.Certificate{oldCA.Cert(), newCA.Cert()})
+	canaryID := "spiffe://mesh.test/ns/ops/sa/canary"
+	canary := func(bundle *x509bundle.Bundle) string {
+		src := identitytest.NewSource(newCA.SVID(t, canaryID), bundle)
+		ep, err := admin.ListenTestEndpoint(admin.TestEndpointOptions{
+			Addr: "127.0.0.1:0", TLS: identity.NewTLS(src),
+			TrustDomain: spiffeid.RequireTrustDomainFromString(td), Logger: slog.New(slog.DiscardHandler),
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error)
+		go func() { done <- ep.Serve(ctx) }()
+		t.Cleanup(func() { cancel(); <-done })
+		return ep.Addr().String()
+	}
+	ready := canary(both)
+	client := func(bundle *x509bundle.Bundle) Options {
+		return Options{
+			Addr: ready, TLS: identity.NewTLS(identitytest.NewSource(oldCA.SVID(t, clientID), bundle)),
+			ServerID: spiffeid.RequireFromString(canaryID), Timeout: 3 * time.Second, ReadWait: 300 * time.Millisecond,
+		}
+	}
+
+	res, err := Run(context.Background(), client(both))
+	if err != nil {
+		t.Fatalf("client with both CAs: %v", err)
+	}
+	if res.Source != SourceTestEndpoint || res.Connection.Issuer != newCA.Cert().Subject.String() {
+		t.Errorf("canary reply %+v", res.Connection)
+	}
+
+	_, err = Run(context.Background(), client(oldCA.Bundle()))
+	if ce, ok := errors.AsType[*Error](err); !ok || ce.Class != ClassUnknownCA {
+		t.Errorf("client with the old CA only: %v, want unknown_ca", err)
+	}
+
+	opts := client(both)
+	opts.Addr = canary(newCA.Bundle())
+	_, err = Run(context.Background(), opts)
+	if ce, ok := errors.AsType[*Error](err); !ok || ce.Class != ClassClientRefused {
+		t.Errorf("canary without the old CA: %v, want client_refused", err)
 	}
 }
