@@ -337,6 +337,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	for l := range s.draining {
 		all = append(all, l)
 	}
+	s.listeners = nil
 	s.mu.Unlock()
 
 	for _, l := range all {
@@ -360,4 +361,19 @@ wait:
 	s.wg.Wait()
 	s.log.Info("proxy stopped", "forced", err != nil)
 	return err
+}
+
+// ApplyFile loads the static configuration at path and applies it. On any
+// error (unreadable file, bad YAML, invalid settings, a bind failure) the
+// running configuration is left as it was and keeps serving; the error
+// carries the file and line. It is what SIGHUP does in latch proxy.
+func (s *Server) ApplyFile(path string) (*Config, error) {
+	cfg, err := LoadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	if err := s.Apply(cfg); err != nil {
+		return nil, err
+	}
+	return cfg, nil
 }
