@@ -158,6 +158,13 @@ func longLivedCA(t *testing.T, cn string, notAfter time.Time) *x509.Certificate 
 	if err != nil {
 		t.Fatal(err)
 	}
+	return caWithKey(t, key, cn, notAfter)
+}
+
+// caWithKey makes a self-signed CA certificate for key: two calls with the
+// same key give a CA and its re-issue, sharing the subject key identifier.
+func caWithKey(t *testing.T, key *ecdsa.PrivateKey, cn string, notAfter time.Time) *x509.Certificate {
+	t.Helper()
 	tmpl := &x509.Certificate{
 		SerialNumber:          big.NewInt(time.Now().UnixNano()),
 		Subject:               pkix.Name{CommonName: cn},

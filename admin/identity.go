@@ -84,6 +84,7 @@ type IdentityMonitor struct {
 	known      map[spiffeid.TrustDomain]map[string]*x509.Certificate // key: caKey
 	svidSerial string
 	lastWarned map[string]time.Time
+	warnedNow  map[string]bool // keys warned about in the current evaluation
 	evaluated  bool
 }
 
@@ -178,9 +179,17 @@ func (m *IdentityMonitor) Collect(ch chan<- prometheus.Metric) {
 		}
 		cas := b.X509Authorities()
 		ch <- prometheus.MustNewConstMetric(m.bundleSize, prometheus.GaugeValue, float64(len(cas)), td.Name())
+		seen := make(map[string]bool, len(cas))
 		for _, ca := range cas {
+			// A CA re-issued with the same key and subject shares the key
+			// ID; two series with the same labels would fail the scrape.
+			id := keyID(ca)
+			if seen[id] {
+				id += "-" + caKey(ca)[:8]
+			}
+			seen[id] = true
 			ch <- prometheus.MustNewConstMetric(m.caExpiry, prometheus.GaugeValue,
-				ca.NotAfter.Sub(now).Seconds(), td.Name(), keyID(ca), ca.Subject.CommonName)
+				ca.NotAfter.Sub(now).Seconds(), td.Name(), id, ca.Subject.CommonName)
 		}
 	}
 	m.changes.Collect(ch)
@@ -316,10 +325,21 @@ func (m *IdentityMonitor) evaluate() {
 	now := m.opts.Now()
 	first := !m.evaluated
 	m.evaluated = true
+	// Warnings are keyed by certificate; keys of certificates gone since
+	// the last evaluation are dropped so the map does not grow with every
+	// rotation.
+	m.warnedNow = make(map[string]bool)
+	defer func() {
+		for k := range m.lastWarned {
+			if !m.warnedNow[k] {
+				delete(m.lastWarned, k)
+			}
+		}
+	}()
 
 	svidAlarms := 0
 	if svid, err := m.src.GetX509SVID(); err != nil {
-		m.log.Warn("no X.509-SVID", "reason", err.Error())
+		m.warnLevel(slog.LevelWarn, "no-svid", now, "", "no X.509-SVID", "reason", err.Error())
 	} else if len(svid.Certificates) > 0 {
 		leaf := svid.Certificates[0]
 		serial := leaf.SerialNumber.Text(16)
@@ -343,7 +363,7 @@ func (m *IdentityMonitor) evaluate() {
 	for _, td := range m.trustDomains() {
 		b, err := m.src.GetX509BundleForTrustDomain(td)
 		if err != nil {
-			m.log.Warn("no trust bundle", "trust_domain", td.Name(), "reason", err.Error())
+			m.warnLevel(slog.LevelWarn, "no-bundle:"+td.Name(), now, "", "no trust bundle", "trust_domain", td.Name(), "reason", err.Error())
 			continue
 		}
 		cas := b.X509Authorities()
@@ -411,6 +431,7 @@ func (m *IdentityMonitor) warn(key string, now time.Time, kind, msg string, args
 
 // warnLevel logs msg at most once per RepeatWarning for key.
 func (m *IdentityMonitor) warnLevel(level slog.Level, key string, now time.Time, kind, msg string, args ...any) {
+	m.warnedNow[key] = true
 	if last, ok := m.lastWarned[key]; ok && now.Sub(last) < m.opts.RepeatWarning {
 		return
 	}

@@ -2,6 +2,9 @@ package admin
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/x509"
 	"log/slog"
 	"math"
@@ -221,5 +224,28 @@ func TestBundleCAAlarmsAndRollover(t *testing.T) {
 	}
 	if n := logs.count(slog.LevelWarn, "bundle CA expires soon and no successor CA is in the bundle"); n != 0 {
 		t.Errorf("%d alarms repeated within RepeatWarning", n)
+	}
+}
+
+// TestReissuedCA: a CA re-issued with the same key and subject shares its
+// subject key ID with the original; both must still be exported (distinct
+// series), or the whole scrape would fail.
+func TestReissuedCA(t *testing.T) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := caWithKey(t, key, "root", time.Now().Add(24*time.Hour))
+	b := caWithKey(t, key, "root", time.Now().Add(48*time.Hour))
+	if keyID(a) != keyID(b) {
+		t.Fatalf("test setup: subject key IDs differ")
+	}
+	ca := identitytest.NewCA(t, trustDomain)
+	src := identitytest.NewSource(ca.SVID(t, sidecarID), x509bundle.FromX509Authorities(td, []*x509.Certificate{a, b}))
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(NewIdentityMonitor(src, MonitorOptions{TrustDomain: td}))
+	fams := scrape(t, startServer(t, Options{Gatherer: reg}))
+	if n := len(fams[MetricCAExpiry].GetMetric()); n != 2 {
+		t.Errorf("%d CA expiry series, want 2", n)
 	}
 }
