@@ -20,7 +20,7 @@ func runInject(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	fs := flag.NewFlagSet("latch inject", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	var (
-		configPath = fs.String("config", "/etc/latch-inject/config.yaml", "injector config: the sidecar's image, resources, Workload API volume and control plane (rendered by the chart)")
+		configPath = fs.String("config", "/etc/latch-inject/config/config.yaml", "injector config: the sidecar's image, resources, Workload API volume and control plane (rendered by the chart)")
 		listen     = fs.String("listen", ":9443", "HTTPS address the API server calls")
 		certFile   = fs.String("tls-cert", "/etc/latch-inject/tls/tls.crt", "PEM serving certificate; re-read when it changes")
 		keyFile    = fs.String("tls-key", "/etc/latch-inject/tls/tls.key", "PEM serving key; re-read when it changes")
