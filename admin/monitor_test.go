@@ -18,6 +18,12 @@ import (
 	"latch.dev/latch/identity/identitytest"
 )
 
+// settle returns once the evaluation in progress has finished: Run
+// receives from updated only between evaluations, so a completed send on the
+// unbuffered channel means the previous one is done (and starts another,
+// which changes nothing the test has not already seen).
+func settle(updated chan<- struct{}) { updated <- struct{}{} }
+
 // runMonitor starts mon.Run and stops it at the end of the test.
 func runMonitor(t *testing.T, mon *IdentityMonitor) {
 	t.Helper()
@@ -131,6 +137,7 @@ func TestSVIDNearExpiryAlarm(t *testing.T) {
 	if attrs["spiffe_id"] != sidecarID || attrs["not_after"] == "" {
 		t.Errorf("warning attributes %v", attrs)
 	}
+	settle(updated)
 	fams := scrape(t, base)
 	if v, _ := value(fams, MetricExpiryAlarm, "kind=svid"); v != 1 {
 		t.Errorf("svid alarm = %v, want 1", v)
@@ -142,6 +149,7 @@ func TestSVIDNearExpiryAlarm(t *testing.T) {
 	src.SetSVID(ca.SVID(t, sidecarID))
 	updated <- struct{}{}
 	logs.wait(t, slog.LevelInfo, "X.509-SVID rotated")
+	settle(updated)
 	fams = scrape(t, base)
 	if v, ok := value(fams, MetricExpiryAlarm, "kind=svid"); !ok || v != 0 {
 		t.Errorf("svid alarm after rotation = %v (exported %v), want 0", v, ok)
@@ -183,6 +191,7 @@ func TestBundleCAAlarmsAndRollover(t *testing.T) {
 	if attrs["subject"] != ca.Cert().Subject.String() || attrs["subject_key_id"] != keyID(ca.Cert()) {
 		t.Errorf("alarm attributes %v", attrs)
 	}
+	settle(updated)
 	fams := scrape(t, base)
 	if v, _ := value(fams, MetricExpiryAlarm, "kind=bundle_ca"); v != 1 {
 		t.Errorf("bundle_ca alarm = %v, want 1", v)
@@ -200,6 +209,7 @@ func TestBundleCAAlarmsAndRollover(t *testing.T) {
 		t.Errorf("added attributes %v", added)
 	}
 	logs.wait(t, slog.LevelInfo, "bundle CA nears expiry; a successor CA is in the bundle")
+	settle(updated)
 	fams = scrape(t, base)
 	if v, _ := value(fams, MetricExpiryAlarm, "kind=bundle_ca"); v != 0 {
 		t.Errorf("bundle_ca alarm with successor = %v, want 0", v)
@@ -218,6 +228,7 @@ func TestBundleCAAlarmsAndRollover(t *testing.T) {
 	if removed["subject"] != ca.Cert().Subject.String() {
 		t.Errorf("removed attributes %v", removed)
 	}
+	settle(updated)
 	fams = scrape(t, base)
 	if v, _ := value(fams, MetricBundleChanges, "change=removed"); v != 1 {
 		t.Errorf("removed = %v, want 1", v)
