@@ -389,3 +389,14 @@ func expectClosed(t testing.TB, c net.Conn) error {
 	}
 	return err
 }
+
+// tlsDial connects to addr as a sidecar with the identity of tlsc, expecting
+// the server to prove serverID.
+func tlsDial(addr string, tlsc *identity.TLS, serverID string) (*tls.Conn, error) {
+	id, err := spiffeid.FromString(serverID)
+	if err != nil {
+		return nil, err
+	}
+	d := &net.Dialer{Timeout: waitFor}
+	return tls.DialWithDialer(d, "tcp", addr, tlsc.ClientConfig(identity.Modern(), id))
+}

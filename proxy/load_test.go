@@ -1,0 +1,195 @@
+package proxy
+
+import (
+	"crypto/tls"
+	"errors"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"latch.dev/latch/identity"
+)
+
+const exampleConfig = `tls:
+  profile: modern
+  minVersion: "1.3"
+  curves: [X25519MLKEM768, X25519]
+inbound:
+  - name: web
+    listen: 0.0.0.0:8443
+    app: 127.0.0.1:8080
+    allow:
+      - id: spiffe://mesh.test/ns/default/sa/frontend
+      - pathPrefix: spiffe://mesh.test/ns/prod
+      - trustDomain: partner.test
+    idleTimeout: 5m
+    handshakeTimeout: 10s
+    maxConnections: 1000
+outbound:
+  - name: backend
+    listen: 127.0.0.1:15001
+    upstreams: [backend.svc:8443, 10.0.0.7:8443]
+    serverID: spiffe://mesh.test/ns/default/sa/backend
+    connectTimeout: 2s
+`
+
+func TestParseExample(t *testing.T) {
+	cfg, err := Parse("latch.yaml", []byte(exampleConfig))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Source != "file:latch.yaml" || len(cfg.Version) != 12 {
+		t.Errorf("Source %q, Version %q", cfg.Source, cfg.Version)
+	}
+	if cfg.TLS.Name != "modern" || cfg.TLS.MinVersion != tls.VersionTLS13 || !slices.Equal(cfg.TLS.Curves, []tls.CurveID{tls.X25519MLKEM768, tls.X25519}) {
+		t.Errorf("TLS profile %+v", cfg.TLS)
+	}
+	in := cfg.Inbound[0]
+	if in.Name != "web" || in.Listen != "0.0.0.0:8443" || in.App != "127.0.0.1:8080" || in.IdleTimeout != 5*time.Minute ||
+		in.HandshakeTimeout != 10*time.Second || in.MaxConnections != 1000 || in.Allow.Len() != 3 {
+		t.Errorf("inbound %+v", in)
+	}
+	for id, want := range map[string]bool{
+		"spiffe://mesh.test/ns/default/sa/frontend": true,
+		"spiffe://mesh.test/ns/prod/sa/x":           true,
+		"spiffe://mesh.test/ns/production/sa/x":     false,
+		"spiffe://partner.test/anything":            true,
+		"spiffe://mesh.test/ns/default/sa/other":    false,
+	} {
+		if got := in.Allow.Allows(mustID(t, id)); got != want {
+			t.Errorf("Allows(%s) = %v, want %v", id, got, want)
+		}
+	}
+	out := cfg.Outbound[0]
+	if out.Name != "backend" || out.Listen != "127.0.0.1:15001" || len(out.Upstreams) != 2 ||
+		out.ServerID.String() != backendID || out.ConnectTimeout != 2*time.Second {
+		t.Errorf("outbound %+v", out)
+	}
+
+	again, _ := Parse("latch.yaml", []byte(exampleConfig+"\n# comment\n"))
+	if again.Version == cfg.Version {
+		t.Error("different content, same version")
+	}
+}
+
+func TestParseDefaultsToModern(t *testing.T) {
+	cfg, err := Parse("t.yaml", []byte("inbound: []\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.TLS.Name != identity.ProfileModern || cfg.TLS.MinVersion != tls.VersionTLS13 {
+		t.Fatalf("default profile %+v", cfg.TLS)
+	}
+}
+
+// TestParseErrors: every bad file is refused with its file, line (and
+// column where the parser knows it) and the setting at fault.
+func TestParseErrors(t *testing.T) {
+	in := func(extra string) string {
+		return "inbound:\n  - name: web\n    listen: 127.0.0.1:8443\n    app: 127.0.0.1:8080\n" + extra
+	}
+	out := func(extra string) string {
+		return "outbound:\n  - name: backend\n    upstreams: [backend:8443]\n" + extra
+	}
+	for _, tc := range []struct {
+		name, yaml string
+		want       []string // substrings of the error
+	}{
+		{"malformed YAML", "inbound:\n  - name: web\n    app: a: b\n", []string{"t.yaml:3: mapping values are not allowed"}},
+		{"bad indentation", "inbound:\n  - name: web\n   listen: x\n", []string{"t.yaml:", "expected '-' indicator"}},
+		{"tab indentation", "inbound:\n\t- name: web\n", []string{"t.yaml:2:"}},
+		{"empty file", "", []string{"t.yaml:1:", "empty"}},
+		{"not a mapping", "- a\n- b\n", []string{"t.yaml:1:1:", "expected a mapping"}},
+		{"unknown top-level key", "inbound: []\ninbund: []\n", []string{"t.yaml:2:1:", `unknown key "inbund"`}},
+		{"unknown listener key", in("    alow: []\n"), []string{"t.yaml:5:5:", "inbound[0].alow", "unknown key"}},
+		{"key given twice", in("    app: 127.0.0.1:9090\n"), []string{"t.yaml:5:5:", "twice"}},
+		{"bad SPIFFE ID", in("    allow:\n      - id: spiffe://mesh.test/ns/Bad Path\n"), []string{"t.yaml:6:13:", "inbound[0].allow[0].id"}},
+		{"not a SPIFFE URI", in("    allow:\n      - id: https://mesh.test/x\n"), []string{"t.yaml:6:13:", "scheme"}},
+		{"two kinds in one rule", in("    allow:\n      - id: spiffe://mesh.test/a\n        trustDomain: mesh.test\n"), []string{"t.yaml:7:22:", "exactly one"}},
+		{"empty rule", in("    allow:\n      - {}\n"), []string{"t.yaml:6:9:", "exactly one"}},
+		{"unknown rule kind", in("    allow:\n      - prefix: spiffe://mesh.test/a\n"), []string{"t.yaml:6:9:", `unknown key "prefix"`}},
+		{"bad duration", in("    idleTimeout: 5 minutes\n"), []string{"t.yaml:5:18:", "inbound[0].idleTimeout", "not a duration"}},
+		{"negative duration", in("    handshakeTimeout: -1s\n"), []string{"t.yaml:5:23:", "negative"}},
+		{"negative limit", in("    maxConnections: -1\n"), []string{"t.yaml:5:21:", "negative"}},
+		{"limit not a number", in("    maxConnections: many\n"), []string{"t.yaml:5:21:", "integer"}},
+		{"missing app", "inbound:\n  - name: web\n    listen: 127.0.0.1:8443\n", []string{"t.yaml:2:5:", "inbound[0].app", "required"}},
+		{"bad listen address", "inbound:\n  - name: web\n    listen: 8443\n    app: 127.0.0.1:80\n", []string{"t.yaml:3:13:", "inbound[0].listen"}},
+		{"duplicate names", in("  - name: web\n    listen: 127.0.0.1:9443\n    app: 127.0.0.1:8080\n"), []string{"t.yaml:5:11:", "inbound[1].name", "already used"}},
+		{"duplicate listen", in("  - name: web2\n    listen: 127.0.0.1:8443\n    app: 127.0.0.1:8080\n"), []string{"t.yaml:6:13:", "inbound[1].listen", "already used"}},
+		{"outbound not on loopback", out("    listen: 0.0.0.0:15001\n    serverID: spiffe://mesh.test/b\n"), []string{"t.yaml:4:13:", "outbound[0].listen", "loopback"}},
+		{"outbound without serverID", out("    listen: 127.0.0.1:15001\n"), []string{"t.yaml:2:5:", "outbound[0].serverID", "required"}},
+		{"serverID not a SPIFFE ID", out("    listen: 127.0.0.1:15001\n    serverID: backend\n"), []string{"t.yaml:5:15:", "outbound[0].serverID"}},
+		{"serverID of a trust domain", out("    listen: 127.0.0.1:15001\n    serverID: spiffe://mesh.test\n"), []string{"t.yaml:5:15:", "trust domain"}},
+		{"upstream without port", "outbound:\n  - name: b\n    listen: 127.0.0.1:15001\n    serverID: spiffe://mesh.test/b\n    upstreams: [backend]\n", []string{"t.yaml:5:17:", "outbound[0].upstreams[0]"}},
+		{"weak profile", "tls:\n  profile: legacy\n", []string{"t.yaml:2:12:", "tls.profile", `"legacy"`}},
+		{"TLS 1.1", "tls:\n  profile: intermediate\n  minVersion: \"1.1\"\n", []string{"t.yaml:3:15:", "tls.minVersion", "TLS 1.1"}},
+		{"TLS 1.2 widens modern", "tls:\n  minVersion: \"1.2\"\n", []string{"t.yaml:2:15:", "tls", "outside profile modern"}},
+		{"CBC suite", "tls:\n  profile: intermediate\n  cipherSuites: [TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA]\n", []string{"t.yaml:3:18:", "tls.cipherSuites[0]", "CBC"}},
+		{"static RSA suite", "tls:\n  profile: intermediate\n  cipherSuites: [AES128-GCM-SHA256]\n", []string{"t.yaml:3:18:", "tls.cipherSuites[0]"}},
+		{"unknown curve", "tls:\n  curves: [X448]\n", []string{"t.yaml:2:12:", "tls.curves[0]", "X448"}},
+		{"P-384 widens modern", "tls:\n  curves: [P-384]\n", []string{"t.yaml:2:11:", "not allowed by profile modern"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Parse("t.yaml", []byte(tc.yaml))
+			if err == nil {
+				t.Fatal("parsed without error")
+			}
+			if _, ok := errors.AsType[*ConfigError](err); !ok {
+				t.Errorf("error %T is not a *ConfigError", err)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not contain %q", err, w)
+				}
+			}
+		})
+	}
+}
+
+// TestValidate covers what only a Config built by hand (or from xDS) can get
+// wrong.
+func TestValidate(t *testing.T) {
+	good := func() *Config {
+		return &Config{
+			TLS:      identity.Modern(),
+			Inbound:  []Inbound{{Name: "web", Listen: ":8443", App: "127.0.0.1:8080"}},
+			Outbound: []Outbound{{Name: "b", Listen: "[::1]:15001", Upstreams: []string{"b:1"}, ServerID: mustID(t, backendID)}},
+		}
+	}
+	if err := good().Validate(); err != nil {
+		t.Fatalf("good config: %v", err)
+	}
+	if err := (&Config{}).Validate(); err != nil {
+		t.Fatalf("empty config: %v", err)
+	}
+	for _, tc := range []struct {
+		name   string
+		change func(*Config)
+		field  string
+	}{
+		{"TLS 1.0", func(c *Config) { c.TLS.MinVersion = tls.VersionTLS10 }, "tls.minVersion"},
+		{"CBC suite", func(c *Config) {
+			c.TLS = identity.Intermediate()
+			c.TLS.CipherSuites = []uint16{tls.TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA}
+		}, "tls.cipherSuites"},
+		{"unnamed profile", func(c *Config) { c.TLS.Name = "custom" }, "tls.profile"},
+		{"name with a space", func(c *Config) { c.Inbound[0].Name = "a b" }, "inbound[0].name"},
+		{"same name both ways", func(c *Config) { c.Outbound[0].Name = "web" }, "outbound[0].name"},
+		{"outbound on all interfaces", func(c *Config) { c.Outbound[0].Listen = ":15001" }, "outbound[0].listen"},
+		{"outbound on a LAN address", func(c *Config) { c.Outbound[0].Listen = "192.0.2.1:15001" }, "outbound[0].listen"},
+		{"no upstream", func(c *Config) { c.Outbound[0].Upstreams = nil }, "outbound[0].upstreams"},
+		{"upstream port 0", func(c *Config) { c.Outbound[0].Upstreams = []string{"b:0"} }, "outbound[0].upstreams[0]"},
+		{"negative idle", func(c *Config) { c.Outbound[0].IdleTimeout = -time.Second }, "outbound[0].idleTimeout"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := good()
+			tc.change(c)
+			err := c.Validate()
+			fe, ok := errors.AsType[*FieldError](err)
+			if !ok || fe.Field != tc.field {
+				t.Fatalf("Validate() = %v, want a FieldError on %s", err, tc.field)
+			}
+		})
+	}
+}
