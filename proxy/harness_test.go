@@ -84,8 +84,8 @@ func newLogs() *logs { return &logs{changed: make(chan struct{})} }
 func (l *logs) logger() *slog.Logger { return slog.New(l) }
 
 func (l *logs) Enabled(context.Context, slog.Level) bool { return true }
-func (l *logs) WithAttrs([]slog.Attr) slog.Handler      { return l }
-func (l *logs) WithGroup(string) slog.Handler           { return l }
+func (l *logs) WithAttrs([]slog.Attr) slog.Handler       { return l }
+func (l *logs) WithGroup(string) slog.Handler            { return l }
 func (l *logs) Handle(_ context.Context, r slog.Record) error {
 	rec := record{level: r.Level, msg: r.Message, attrs: make(map[string]string)}
 	r.Attrs(func(a slog.Attr) bool {
