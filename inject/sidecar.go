@@ -24,6 +24,10 @@ const (
 	ConfigFile           = ConfigMountPath + "/latch.yaml"
 	StateMountPath       = "/var/lib/latch"
 
+	// AdminPortName names the sidecar's admin port: the probes refer to it,
+	// and the chart's PodMonitor scrapes every pod that has it.
+	AdminPortName = "latch-admin"
+
 	// StatusInjected is the value of AnnotationStatus on injected pods.
 	StatusInjected = "injected"
 )
@@ -53,7 +57,7 @@ func (c Config) Container(spec Spec) corev1.Container {
 	}
 
 	always := corev1.ContainerRestartPolicyAlways
-	ports := []corev1.ContainerPort{{Name: "latch-admin", ContainerPort: int32(d.AdminPort), Protocol: corev1.ProtocolTCP}}
+	ports := []corev1.ContainerPort{{Name: AdminPortName, ContainerPort: int32(d.AdminPort), Protocol: corev1.ProtocolTCP}}
 	for _, in := range spec.Inbound {
 		ports = append(ports, corev1.ContainerPort{Name: "latch-in-" + strconv.Itoa(in.Port), ContainerPort: int32(in.Port), Protocol: corev1.ProtocolTCP})
 	}
@@ -73,7 +77,7 @@ func (c Config) Container(spec Spec) corev1.Container {
 	}
 	probe := func(path string, period, failures int32) *corev1.Probe {
 		return &corev1.Probe{
-			ProbeHandler:     corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: path, Port: intstr.FromString("latch-admin"), Scheme: corev1.URISchemeHTTP}},
+			ProbeHandler:     corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: path, Port: intstr.FromString(AdminPortName), Scheme: corev1.URISchemeHTTP}},
 			PeriodSeconds:    period,
 			TimeoutSeconds:   1,
 			FailureThreshold: failures,

@@ -90,6 +90,21 @@ type (
 			} `json:"endpoints"`
 		} `json:"spec"`
 	}
+	podMonitor struct {
+		metav1.TypeMeta   `json:",inline"`
+		metav1.ObjectMeta `json:"metadata"`
+		Spec              struct {
+			Selector          metav1.LabelSelector `json:"selector"`
+			NamespaceSelector struct {
+				Any bool `json:"any"`
+			} `json:"namespaceSelector"`
+			PodMetricsEndpoints []struct {
+				Port     string `json:"port"`
+				Path     string `json:"path"`
+				Interval string `json:"interval"`
+			} `json:"podMetricsEndpoints"`
+		} `json:"spec"`
+	}
 	customResourceDefinition struct {
 		metav1.TypeMeta   `json:",inline"`
 		metav1.ObjectMeta `json:"metadata"`
@@ -143,6 +158,8 @@ func newObject(apiVersion, kind string) any {
 		return &certManagerCertificate{}
 	case "monitoring.coreos.com/v1/ServiceMonitor":
 		return &serviceMonitor{}
+	case "monitoring.coreos.com/v1/PodMonitor":
+		return &podMonitor{}
 	case "apiextensions.k8s.io/v1/CustomResourceDefinition":
 		return &customResourceDefinition{}
 	}
@@ -286,7 +303,7 @@ func TestChartRenders(t *testing.T) {
 		{name: "full", files: []string{"full.yaml"}, controlPlane: true, injector: true, certManager: true,
 			sidecarCP: defaultCP, sidecarCPID: "spiffe://mesh.test/ns/latch/sa/t-latch-control-plane",
 			failure: admissionregistrationv1.Ignore, webhooks: 2,
-			extra: map[string]int{"Secret": 0, "NetworkPolicy": 2, "ServiceMonitor": 1, "Certificate": 1, "Issuer": 1, "PodDisruptionBudget": 1}},
+			extra: map[string]int{"Secret": 0, "NetworkPolicy": 2, "ServiceMonitor": 1, "PodMonitor": 1, "Certificate": 1, "Issuer": 1, "PodDisruptionBudget": 1}},
 		{name: "injector only", files: []string{"injector-only.yaml"}, injector: true, certManager: true,
 			failure: admissionregistrationv1.Fail, webhooks: 1,
 			extra: map[string]int{"Issuer": 0, "Certificate": 1, "ConfigMap": 1, "Deployment": 1}},
@@ -749,6 +766,10 @@ func checkInjector(t *testing.T, r *rendered, tc chartCase) {
 		sm, ok := r.get("ServiceMonitor", "t-latch-control-plane").(*serviceMonitor)
 		if !ok || sm.Spec.Endpoints[0].Port != "http-admin" || sm.Labels["release"] != "prometheus" {
 			t.Errorf("ServiceMonitor %+v", sm)
+		}
+		// Sidecars are scraped on the port name the injector gives them.
+		if pm, ok := r.get("PodMonitor", "t-latch-sidecars").(*podMonitor); !ok || pm.Spec.PodMetricsEndpoints[0].Port != inject.AdminPortName || !pm.Spec.NamespaceSelector.Any {
+			t.Errorf("PodMonitor %+v", pm)
 		}
 		if w := whc.Webhooks[1]; w.ObjectSelector == nil || w.ObjectSelector.MatchLabels["latch.dev/inject"] != "true" {
 			t.Errorf("pod webhook objectSelector %+v", w.ObjectSelector)
