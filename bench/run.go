@@ -153,13 +153,6 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 		return nil, err
 	}
 
-	backend, err := StartBackend()
-	if err != nil {
-		return nil, err
-	}
-	defer backend.Close()
-	env.Backend = backend.Addr()
-
 	latchBin := opts.LatchBinary
 	if latchBin == "" && wanted(opts.Topologies, "latch") {
 		progress("building latch")
@@ -184,7 +177,17 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 			progress("skipping %s: %v", t.Name(), err)
 			continue
 		}
+		// A backend per topology: the last hop of every pair closes first and
+		// leaves TIME_WAIT sockets towards the backend's port; separate ports
+		// keep one topology's connection test from eating another's
+		// ephemeral ports.
+		backend, err := StartBackend()
+		if err != nil {
+			return nil, err
+		}
+		defer backend.Close()
 		tenv := env
+		tenv.Backend = backend.Addr()
 		tenv.Dir = filepath.Join(tmp, t.Name())
 		if err := os.MkdirAll(tenv.Dir, 0o700); err != nil {
 			return nil, fmt.Errorf("creating %s: %w", tenv.Dir, err)
