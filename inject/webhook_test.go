@@ -17,6 +17,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/resource"
 
 	"latch.dev/latch/inject"
+	"latch.dev/latch/proxy"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -197,6 +198,14 @@ func TestInjectStaticPolicyFromAnnotations(t *testing.T) {
 	}
 	if g, w := mustJSON(t, cfg), mustJSON(t, want); g != w {
 		t.Errorf("generated config\n got %s\nwant %s", g, w)
+	}
+	// And the sidecar's own loader takes it as it is.
+	pc, err := proxy.Parse(inject.AnnotationConfig, []byte(got.Annotations[inject.AnnotationConfig]))
+	if err != nil {
+		t.Fatalf("latch proxy refuses the generated config: %v", err)
+	}
+	if len(pc.Inbound) != 1 || len(pc.Outbound) != 1 || pc.TLS.Name != "modern" || pc.Inbound[0].Allow.Len() != 2 {
+		t.Errorf("proxy reads the generated config as %+v", pc)
 	}
 
 	// Idempotent: the injected pod sent again gets no patch.
