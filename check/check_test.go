@@ -46,7 +46,9 @@ func newWorld(t *testing.T) *world {
 }
 
 func (w *world) opts(addr string) Options {
-	return Options{Addr: addr, TLS: w.client, Timeout: 3 * time.Second, ReadWait: 300 * time.Millisecond}
+	// ReadWait is generous: a refusal alert must arrive within it even on a
+	// loaded machine, or the check would (rightly) pass.
+	return Options{Addr: addr, TLS: w.client, Timeout: 5 * time.Second, ReadWait: 3 * time.Second}
 }
 
 // serveTLS runs a plain crypto/tls server with cfg on loopback: it completes
@@ -136,7 +138,7 @@ func TestDiagnosisClasses(t *testing.T) {
 		{name: "black hole", addr: func() string {
 			// Accepts TCP and never says a word.
 			return serve(t, func(c net.Conn) { _, _ = io.Copy(io.Discard, c) })
-		}, edit: func(o *Options) { o.Timeout = 300 * time.Millisecond }, want: ClassTimeout, stage: "handshake"},
+		}, edit: func(o *Options) { o.Timeout = 500 * time.Millisecond }, want: ClassTimeout, stage: "handshake"},
 		{name: "plaintext HTTP server", addr: func() string {
 			s := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "hello") }))
 			t.Cleanup(s.Close)
@@ -290,7 +292,9 @@ func TestOrdinaryServer(t *testing.T) {
 	w := newWorld(t)
 	srv := identity.NewTLS(w.ca.Source(t, serverID)).ServerConfig(identity.Modern(),
 		identity.NewAllowList(identity.AllowTrustDomain(spiffeid.RequireTrustDomainFromString(td))).Authorize)
-	res, err := Run(context.Background(), w.opts(serveTLS(t, srv)))
+	opts := w.opts(serveTLS(t, srv))
+	opts.ReadWait = 300 * time.Millisecond // the server stays silent: this is how long the test takes
+	res, err := Run(context.Background(), opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -328,7 +332,7 @@ func TestRolloverProcedure(t *testing.T) {
 	client := func(bundle *x509bundle.Bundle) Options {
 		return Options{
 			Addr: ready, TLS: identity.NewTLS(identitytest.NewSource(oldCA.SVID(t, clientID), bundle)),
-			ServerID: spiffeid.RequireFromString(canaryID), Timeout: 3 * time.Second, ReadWait: 300 * time.Millisecond,
+			ServerID: spiffeid.RequireFromString(canaryID), Timeout: 5 * time.Second, ReadWait: 3 * time.Second,
 		}
 	}
 
