@@ -82,8 +82,16 @@ type Status struct {
 // their validated form.
 type resources struct {
 	raw      map[string]map[string]*anypb.Any
-	versions map[string]string
+	versions map[string]string // by type URL; present once the type was received
 	set      Set
+}
+
+// complete reports whether listeners and clusters have both been received:
+// until then an empty list means "not yet", not "none".
+func (r resources) complete() bool {
+	_, l := r.versions[ListenerType]
+	_, c := r.versions[ClusterType]
+	return l && c
 }
 
 func newResources() resources {
@@ -327,7 +335,7 @@ func (s *session) handle(resp *discovery.DiscoveryResponse) error {
 	err := c.decode(&next, typ, resp.GetResources())
 	if err == nil {
 		next.versions[typ] = resp.GetVersionInfo()
-		err = c.commit(next)
+		err = c.commit(next, typ)
 	}
 	if err != nil {
 		// Refuse the whole response; what was running keeps running.
@@ -403,7 +411,21 @@ func (c *Client) decode(r *resources, typ string, in []*anypb.Any) error {
 
 // commit builds the configuration of r and applies it when it differs from
 // what runs. An incomplete set is accepted and waits for the rest.
-func (c *Client) commit(r resources) error {
+//
+// Types arrive one response at a time. When their versions disagree the
+// update is still on its way — clusters and endpoints come before the
+// listeners that use them — so only a listener update is applied then;
+// otherwise a mix of old listeners and new clusters, which no declaration
+// ever said, could run for a moment.
+func (c *Client) commit(r resources, arrived string) error {
+	if !r.complete() {
+		return nil
+	}
+	l := r.versions[ListenerType]
+	agree := r.versions[ClusterType] == l && (len(c.edsNames(r.set)) == 0 || r.versions[EndpointType] == l)
+	if !agree && arrived != ListenerType {
+		return nil
+	}
 	cfg, err := c.v.Build(r.set, r.version())
 	if errors.Is(err, ErrIncomplete) {
 		c.log.Debug("xds update incomplete; waiting for the rest", "reason", err)

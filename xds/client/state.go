@@ -117,7 +117,12 @@ func (c *Client) restoreFrom(path string) error {
 		if err := c.decode(&r, typ, list); err != nil {
 			return err
 		}
-		r.versions[typ] = st.Versions[typ]
+		if v, ok := st.Versions[typ]; ok {
+			r.versions[typ] = v
+		}
+	}
+	if !r.complete() {
+		return fmt.Errorf("%s: listeners or clusters missing", path)
 	}
 	cfg, err := c.v.Build(r.set, r.version())
 	if err != nil {

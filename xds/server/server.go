@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -53,7 +55,7 @@ type Server struct {
 
 	mu       sync.Mutex
 	streams  map[streamKey]*streamState
-	lastNACK map[string]string // node ID → last error_detail
+	lastNACK map[string]map[string]string // node ID → type URL → last error_detail
 }
 
 type streamKey struct {
@@ -62,9 +64,10 @@ type streamKey struct {
 }
 
 type streamState struct {
-	peer     spiffeid.ID
-	node     string // node ID once proved equal to peer
-	opened   time.Time
+	peer   spiffeid.ID
+	node   string // node ID once proved equal to peer
+	opened time.Time
+	sent   map[string]string // SotW: response nonce → version sent with it
 }
 
 // New returns a Server whose streams end when ctx is done.
@@ -75,7 +78,7 @@ func New(ctx context.Context, opts Options) *Server {
 		topts:    opts.Translate,
 		streams:  map[streamKey]*streamState{},
 		served:   map[string]string{},
-		lastNACK: map[string]string{},
+		lastNACK: map[string]map[string]string{},
 	}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
@@ -159,12 +162,17 @@ func (s *Server) Version(node string) string {
 	return s.served[node]
 }
 
-// LastNACK returns the error detail of the last update node refused, "" if
-// it has ACKed since.
+// LastNACK returns the error details of the updates node refused and has
+// not ACKed a later version of since (one per resource type), "" if none.
 func (s *Server) LastNACK(node string) string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.lastNACK[node]
+	var msgs []string
+	for _, m := range s.lastNACK[node] {
+		msgs = append(msgs, m)
+	}
+	slices.Sort(msgs)
+	return strings.Join(msgs, "; ")
 }
 
 // Connected is the number of open xDS streams.
@@ -180,8 +188,9 @@ func (s *Server) Register(g *grpc.Server) {
 }
 
 // NewGRPCServer returns a gRPC server with ADS registered, speaking mTLS with
-// tlsConfig. tlsConfig must require and verify client certificates (identity's
-// ServerConfig does): the node check trusts the verified peer certificate.
+// tlsConfig. tlsConfig must require and verify client certificates as SVIDs
+// (identity's ServerConfig does, in VerifyConnection): the node check reads
+// the peer certificate the handshake accepted.
 func (s *Server) NewGRPCServer(tlsConfig *tls.Config) *grpc.Server {
 	g := grpc.NewServer(
 		grpc.Creds(credentials.NewTLS(tlsConfig)),
@@ -207,11 +216,10 @@ func peerID(ctx context.Context) (spiffeid.ID, error) {
 	if !ok {
 		return spiffeid.ID{}, errors.New("stream is not over TLS")
 	}
-	chains := info.State.VerifiedChains
-	if len(chains) == 0 || len(chains[0]) == 0 {
-		return spiffeid.ID{}, errors.New("peer presented no verified certificate")
+	if !info.State.HandshakeComplete || len(info.State.PeerCertificates) == 0 {
+		return spiffeid.ID{}, errors.New("peer presented no certificate")
 	}
-	return x509svid.IDFromCert(chains[0][0])
+	return x509svid.IDFromCert(info.State.PeerCertificates[0])
 }
 
 func (s *Server) callbacks() serverv3.CallbackFuncs {
@@ -224,7 +232,7 @@ func (s *Server) callbacks() serverv3.CallbackFuncs {
 				return status.Errorf(codes.Unauthenticated, "latch control plane: %v", err)
 			}
 			s.mu.Lock()
-			s.streams[streamKey{delta, id}] = &streamState{peer: pid, opened: time.Now()}
+			s.streams[streamKey{delta, id}] = &streamState{peer: pid, opened: time.Now(), sent: map[string]string{}}
 			n := len(s.streams)
 			s.mu.Unlock()
 			s.metrics.connected(n)
@@ -255,6 +263,9 @@ func (s *Server) callbacks() serverv3.CallbackFuncs {
 				return err
 			}
 			s.noteAck(req.GetNode().GetId(), req.GetTypeUrl(), req.GetVersionInfo(), req.GetErrorDetail())
+			if req.GetErrorDetail() != nil {
+				s.holdNACKed(streamKey{false, id}, req)
+			}
 			return nil
 		},
 		StreamDeltaRequestFunc: func(id int64, req *discovery.DeltaDiscoveryRequest) error {
@@ -264,8 +275,16 @@ func (s *Server) callbacks() serverv3.CallbackFuncs {
 			s.noteAck(s.streamNode(streamKey{true, id}), req.GetTypeUrl(), "", req.GetErrorDetail())
 			return nil
 		},
-		StreamResponseFunc: func(_ context.Context, _ int64, req *discovery.DiscoveryRequest, resp *discovery.DiscoveryResponse) {
+		StreamResponseFunc: func(_ context.Context, id int64, _ *discovery.DiscoveryRequest, resp *discovery.DiscoveryResponse) {
 			s.metrics.pushed(resp.GetTypeUrl())
+			s.mu.Lock()
+			if st := s.streams[streamKey{false, id}]; st != nil {
+				if len(st.sent) > 64 {
+					clear(st.sent) // only the latest nonces matter
+				}
+				st.sent[resp.GetNonce()] = resp.GetVersionInfo()
+			}
+			s.mu.Unlock()
 		},
 		StreamDeltaResponseFunc: func(_ int64, _ *discovery.DeltaDiscoveryRequest, resp *discovery.DeltaDiscoveryResponse) {
 			s.metrics.pushed(resp.GetTypeUrl())
@@ -317,6 +336,21 @@ func (s *Server) checkNode(key streamKey, node *core.Node) error {
 	return nil
 }
 
+// holdNACKed stops a refused version from being sent again at once. A SotW
+// NACK carries the last version the sidecar accepted; the snapshot cache
+// sees that it differs from the current one and would resend the refused
+// update immediately, forever. Marking the request as having seen the
+// version it refused makes the cache wait for the next change instead.
+func (s *Server) holdNACKed(key streamKey, req *discovery.DiscoveryRequest) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if st := s.streams[key]; st != nil {
+		if v, ok := st.sent[req.GetResponseNonce()]; ok {
+			req.VersionInfo = v
+		}
+	}
+}
+
 func (s *Server) streamNode(key streamKey) string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -330,13 +364,16 @@ func (s *Server) noteAck(node, typeURL, version string, detail interface{ GetMes
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if msg := detail.GetMessage(); msg != "" {
-		s.lastNACK[node] = msg
+		if s.lastNACK[node] == nil {
+			s.lastNACK[node] = map[string]string{}
+		}
+		s.lastNACK[node][typeURL] = msg
 		s.metrics.nack(node)
 		s.log.Warn("update refused by sidecar", "node", node, "type", typeURL, "version", version, "reason", msg)
 		return
 	}
 	if version != "" {
-		delete(s.lastNACK, node)
+		delete(s.lastNACK[node], typeURL)
 	}
 }
 
