@@ -45,8 +45,14 @@ const (
 )
 
 // LabelNamespaceInject is the namespace label that opts every pod of the
-// namespace in; the chart's webhook namespaceSelector matches it.
+// namespace in ("enabled") or keeps every pod out ("disabled"); the chart's
+// webhook namespaceSelectors match it.
 const LabelNamespaceInject = "latch.dev/inject"
+
+// LabelPodInject is a pod label that works like AnnotationInject when the
+// annotation is absent. Unlike an annotation, a label can be matched by the
+// webhook's objectSelector, which keeps unrelated pods away from the injector.
+const LabelPodInject = "latch.dev/inject"
 
 // PolicyControlPlane is the only value AnnotationPolicy accepts.
 const PolicyControlPlane = "control-plane"

@@ -41,11 +41,17 @@ type Result struct {
 // than admitting it without the mTLS it asked for.
 func (c Config) Mutate(pod *corev1.Pod, how OptIn) (Result, error) {
 	ann := pod.Annotations
-	switch v, set := ann[AnnotationInject]; {
+	// The annotation decides; a pod label of the same name stands in for it,
+	// so that a webhook objectSelector on the label and the decision here agree.
+	v, set := ann[AnnotationInject]
+	if !set {
+		v, set = pod.Labels[LabelPodInject]
+	}
+	switch {
 	case set && v == "false":
 		return Result{Skipped: "opted out (" + AnnotationInject + `: "false")`}, nil
 	case set && v != "true":
-		return Result{}, annErr(ann, AnnotationInject, `want "true" or "false"`)
+		return Result{}, &AnnotationError{Annotation: AnnotationInject, Value: v, Problem: `want "true" or "false"`}
 	case !set && how != OptInNamespace:
 		return Result{Skipped: "not opted in"}, nil
 	}

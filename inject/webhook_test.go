@@ -254,6 +254,11 @@ func TestInjectControlPlaneHostPath(t *testing.T) {
 		}
 	}
 
+	// Opted in by pod label only (the chart's objectSelector variant).
+	labelled := pod.DeepCopy()
+	labelled.Labels = map[string]string{"latch.dev/inject": "true"}
+	sidecarOf(t, applyPatch(t, labelled, ts.review(t, inject.PathPod, podReview(t, labelled)).Response))
+
 	// Explicit annotation and a TLS profile.
 	pod.Annotations = map[string]string{"latch.dev/policy": "control-plane", "latch.dev/tls-profile": "intermediate", "latch.dev/inject": "true"}
 	got = applyPatch(t, pod, ts.review(t, inject.PathPod, podReview(t, pod)).Response)
@@ -274,6 +279,10 @@ func TestNoInjection(t *testing.T) {
 		{"opted out with malformed policy is still out", inject.PathNamespace, map[string]string{"latch.dev/inject": "false", "latch.dev/inbound": "junk"}, nil},
 		{"unlabelled namespace, no annotation", inject.PathPod, nil, nil},
 		{"unlabelled namespace, opted out", inject.PathPod, map[string]string{"latch.dev/inject": "false"}, nil},
+		{"opted out by label", inject.PathNamespace, nil, func(p *corev1.Pod) { p.Labels = map[string]string{"latch.dev/inject": "false"} }},
+		{"annotation out wins over label in", inject.PathPod, map[string]string{"latch.dev/inject": "false"}, func(p *corev1.Pod) {
+			p.Labels = map[string]string{"latch.dev/inject": "true"}
+		}},
 		{"already injected (status)", inject.PathNamespace, map[string]string{"latch.dev/status": "injected"}, nil},
 		{"already injected (container)", inject.PathNamespace, nil, func(p *corev1.Pod) {
 			p.Spec.InitContainers = []corev1.Container{{Name: "latch", Image: "x"}}
@@ -309,6 +318,7 @@ func TestMalformedAnnotationsRefused(t *testing.T) {
 		want []string // substrings of the refusal message
 	}{
 		{"inject not a boolean", map[string]string{"latch.dev/inject": "yes"}, []string{"latch.dev/inject", `"true" or "false"`}},
+		{"inject label not a boolean", map[string]string{"test/label": "enabled"}, []string{"latch.dev/inject", `"enabled"`}},
 		{"no policy and no control plane", map[string]string{}, []string{"no control plane", "latch.dev/inbound"}},
 		{"policy control-plane without one", map[string]string{"latch.dev/policy": "control-plane"}, []string{"latch.dev/policy", "no control plane"}},
 		{"policy unknown value", map[string]string{"latch.dev/policy": "static"}, []string{"latch.dev/policy", `"control-plane"`}},
@@ -348,6 +358,9 @@ func TestMalformedAnnotationsRefused(t *testing.T) {
 			pod.Spec.Containers = []corev1.Container{{Name: "app", Image: "app"}}
 			if v := tt.ann["test/volume"]; v != "" {
 				pod.Spec.Volumes = []corev1.Volume{{Name: v, VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{}}}}
+			}
+			if v := tt.ann["test/label"]; v != "" {
+				pod.Labels = map[string]string{"latch.dev/inject": v}
 			}
 			if tt.ann["test/port"] != "" {
 				pod.Spec.Containers[0].Ports = []corev1.ContainerPort{{ContainerPort: 15000}}
