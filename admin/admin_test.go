@@ -240,3 +240,39 @@ func TestTestEndpointRefusesOutsiders(t *testing.T) {
 		t.Errorf("refusal: %v", err)
 	}
 }
+
+// TestTestEndpointShutdownWithStalledClient: a client that connects and never
+// starts its handshake does not hold up shutdown, and nothing is left
+// running (goleak in TestMain).
+func TestTestEndpointShutdownWithStalledClient(t *testing.T) {
+	ca := identitytest.NewCA(t, trustDomain)
+	logs := newLogRecorder()
+	ep, err := ListenTestEndpoint(TestEndpointOptions{
+		Addr: "127.0.0.1:0", TLS: identity.NewTLS(ca.Source(t, sidecarID)), TrustDomain: td,
+		HandshakeTimeout: time.Hour, Logger: slog.New(logs),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error)
+	go func() { done <- ep.Serve(ctx) }()
+	conn, err := net.Dial("tcp", ep.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	// The endpoint is inside the handshake with us once it has accepted;
+	// a second connection that completes shows the accept loop is live.
+	if _, _, err := dialEndpoint(t, ca, ep.Addr().String(), identity.Modern()); err != nil {
+		t.Fatal(err)
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatalf("Serve: %v", err)
+	}
+	logs.wait(t, slog.LevelInfo, "tls test endpoint: handshake failed")
+	if _, err := net.Dial("tcp", ep.Addr().String()); err == nil {
+		t.Error("listener still accepting after shutdown")
+	}
+}

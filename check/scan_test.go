@@ -3,6 +3,8 @@ package check
 import (
 	"context"
 	"crypto/tls"
+	"errors"
+	"net"
 	"testing"
 )
 
@@ -60,5 +62,42 @@ func TestScan(t *testing.T) {
 		if p.Name == "TLS 1.3" && p.Negotiated == "" {
 			t.Errorf("TLS 1.3 probe: nothing negotiated reported")
 		}
+	}
+}
+
+// TestScanLegacyServer: a server that still speaks TLS 1.0 and 1.1 with a
+// CBC suite is reported as such, each marked outside latch's profiles.
+func TestScanLegacyServer(t *testing.T) {
+	w := newWorld(t)
+	cfg := certConfig(w.ca.TLSCertificate(t, serverID))
+	cfg.MinVersion = tls.VersionTLS10
+	cfg.MaxVersion = tls.VersionTLS12
+	cfg.CipherSuites = []uint16{tls.TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA}
+	res, err := Scan(context.Background(), w.opts(serveTLS(t, cfg)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := accepted(res.Versions)
+	if !got["TLS 1.0"] || !got["TLS 1.1"] || !got["TLS 1.2"] || got["TLS 1.3"] {
+		t.Errorf("versions accepted: %v", got)
+	}
+	for _, p := range res.Versions {
+		if p.Accepted && (p.Name == "TLS 1.0" || p.Name == "TLS 1.1") && !p.OutsideProfile {
+			t.Errorf("%s not marked outside latch's profiles", p.Name)
+		}
+	}
+}
+
+func TestScanUnreachable(t *testing.T) {
+	w := newWorld(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	_, err = Scan(context.Background(), w.opts(addr))
+	if ce, ok := errors.AsType[*Error](err); !ok || ce.Class != ClassUnreachable {
+		t.Errorf("scan of a closed port: %v, want unreachable", err)
 	}
 }
