@@ -1,0 +1,174 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"io"
+	"log/slog"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"go.uber.org/goleak"
+
+	"latch.dev/latch/identity"
+	"latch.dev/latch/identity/devca"
+	"latch.dev/latch/proxy"
+	xdsclient "latch.dev/latch/xds/client"
+)
+
+// TestControlPlaneCommand runs `latch control-plane` against the development
+// CA's Workload API and the example declarations, and a sidecar's ADS client
+// against it: the frontend gets its outbound listener, and the admin server
+// reports it.
+func TestControlPlaneCommand(t *testing.T) {
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+
+	ca, err := devca.New("demo.latch.test", devca.Options{Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ca.Close()
+	cpSocket, err := ca.AddWorkload("spiffe://demo.latch.test/latch/control-plane")
+	if err != nil {
+		t.Fatal(err)
+	}
+	feSocket, err := ca.AddWorkload("spiffe://demo.latch.test/frontend")
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// A copy of the examples, so the test can edit it.
+	dir := t.TempDir()
+	for _, name := range []string{"backend.yaml", "frontend.yaml"} {
+		b, err := os.ReadFile(filepath.Join("..", "..", "examples", "declarations", name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, name), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	logR, logW := io.Pipe()
+	done := make(chan error, 1)
+	go func() {
+		done <- runControlPlane(ctx, []string{
+			"--declarations", dir, "--listen", "127.0.0.1:0", "--admin-address", "127.0.0.1:0",
+			"--workload-api-socket", cpSocket, "--debounce", "10ms",
+		}, io.Discard, logW)
+		logW.Close()
+	}()
+	var (
+		addrs   = make(chan [2]string, 1)
+		logMu   sync.Mutex
+		logText strings.Builder
+		logDone = make(chan struct{})
+	)
+	go func() {
+		defer close(logDone)
+		sc := bufio.NewScanner(logR)
+		for sc.Scan() {
+			logMu.Lock()
+			logText.WriteString(sc.Text() + "\n")
+			logMu.Unlock()
+			var line struct{ Msg, XDSAddress, AdminAddress string }
+			var raw map[string]any
+			if json.Unmarshal(sc.Bytes(), &raw) == nil && raw["msg"] == "control plane serving" {
+				line.XDSAddress, _ = raw["xds_address"].(string)
+				line.AdminAddress, _ = raw["admin_address"].(string)
+				addrs <- [2]string{line.XDSAddress, line.AdminAddress}
+			}
+		}
+	}()
+	var xdsAddr, adminAddr string
+	select {
+	case a := <-addrs:
+		xdsAddr, adminAddr = a[0], a[1]
+	case err := <-done:
+		t.Fatalf("control plane exited: %v", err)
+	case <-time.After(20 * time.Second):
+		t.Fatal("control plane did not start")
+	}
+
+	src, err := identity.NewWorkloadSource(ctx, feSocket, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	cpID := spiffeid.RequireFromString("spiffe://demo.latch.test/latch/control-plane")
+	applied := make(chan *proxy.Config, 8)
+	cctx, ccancel := context.WithCancel(ctx)
+	cdone := make(chan error, 1)
+	go func() {
+		cdone <- xdsclient.Run(cctx, xdsclient.Options{
+			Address:        xdsAddr,
+			ControlPlaneID: cpID,
+			NodeID:         spiffeid.RequireFromString("spiffe://demo.latch.test/frontend"),
+			TLS:            identity.NewTLS(src).ClientConfig(identity.Modern(), cpID),
+		}, func(c *proxy.Config) error { applied <- c; return nil })
+	}()
+	var cfg *proxy.Config
+	select {
+	case cfg = <-applied:
+	case <-time.After(20 * time.Second):
+		t.Fatal("sidecar got no config")
+	}
+	if len(cfg.Outbound) != 1 || cfg.Outbound[0].Listen != "127.0.0.1:15101" || cfg.Outbound[0].ServerID.String() != "spiffe://demo.latch.test/backend" {
+		t.Fatalf("frontend config: %+v", cfg)
+	}
+
+	get := func(path string) string {
+		resp, err := http.Get("http://" + adminAddr + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("%s: %s: %s", path, resp.Status, b)
+		}
+		return string(b)
+	}
+	get("/healthz")
+	get("/readyz")
+	if m := get("/metrics"); !strings.Contains(m, "latch_xds_connected_streams 1") || !strings.Contains(m, "latch_xds_declared_nodes 3") {
+		t.Errorf("metrics lack the stream or the declarations:\n%s", m)
+	}
+	if s := get("/status"); !strings.Contains(s, `"spiffe_id": "spiffe://demo.latch.test/frontend"`) {
+		t.Errorf("status: %s", s)
+	}
+
+	// A broken edit is reported in the metrics, and the policy stays.
+	if err := os.WriteFile(filepath.Join(dir, "backend.yaml"), []byte("kind: ["), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for !strings.Contains(get("/metrics"), "latch_declaration_errors 2") {
+		if time.Now().After(deadline) {
+			t.Fatal("declaration error not counted")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+
+	ccancel()
+	<-cdone
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatalf("control plane: %v", err)
+	}
+	<-logDone
+	logMu.Lock()
+	defer logMu.Unlock()
+	if !strings.Contains(logText.String(), `"msg":"declaration refused"`) || !strings.Contains(logText.String(), "backend.yaml") {
+		t.Errorf("refusal not logged:\n%s", logText.String())
+	}
+}
