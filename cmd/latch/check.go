@@ -137,7 +137,7 @@ func report(w io.Writer, asJSON bool, res *check.Result, err error) error {
 	if ce != nil {
 		fmt.Fprintf(w, "FAIL %s: %s\n  class:  %s (exit %d)\n  stage:  %s\n  error:  %v\n", ce.Addr, ce.Class.Summary(), ce.Class, ce.ExitCode(), ce.Stage, ce.Err)
 		if ce.Seen != nil {
-			fmt.Fprintln(w, "  the server presented:")
+			fmt.Fprintln(w, "  connection as far as it got:")
 			printInfo(w, "    ", *ce.Seen)
 		}
 		fmt.Fprintf(w, "  fix:    %s\n", ce.Fix())
@@ -187,6 +187,16 @@ func printScan(w io.Writer, asJSON bool, res *check.ScanResult) error {
 	fmt.Fprintf(w, "scan of %s (each parameter tried alone; the server is not verified)\n", res.Addr)
 	section := func(title string, ps []check.Probe) {
 		fmt.Fprintf(w, "%s:\n", title)
+		// A server refusing every probe the same way (a TLS 1.3-only
+		// server and the TLS 1.2 suites) gets one line, not twenty.
+		same := len(ps) > 1
+		for _, p := range ps {
+			same = same && !p.Accepted && p.Class == ps[0].Class
+		}
+		if same {
+			fmt.Fprintf(w, "  none of %d accepted (%s)\n", len(ps), ps[0].Class)
+			return
+		}
 		for _, p := range ps {
 			mark := "no "
 			if p.Accepted {
