@@ -35,7 +35,7 @@ type testCA struct {
 	pool *x509.CertPool
 }
 
-func newTestCA(t *testing.T) *testCA {
+func newTestCA(t testing.TB) *testCA {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -64,7 +64,7 @@ func newTestCA(t *testing.T) *testCA {
 }
 
 // issue returns PEM cert and key for the injector's Service name and loopback.
-func (ca *testCA) issue(t *testing.T, serial int64) (certPEM, keyPEM []byte) {
+func (ca *testCA) issue(t testing.TB, serial int64) (certPEM, keyPEM []byte) {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -93,7 +93,7 @@ func (ca *testCA) issue(t *testing.T, serial int64) (certPEM, keyPEM []byte) {
 
 // writeAtomic replaces path the way the kubelet updates a Secret volume: the
 // new content appears at once, never half-written.
-func writeAtomic(t *testing.T, path string, b []byte) {
+func writeAtomic(t testing.TB, path string, b []byte) {
 	t.Helper()
 	tmp := path + ".tmp"
 	if err := os.WriteFile(tmp, b, 0o600); err != nil {
@@ -113,7 +113,7 @@ type testServer struct {
 	ca       *testCA
 }
 
-func startServer(t *testing.T, cfg inject.Config) *testServer {
+func startServer(t testing.TB, cfg inject.Config) *testServer {
 	t.Helper()
 	ca := newTestCA(t)
 	dir := t.TempDir()
@@ -153,7 +153,7 @@ func startServer(t *testing.T, cfg inject.Config) *testServer {
 }
 
 // review posts an AdmissionReview and decodes the answer.
-func (ts *testServer) review(t *testing.T, path string, body []byte) admissionv1.AdmissionReview {
+func (ts *testServer) review(t testing.TB, path string, body []byte) admissionv1.AdmissionReview {
 	t.Helper()
 	resp, err := ts.client.Post(ts.url+path, "application/json", bytes.NewReader(body))
 	if err != nil {
@@ -177,7 +177,7 @@ func (ts *testServer) review(t *testing.T, path string, body []byte) admissionv1
 }
 
 // readReview loads a fixture.
-func readReview(t *testing.T, name string) admissionv1.AdmissionReview {
+func readReview(t testing.TB, name string) admissionv1.AdmissionReview {
 	t.Helper()
 	b, err := os.ReadFile(filepath.Join("testdata", name))
 	if err != nil {
@@ -191,7 +191,7 @@ func readReview(t *testing.T, name string) admissionv1.AdmissionReview {
 }
 
 // podReview wraps pod in the fixture's request.
-func podReview(t *testing.T, pod *corev1.Pod) []byte {
+func podReview(t testing.TB, pod *corev1.Pod) []byte {
 	t.Helper()
 	r := readReview(t, "review-pod.json")
 	raw, err := json.Marshal(pod)
@@ -207,7 +207,7 @@ func podReview(t *testing.T, pod *corev1.Pod) []byte {
 }
 
 // fixturePod is the pod of review-pod.json.
-func fixturePod(t *testing.T) *corev1.Pod {
+func fixturePod(t testing.TB) *corev1.Pod {
 	t.Helper()
 	r := readReview(t, "review-pod.json")
 	var pod corev1.Pod
@@ -220,7 +220,7 @@ func fixturePod(t *testing.T) *corev1.Pod {
 // applyPatch applies the response's JSON patch to pod with an independent
 // RFC 6902 implementation and decodes the result strictly: a field the
 // Pod type does not know fails the test.
-func applyPatch(t *testing.T, pod *corev1.Pod, resp *admissionv1.AdmissionResponse) *corev1.Pod {
+func applyPatch(t testing.TB, pod *corev1.Pod, resp *admissionv1.AdmissionResponse) *corev1.Pod {
 	t.Helper()
 	if resp.PatchType == nil || *resp.PatchType != admissionv1.PatchTypeJSONPatch {
 		t.Fatalf("patchType = %v, want JSONPatch", resp.PatchType)
@@ -246,7 +246,7 @@ func applyPatch(t *testing.T, pod *corev1.Pod, resp *admissionv1.AdmissionRespon
 	return &got
 }
 
-func pemDER(t *testing.T, b []byte) []byte {
+func pemDER(t testing.TB, b []byte) []byte {
 	t.Helper()
 	blk, _ := pem.Decode(b)
 	if blk == nil {

@@ -137,7 +137,7 @@ func hasContainer(cs []corev1.Container, name string) bool {
 	return false
 }
 
+var pointerEscaper = strings.NewReplacer("~", "~0", "/", "~1")
+
 // escapePointer escapes a JSON pointer reference token (RFC 6901).
-func escapePointer(s string) string {
-	return strings.NewReplacer("~", "~0", "/", "~1").Replace(s)
-}
+func escapePointer(s string) string { return pointerEscaper.Replace(s) }

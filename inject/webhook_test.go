@@ -304,6 +304,10 @@ func TestNoInjection(t *testing.T) {
 			if !resp.Allowed || len(resp.Patch) != 0 || resp.PatchType != nil {
 				t.Errorf("allowed=%v patch=%s, want allowed without patch", resp.Allowed, resp.Patch)
 			}
+			// A pod that asked for a sidecar and did not get one is told why.
+			if want := tt.name == "host network" || tt.name == "own container named latch"; want != (len(resp.Warnings) > 0) {
+				t.Errorf("warnings %q", resp.Warnings)
+			}
 		})
 	}
 }
