@@ -101,7 +101,10 @@ func (l *latchPair) expand(side string) []string {
 // BuildLatch compiles cmd/latch into dir with the Makefile's release flags
 // (static, trimmed, stripped), so the figures are those of the binary users
 // run. moduleDir is the repository root.
-func BuildLatch(ctx context.Context, moduleDir, dir string) (string, error) {
+//
+// With symbols set, -s -w are left out (the code is the same) so a profiler
+// can name functions.
+func BuildLatch(ctx context.Context, moduleDir, dir string, symbols bool) (string, error) {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
 	defer cancel()
 	if moduleDir == "" {
@@ -121,7 +124,11 @@ func BuildLatch(ctx context.Context, moduleDir, dir string) (string, error) {
 		version = strings.TrimSpace(string(b))
 	}
 	out := filepath.Join(dir, "latch")
-	cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-ldflags", "-s -w -X main.version="+version, "-o", out, "./cmd/latch")
+	ldflags := "-s -w -X main.version=" + version
+	if symbols {
+		ldflags = "-X main.version=" + version
+	}
+	cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-ldflags", ldflags, "-o", out, "./cmd/latch")
 	cmd.Dir = moduleDir
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if b, err := cmd.CombinedOutput(); err != nil {

@@ -67,7 +67,9 @@ type TopologyResult struct {
 	Latency           *LatencyResult     `json:"latency,omitempty"`
 	Connect           *ConnectResult     `json:"connect,omitempty"`
 	Memory            []SidecarMemory    `json:"memory,omitempty"`
-	Errors            []string           `json:"errors,omitempty"`
+	// Profiles maps a load ("bulk8", "connect") to a perf report file.
+	Profiles map[string]string `json:"profiles,omitempty"`
+	Errors   []string          `json:"errors,omitempty"`
 
 	connectRounds []float64
 }

@@ -48,6 +48,10 @@ type Options struct {
 	LatchArgs []string
 	// LatchEnv is added to the latch sidecars' environment.
 	LatchEnv []string
+	// ProfileDir, when set, makes the harness record a CPU profile (Linux
+	// perf) of every pair's sidecars under bulk ×8 load and under the
+	// new-connection load after the rounds, and write the reports there.
+	ProfileDir string
 	// KeepDir keeps the temporary directory (configs, logs) for inspection.
 	KeepDir bool
 	// Progress receives one line per measurement; nil discards them.
@@ -156,7 +160,7 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	latchBin := opts.LatchBinary
 	if latchBin == "" && wanted(opts.Topologies, "latch") {
 		progress("building latch")
-		if latchBin, err = BuildLatch(ctx, opts.ModuleDir, tmp); err != nil {
+		if latchBin, err = BuildLatch(ctx, opts.ModuleDir, tmp, opts.ProfileDir != ""); err != nil {
 			res.Skipped = append(res.Skipped, Skipped{Name: "latch", Reason: err.Error()})
 			latchBin = ""
 		}
@@ -249,6 +253,11 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 			if err := r.measureConnect(ctx, opts.ConnectWorkers, opts.Duration, progress, round); err != nil {
 				return nil, err
 			}
+		}
+	}
+	if opts.ProfileDir != "" {
+		if err := profileAll(ctx, runs, opts, pool, progress); err != nil {
+			return nil, err
 		}
 	}
 	for _, r := range runs {
@@ -503,4 +512,54 @@ func hostInfo() Host {
 		}
 	}
 	return h
+}
+
+// profileAll records a profile of each pair under bulk and under
+// new-connection load. Profiling is extra: its failures are notes, not
+// errors of the run.
+func profileAll(ctx context.Context, runs []*running, opts Options, pool *framePool, progress func(string, ...any)) error {
+	if err := perfAvailable(); err != nil {
+		progress("not profiling: %v", err)
+		return nil
+	}
+	if err := os.MkdirAll(opts.ProfileDir, 0o755); err != nil {
+		return fmt.Errorf("creating profile directory: %w", err)
+	}
+	bulkConns := opts.BulkConns[len(opts.BulkConns)-1]
+	for _, r := range runs {
+		if len(r.pair.Sidecars) == 0 || r.skip(ctx) {
+			continue
+		}
+		for _, load := range []struct {
+			label string
+			run   func() error
+		}{
+			{fmt.Sprintf("bulk%d", bulkConns), func() error {
+				_, err := runBulk(ctx, r.pair.Entry, bulkConns, opts.Duration, pool)
+				return err
+			}},
+			{"connect", func() error {
+				_, err := runConnect(ctx, r.pair.Entry, opts.ConnectWorkers, opts.Duration)
+				return err
+			}},
+		} {
+			report, err := profileLoad(ctx, r.pair, opts.ProfileDir, r.topo.Name(), load.label, load.run)
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if err != nil {
+				r.res.Errors = append(r.res.Errors, fmt.Sprintf("profile %s: %v", load.label, err))
+				continue
+			}
+			if r.res.Profiles == nil {
+				r.res.Profiles = map[string]string{}
+			}
+			r.res.Profiles[load.label] = report
+			progress("profile  %-8s %-8s %s", r.topo.Name(), load.label, report)
+			for _, line := range topSymbols(report, 5) {
+				progress("             %s", line)
+			}
+		}
+	}
+	return nil
 }

@@ -56,6 +56,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.StringVar(&opts.LatchBinary, "latch", "", "latch binary to test (default: build ./cmd/latch with the release flags)")
 	fs.Var(&latchArgs, "latch-arg", "extra argument for each `latch proxy` (repeatable; {side} becomes out or in)")
 	fs.Var(&latchEnv, "latch-env", "extra NAME=value in the latch sidecars' environment (repeatable)")
+	fs.StringVar(&opts.ProfileDir, "profile", "", "record a CPU profile (Linux perf) of each pair under bulk and new-connection load and write the reports to this directory")
 	fs.BoolVar(&opts.KeepDir, "keep", false, "keep the temporary directory with configs and logs")
 	if err := fs.Parse(args); err != nil {
 		return err
