@@ -22,12 +22,11 @@ import (
 // NewCA is a self-signed root; one made by NewIntermediate is signed by its
 // parent, and the leaves it issues carry it in their chain.
 type CA struct {
-	td     spiffeid.TrustDomain
-	cert   *x509.Certificate
-	key    crypto.Signer
-	root   *CA                 // the root at the top of this CA's chain (itself for a root)
-	chain  []*x509.Certificate // this CA and its intermediate parents, up to but excluding the root
-	serial int64
+	td    spiffeid.TrustDomain
+	cert  *x509.Certificate
+	key   crypto.Signer
+	root  *CA                 // the root at the top of this CA's chain (itself for a root)
+	chain []*x509.Certificate // this CA and its intermediate parents, up to but excluding the root
 }
 
 // NewCA returns a fresh self-signed ECDSA P-256 root CA for trustDomain (a
