@@ -29,6 +29,7 @@ import (
 	"latch.dev/latch/xds/client"
 	"latch.dev/latch/xds/policy"
 	"latch.dev/latch/xds/server"
+	"latch.dev/latch/xds/translate"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -92,7 +93,8 @@ func startControlPlane(t *testing.T, ca *identitytest.CA, dir, addr string) *con
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := server.New(ctx, server.Options{Logger: logger(t)})
+	// Loopback only: tests never bind other addresses.
+	srv := server.New(ctx, server.Options{Logger: logger(t), Translate: translate.Options{InboundHost: "127.0.0.1"}})
 	snap, _ := store.Reload()
 	srv.Update(snap)
 	tlsc := identity.NewTLS(ca.Source(t, cpID.String())).ServerConfig(identity.Modern(), func(peer spiffeid.ID) error {
@@ -221,7 +223,7 @@ func TestEndToEndPropagation(t *testing.T) {
 	if cfg.Source != "xds" || cfg.Version != cp.srv.Version(backend.String()) {
 		t.Errorf("source %q version %q, want xds and %q", cfg.Source, cfg.Version, cp.srv.Version(backend.String()))
 	}
-	if !allows(cfg, frontend) || cfg.Inbound[0].Listen != "0.0.0.0:15001" || cfg.Inbound[0].App != "127.0.0.1:7001" {
+	if !allows(cfg, frontend) || cfg.Inbound[0].Listen != "127.0.0.1:15001" || cfg.Inbound[0].App != "127.0.0.1:7001" {
 		t.Fatalf("first config: %+v", cfg.Inbound)
 	}
 

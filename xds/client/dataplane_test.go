@@ -1,0 +1,219 @@
+package client_test
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"net"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"latch.dev/latch/identity"
+	"latch.dev/latch/identity/identitytest"
+	"latch.dev/latch/proxy"
+	"latch.dev/latch/xds/client"
+)
+
+// echoServer is the backend application: it echoes every connection.
+func echoServer(t *testing.T) string {
+	t.Helper()
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	t.Cleanup(func() { lis.Close(); wg.Wait() })
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := lis.Accept()
+			if err != nil {
+				return
+			}
+			wg.Add(1)
+			go func() { defer wg.Done(); defer c.Close(); _, _ = io.Copy(c, c) }()
+		}
+	}()
+	return lis.Addr().String()
+}
+
+func freePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// peer is a workload calling the backend's sidecar directly with its SVID.
+type peer struct {
+	tls *tls.Config
+}
+
+func newPeer(t *testing.T, ca *identitytest.CA, id spiffeid.ID) peer {
+	return peer{tls: identity.NewTLS(ca.Source(t, id.String())).ClientConfig(identity.Modern(), backend)}
+}
+
+// call opens a connection and does one echo round trip; the connection is
+// returned open on success.
+func (p peer) call(addr string) (net.Conn, error) {
+	c, err := tls.DialWithDialer(&net.Dialer{Timeout: 2 * time.Second}, "tcp", addr, p.tls)
+	if err != nil {
+		return nil, err
+	}
+	if err := roundTrip(c); err != nil {
+		c.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+func roundTrip(c net.Conn) error {
+	_ = c.SetDeadline(time.Now().Add(2 * time.Second))
+	defer c.SetDeadline(time.Time{})
+	if _, err := c.Write([]byte("ping")); err != nil {
+		return err
+	}
+	buf := make([]byte, 4)
+	if _, err := io.ReadFull(c, buf); err != nil {
+		return err
+	}
+	if string(buf) != "ping" {
+		return errors.New("echo mismatch")
+	}
+	return nil
+}
+
+// TestPolicyChangeThroughTheDataPlane: the whole path — declaration file,
+// control plane, ADS, validation, proxy — with real connections. Editing the
+// declaration refuses a previously allowed peer (closing its live
+// connection) and lets a newly allowed one through; killing the control
+// plane during traffic fails no allowed connection.
+func TestPolicyChangeThroughTheDataPlane(t *testing.T) {
+	ca := identitytest.NewCA(t, "mesh.test")
+	app := echoServer(t)
+	port := freePort(t)
+	addr := "127.0.0.1:" + strconv.Itoa(port)
+	decl := func(allow ...string) string {
+		return strings.Replace(declaration(backend, port, allow...), "127.0.0.1:7001", app, 1)
+	}
+	dir := t.TempDir()
+	writeFile(t, dir, "backend.yaml", decl(frontend.String()))
+	cp := startControlPlane(t, ca, dir, "127.0.0.1:0")
+
+	dp := proxy.NewServer(identity.NewTLS(ca.Source(t, backend.String())), proxy.Options{Logger: logger(t), DrainTimeout: time.Second})
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = dp.Shutdown(ctx)
+	})
+	applied := make(chan string, 16)
+	opts := sidecarOpts(t, ca, cp.addr, backend)
+	opts.Logger = logger(t)
+	opts.MinBackoff, opts.MaxBackoff = 20*time.Millisecond, 200*time.Millisecond
+	c, err := client.New(opts, func(cfg *proxy.Config) error {
+		if err := dp.Apply(cfg); err != nil {
+			return err
+		}
+		applied <- cfg.Version
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); _ = c.Run(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+	select {
+	case <-applied:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no policy applied")
+	}
+
+	fe := newPeer(t, ca, frontend)
+	intruder := spiffeid.RequireFromString("spiffe://mesh.test/intruder")
+	in := newPeer(t, ca, intruder)
+	live, err := fe.call(addr)
+	if err != nil {
+		t.Fatalf("allowed frontend refused: %v", err)
+	}
+	defer live.Close()
+	if c, err := in.call(addr); err == nil {
+		c.Close()
+		t.Fatal("intruder got through before being allowed")
+	}
+
+	// Swap: the intruder is allowed, the frontend no longer.
+	start := time.Now()
+	writeFile(t, dir, "backend.yaml", decl(intruder.String()))
+	var ic net.Conn
+	waitFor(t, "the intruder to be let in", func() bool {
+		ic, err = in.call(addr)
+		return err == nil
+	})
+	ic.Close()
+	propagation := time.Since(start)
+	// The frontend's live connection is closed, not left open.
+	_ = live.SetReadDeadline(time.Now().Add(5 * time.Second))
+	var ne net.Error
+	if _, err := live.Read(make([]byte, 1)); err == nil || (errors.As(err, &ne) && ne.Timeout()) {
+		t.Fatalf("frontend's live connection not closed after revocation: %v", err)
+	}
+	closed := time.Since(start)
+	if c, err := fe.call(addr); err == nil {
+		c.Close()
+		t.Fatal("revoked frontend still gets through")
+	}
+	t.Logf("declaration edit → new peer allowed after %v, revoked peer's live connection closed after %v", propagation.Round(time.Millisecond), closed.Round(time.Millisecond))
+
+	// Control plane down during traffic: every allowed connection succeeds.
+	stopCP := make(chan struct{})
+	var wg sync.WaitGroup
+	var attempts, failures int
+	var mu sync.Mutex
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			select {
+			case <-stopCP:
+				return
+			default:
+			}
+			c, err := in.call(addr)
+			mu.Lock()
+			attempts++
+			if err != nil {
+				failures++
+				t.Errorf("allowed connection failed while the control plane restarted: %v", err)
+			} else {
+				c.Close()
+			}
+			mu.Unlock()
+		}
+	}()
+	count := func() int { mu.Lock(); defer mu.Unlock(); return attempts }
+	waitFor(t, "traffic before the kill", func() bool { return count() >= 5 })
+	cp.stop()
+	waitFor(t, "the client to notice", func() bool { return !c.Status().Connected })
+	cp2 := startControlPlane(t, ca, dir, cp.addr)
+	waitFor(t, "the reconnect", func() bool { return c.Status().Connected })
+	after := count()
+	waitFor(t, "traffic after the reconnect", func() bool { return count() >= after+5 })
+	close(stopCP)
+	wg.Wait()
+	t.Logf("control plane killed and restarted under traffic: %d allowed connections, %d failed", attempts, failures)
+	if v := cp2.srv.Version(backend.String()); v != c.Status().AppliedVersion {
+		t.Errorf("after the restart the sidecar runs %s, the control plane serves %s", c.Status().AppliedVersion, v)
+	}
+}
