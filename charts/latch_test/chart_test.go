@@ -294,7 +294,7 @@ type chartCase struct {
 }
 
 func TestChartRenders(t *testing.T) {
-	const defaultCP = "t-latch-control-plane.latch.svc:18000"
+	const defaultCP = "t-latch-control-plane.latch.svc:15010"
 	const defaultCPID = "spiffe://example.org/ns/latch/sa/t-latch-control-plane"
 	cases := []chartCase{
 		{name: "defaults", controlPlane: true, injector: true, sidecarCP: defaultCP, sidecarCPID: defaultCPID,
