@@ -395,3 +395,5 @@ func freeAddr(t testing.TB) string {
 // isReset reports whether err is a connection reset (ECONNRESET), as opposed
 // to a clean end of stream.
 func isReset(err error) bool { return errors.Is(err, syscall.ECONNRESET) }
+
+var syscallEPIPE = syscall.EPIPE
