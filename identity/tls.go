@@ -196,6 +196,18 @@ func (t *TLS) verifyPeer(cs tls.ConnectionState, eku x509.ExtKeyUsage) (spiffeid
 		return id, fail(ClassBadKeyUsage, id, "peer %s: %w", id, err)
 	}
 
+	// The rest of the chain: signing certificates only (X509-SVID spec 4.3).
+	// Go's verifier would skip a misfit one and report an unknown CA; saying
+	// what is wrong with it is kinder to whoever has to fix the issuer.
+	for _, c := range certs[1:] {
+		if !c.IsCA {
+			return id, fail(ClassBadSVID, id, "peer %s: chain certificate %q is not a CA certificate", id, c.Subject.String())
+		}
+		if c.KeyUsage&x509.KeyUsageCertSign == 0 {
+			return id, fail(ClassBadKeyUsage, id, "peer %s: issuing CA %q: key usage lacks keyCertSign", id, c.Subject.String())
+		}
+	}
+
 	// Chain to the local trust domain's current bundle, at the current time.
 	bundle, err := t.src.GetX509BundleForTrustDomain(td)
 	if err != nil {

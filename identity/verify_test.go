@@ -31,6 +31,8 @@ func hostilePeers(t *testing.T, w *world, id string, role, other x509.ExtKeyUsag
 	foreign := identitytest.NewCA(t, "other.test") // another trust domain, whose bundle we also hold
 	inter := ca.NewIntermediate(t)
 	now := time.Now()
+	withLeafInChain := ca.TLSCertificate(t, id)
+	withLeafInChain.Certificate = append(withLeafInChain.Certificate, ca.TLSCertificate(t, "spiffe://mesh.test/ns/x").Certificate[0])
 	return []peerCase{
 		{name: "valid", cert: ca.TLSCertificate(t, id)},
 		{name: "valid through an intermediate CA", cert: inter.TLSCertificate(t, id)},
@@ -40,6 +42,11 @@ func hostilePeers(t *testing.T, w *world, id string, role, other x509.ExtKeyUsag
 		{"other trust domain", foreign.TLSCertificate(t, "spiffe://other.test/ns/x"), identity.ClassWrongTrustDomain, `peer spiffe://other.test/ns/x: trust domain "other.test" is not the local trust domain "mesh.test"`},
 		{"local ID signed by another trust domain's CA", foreign.TLSCertificate(t, id), identity.ClassUnknownCA, "not signed by a CA of the trust bundle"},
 		{"intermediate CA left out of the chain", inter.TLSCertificate(t, id, identitytest.OmitChain()), identity.ClassUnknownCA, "not signed by a CA"},
+		{"expired intermediate CA", ca.NewIntermediate(t, identitytest.Expired()).TLSCertificate(t, id), identity.ClassExpired, `issuing CA "CN=intermediate CA mesh.test,O=latch identitytest" expired at`},
+		{"intermediate CA not yet valid", ca.NewIntermediate(t, identitytest.NotYetValid()).TLSCertificate(t, id), identity.ClassNotYetValid, `issuing CA "CN=intermediate CA mesh.test,O=latch identitytest" not valid before`},
+		{"intermediate CA without keyCertSign", ca.NewIntermediate(t, identitytest.KeyUsage(x509.KeyUsageDigitalSignature)).TLSCertificate(t, id), identity.ClassBadKeyUsage, "lacks keyCertSign"},
+		{"leaf certificate in the chain", withLeafInChain, identity.ClassBadSVID, "is not a CA certificate"},
+		{"intermediate of another CA, with its chain", identitytest.NewCA(t, trustDomain).NewIntermediate(t).TLSCertificate(t, id), identity.ClassUnknownCA, "not signed by a CA"},
 		{"expired", ca.TLSCertificate(t, id, identitytest.NotBefore(now.Add(-2*time.Hour)), identitytest.NotAfter(now.Add(-time.Hour))), identity.ClassExpired, "peer " + id + ": certificate expired at " + now.Add(-time.Hour).UTC().Format(time.RFC3339)},
 		{"not yet valid", ca.TLSCertificate(t, id, identitytest.NotYetValid()), identity.ClassNotYetValid, "certificate not valid before"},
 		{"expired and from another CA", stranger.TLSCertificate(t, id, identitytest.Expired()), identity.ClassUnknownCA, "not signed by a CA"},

@@ -57,20 +57,31 @@ func NewCA(t testing.TB, trustDomain string) *CA {
 
 // NewIntermediate returns a CA signed by ca in the same trust domain. Leaves
 // issued by the intermediate present [leaf, intermediate, ...] as their chain;
-// the bundle stays the root's.
-func (ca *CA) NewIntermediate(t testing.TB) *CA {
+// the bundle stays the root's. Of the options, the validity ones (NotBefore,
+// NotAfter, Expired, NotYetValid) and KeyUsage apply to the intermediate's
+// certificate (default: valid from an hour ago for 23 hours, keyCertSign,
+// cRLSign and digitalSignature).
+func (ca *CA) NewIntermediate(t testing.TB, opts ...LeafOption) *CA {
 	t.Helper()
-	key := newKey(t)
 	now := time.Now()
+	l := &leaf{
+		notBefore: now.Add(-time.Hour),
+		notAfter:  now.Add(23 * time.Hour),
+		keyUsage:  x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature,
+	}
+	for _, o := range opts {
+		o(l)
+	}
+	key := newKey(t)
 	tmpl := &x509.Certificate{
 		SerialNumber:          newSerial(t),
 		Subject:               pkix.Name{Organization: []string{"latch identitytest"}, CommonName: "intermediate CA " + ca.td.Name()},
 		URIs:                  []*url.URL{ca.td.ID().URL()},
-		NotBefore:             now.Add(-time.Hour),
-		NotAfter:              now.Add(23 * time.Hour),
+		NotBefore:             l.notBefore,
+		NotAfter:              l.notAfter,
 		IsCA:                  true,
 		BasicConstraintsValid: true,
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature,
+		KeyUsage:              l.keyUsage,
 	}
 	cert := sign(t, tmpl, ca.cert, key.Public(), ca.key)
 	return &CA{
