@@ -110,7 +110,7 @@ seccompProfile:
 {{- define "latch.topologySpread" -}}
 {{- if .values.topologySpreadConstraints }}
 {{- toYaml .values.topologySpreadConstraints }}
-{{- else }}
+{{- else -}}
 - maxSkew: 1
   topologyKey: kubernetes.io/hostname
   whenUnsatisfiable: ScheduleAnyway
