@@ -61,6 +61,7 @@ type conn struct {
 
 	remoteAddr string // the peer sidecar's address
 	appAddr    string // the local app's address
+	resumed    bool // the TLS handshake resumed a session
 	bytesIn    atomic.Int64
 	bytesOut   atomic.Int64
 }
@@ -138,7 +139,8 @@ func (c *conn) serveInbound(r *route) {
 	c.remoteAddr = c.down.RemoteAddr().String()
 	c.appAddr = r.in.App
 	tc := tls.Server(c.down, r.tls)
-	if !c.handshake(tc, c.down, r) {
+	if err := c.handshake(tc, c.down, r); err != nil {
+		c.handshakeFailed(err)
 		return
 	}
 	peer, err := identity.PeerID(tc.ConnectionState())
@@ -175,32 +177,37 @@ func (c *conn) serveOutbound(r *route) {
 	c.appAddr = c.down.RemoteAddr().String()
 	want := r.out.ServerID
 	c.serverID.Store(&want)
-	d := net.Dialer{Timeout: r.connectTimeout}
-	var raw net.Conn
-	for _, addr := range r.out.Upstreams {
-		var err error
-		raw, err = d.DialContext(c.ctx, "tcp", addr)
+	cfg := r.tls
+	var tc *tls.Conn
+	for attempt := 1; ; attempt++ {
+		raw := c.dialUpstream(r)
+		if raw == nil {
+			c.kill(reasonUpstreamUnreachable, false)
+			c.finish()
+			return
+		}
+		if !c.setUp(raw) {
+			c.finish()
+			return
+		}
+		tc = tls.Client(raw, cfg)
+		err := c.handshake(tc, raw, r)
 		if err == nil {
-			c.remoteAddr = addr
 			break
 		}
-		c.l.metrics.connectFailed()
-		c.log().Warn("connecting to upstream failed", "listener", c.l.name, "remote_addr", addr, "error", err)
-		if c.killed() {
-			break
+		// A resumed session is held to the current bundle and clock, so a
+		// ticket whose server certificate expired (or whose CA left the
+		// bundle) a moment ago is refused. That is no reason to fail the
+		// app's connection: none of its bytes were read yet, so try once
+		// more with a full handshake, which sees the server's current SVID.
+		if ve, ok := errors.AsType[*identity.VerifyError](err); ok && ve.Resumed && attempt == 1 && !c.killed() {
+			c.log().Info("resumed session refused, retrying with a full handshake", "listener", c.l.name, "remote_addr", c.remoteAddr, "class", string(ve.Class), "reason", err.Error())
+			raw.Close()
+			cfg = cfg.Clone()
+			cfg.ClientSessionCache = nil
+			continue
 		}
-	}
-	if raw == nil {
-		c.kill(reasonUpstreamUnreachable, false)
-		c.finish()
-		return
-	}
-	if !c.setUp(raw) {
-		c.finish()
-		return
-	}
-	tc := tls.Client(raw, r.tls)
-	if !c.handshake(tc, raw, r) {
+		c.handshakeFailed(err)
 		return
 	}
 	c.peer.Store(&want)
@@ -208,28 +215,53 @@ func (c *conn) serveOutbound(r *route) {
 		c.refused(err)
 		return
 	}
+	c.mu.Lock()
+	raw := c.up
+	c.mu.Unlock()
 	c.pipe(c.down, c.down, tc, raw, r.idleTimeout)
 	c.finish()
 }
 
-// handshake runs the TLS handshake under the listener's deadline. On failure
-// it logs the refusal, closes the connection and returns false.
-func (c *conn) handshake(tc *tls.Conn, raw net.Conn, r *route) bool {
+// dialUpstream connects to the first upstream that answers, nil if none does.
+func (c *conn) dialUpstream(r *route) net.Conn {
+	d := net.Dialer{Timeout: r.connectTimeout}
+	for _, addr := range r.out.Upstreams {
+		raw, err := d.DialContext(c.ctx, "tcp", addr)
+		if err == nil {
+			c.remoteAddr = addr
+			return raw
+		}
+		c.l.metrics.connectFailed()
+		c.log().Warn("connecting to upstream failed", "listener", c.l.name, "remote_addr", addr, "error", err)
+		if c.killed() {
+			return nil
+		}
+	}
+	return nil
+}
+
+// handshake runs the TLS handshake under the listener's deadline.
+func (c *conn) handshake(tc *tls.Conn, raw net.Conn, r *route) error {
 	begin := time.Now()
 	raw.SetDeadline(begin.Add(r.handshakeTimeout))
-	err := tc.HandshakeContext(c.ctx)
-	if err == nil {
-		raw.SetDeadline(time.Time{})
-		c.l.metrics.handshakeOK(time.Since(begin).Seconds())
-		return true
+	if err := tc.HandshakeContext(c.ctx); err != nil {
+		return err
 	}
+	raw.SetDeadline(time.Time{})
+	c.resumed = tc.ConnectionState().DidResume
+	c.l.metrics.handshakeOK(time.Since(begin).Seconds())
+	return nil
+}
+
+// handshakeFailed ends a connection whose handshake failed: a refusal is
+// logged as such, unless Shutdown or a listener removal cut the handshake,
+// which is not the peer's doing.
+func (c *conn) handshakeFailed(err error) {
 	if c.killed() {
-		// Shutdown or removal cut the handshake: not the peer's fault.
 		c.finish()
-		return false
+		return
 	}
 	c.refused(err)
-	return false
 }
 
 // authorized re-checks a connection whose handshake just completed against
@@ -311,6 +343,7 @@ func (c *conn) finish() {
 		"bytes_out", c.bytesOut.Load(),
 		"duration", time.Since(c.start),
 		"reason", reason,
+		"tls_resumed", c.resumed,
 	}
 	if p := c.peer.Load(); p != nil {
 		attrs[5] = p.String()

@@ -128,10 +128,11 @@ func (s *Server) newSnapshot(cfg *Config) *snapshot {
 	snap := &snapshot{cfg: cfg, routes: make(map[string]*route, len(cfg.Inbound)+len(cfg.Outbound))}
 	for i := range cfg.Inbound {
 		in := &cfg.Inbound[i]
+		hs := orDuration(in.HandshakeTimeout, DefaultHandshakeTimeout)
 		snap.routes[in.Name] = &route{
 			name: in.Name, dir: DirectionInbound, listen: in.Listen, in: in,
-			tls:              s.tlsc.ServerConfig(cfg.TLS, s.authorizer(in.Name)),
-			handshakeTimeout: orDuration(in.HandshakeTimeout, DefaultHandshakeTimeout),
+			tls:              guardResumption(s.tlsc.ServerConfig(cfg.TLS, s.authorizer(in.Name)), hs),
+			handshakeTimeout: hs,
 			idleTimeout:      orDuration(in.IdleTimeout, DefaultIdleTimeout),
 			connectTimeout:   orDuration(in.ConnectTimeout, DefaultConnectTimeout),
 			maxConns:         orInt(in.MaxConnections, DefaultMaxConnections),
@@ -139,10 +140,11 @@ func (s *Server) newSnapshot(cfg *Config) *snapshot {
 	}
 	for i := range cfg.Outbound {
 		out := &cfg.Outbound[i]
+		hs := orDuration(out.HandshakeTimeout, DefaultHandshakeTimeout)
 		snap.routes[out.Name] = &route{
 			name: out.Name, dir: DirectionOutbound, listen: out.Listen, out: out,
-			tls:              s.tlsc.ClientConfig(cfg.TLS, out.ServerID),
-			handshakeTimeout: orDuration(out.HandshakeTimeout, DefaultHandshakeTimeout),
+			tls:              guardResumption(s.tlsc.ClientConfig(cfg.TLS, out.ServerID), hs),
+			handshakeTimeout: hs,
 			idleTimeout:      orDuration(out.IdleTimeout, DefaultIdleTimeout),
 			connectTimeout:   orDuration(out.ConnectTimeout, DefaultConnectTimeout),
 			maxConns:         orInt(out.MaxConnections, DefaultMaxConnections),
