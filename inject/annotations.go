@@ -71,6 +71,9 @@ type AnnotationError struct {
 }
 
 func (e *AnnotationError) Error() string {
+	if e.Value == "" {
+		return fmt.Sprintf("annotation %s: %s", e.Annotation, e.Problem)
+	}
 	return fmt.Sprintf("annotation %s=%q: %s", e.Annotation, e.Value, e.Problem)
 }
 

@@ -90,6 +90,20 @@ func (c Config) Mutate(pod *corev1.Pod, how OptIn) (Result, error) {
 			}
 		}
 	}
+	// Port names must be unique across a pod's containers; say which one
+	// clashes rather than leave the API server's validation to refuse the pod.
+	sidecar := d.Container(spec)
+	for _, cs := range [][]corev1.Container{pod.Spec.InitContainers, pod.Spec.Containers} {
+		for _, ct := range cs {
+			for _, p := range ct.Ports {
+				for _, ours := range sidecar.Ports {
+					if p.Name != "" && p.Name == ours.Name {
+						return Result{}, fmt.Errorf("container %q has a port named %q, which the latch sidecar uses", ct.Name, p.Name)
+					}
+				}
+			}
+		}
+	}
 	cfg, err := StaticConfig(spec)
 	if err != nil {
 		return Result{}, err
@@ -112,7 +126,6 @@ func (c Config) Mutate(pod *corev1.Pod, how OptIn) (Result, error) {
 	}
 	// First among the init containers, so later init containers (a schema
 	// migration, say) can already use the mesh.
-	sidecar := d.Container(spec)
 	if len(pod.Spec.InitContainers) == 0 {
 		ops = append(ops, PatchOp{Op: "add", Path: "/spec/initContainers", Value: []corev1.Container{sidecar}})
 	} else {

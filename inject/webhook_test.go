@@ -352,6 +352,7 @@ func TestMalformedAnnotationsRefused(t *testing.T) {
 		{"tls profile weak", map[string]string{"latch.dev/tls-profile": "legacy", "latch.dev/outbound": "15001=b:1" + sid}, []string{"latch.dev/tls-profile", "modern or intermediate"}},
 		{"too many entries", map[string]string{"latch.dev/inbound": strings.Repeat("1:2,", 65), "latch.dev/allow": allow}, []string{"65 entries", "at most 64"}},
 		{"volume name taken", map[string]string{"latch.dev/outbound": "15001=b:1" + sid, "test/volume": "latch-config"}, []string{`volume named "latch-config"`}},
+		{"port name taken by app", map[string]string{"latch.dev/outbound": "15001=b:1" + sid, "test/portname": "latch-admin"}, []string{`container "app" has a port named "latch-admin"`}},
 		{"admin port taken by app", map[string]string{"latch.dev/outbound": "15001=b:1" + sid, "test/port": "15000"}, []string{`container "app" declares port 15000`}},
 	}
 	for _, tt := range tests {
@@ -365,6 +366,9 @@ func TestMalformedAnnotationsRefused(t *testing.T) {
 			}
 			if v := tt.ann["test/label"]; v != "" {
 				pod.Labels = map[string]string{"latch.dev/inject": v}
+			}
+			if v := tt.ann["test/portname"]; v != "" {
+				pod.Spec.Containers[0].Ports = []corev1.ContainerPort{{Name: v, ContainerPort: 9999}}
 			}
 			if tt.ann["test/port"] != "" {
 				pod.Spec.Containers[0].Ports = []corev1.ContainerPort{{ContainerPort: 15000}}
