@@ -110,7 +110,7 @@ func profileLoad(ctx context.Context, p *Pair, dir, name, label string, load fun
 		if err != nil {
 			return "", fmt.Errorf("perf report: %w", err)
 		}
-		out = append(out, b...)
+		out = append(out, tidyReport(b)...)
 	}
 	if err := os.WriteFile(report, out, 0o644); err != nil {
 		return "", fmt.Errorf("writing profile report: %w", err)
@@ -136,6 +136,20 @@ func topSymbols(report string, n int) []string {
 		if len(out) == n {
 			break
 		}
+	}
+	return out
+}
+
+// tidyReport drops the empty columns perf pads every line with.
+func tidyReport(b []byte) []byte {
+	var out []byte
+	for line := range strings.SplitSeq(string(b), "\n") {
+		line = strings.TrimRight(line, " ")
+		for strings.HasSuffix(line, " -") {
+			line = strings.TrimRight(strings.TrimSuffix(line, " -"), " ")
+		}
+		out = append(out, line...)
+		out = append(out, '\n')
 	}
 	return out
 }

@@ -283,12 +283,14 @@ func (r *Result) WriteMarkdown(w io.Writer) {
 		r.Started.Format("2006-01-02 15:04 UTC"), r.Options.Rounds, r.Options.Duration,
 		r.Host.CPUModel, r.Host.CPUs, r.Host.GoVersion, r.Host.Kernel)
 
+	// Two tables, so each fits a page: the data path, then connections and
+	// memory.
 	p("| topology | version |")
 	for _, conns := range r.Options.BulkConns {
 		p(" bulk ×%d MB/s |", conns)
 	}
-	p(" pair CPU s/GB | echo p50 µs | p90 | p99 | p99.9 | added p50 µs | added p99 µs | added p99.9 µs | conn/s | first byte p50 ms | p99 ms | pair CPU ms/conn | RSS idle MB (out/in) | RSS with %d conns MB (out/in) | KB/conn (out/in) |\n", r.Options.IdleConns)
-	p("|---|---|%s\n", strings.Repeat("---:|", len(r.Options.BulkConns)+15))
+	p(" pair CPU s/GB | echo p50 µs | p90 | p99 | p99.9 | added p50 µs | added p99 µs | added p99.9 µs |\n")
+	p("|---|---|%s\n", strings.Repeat("---:|", len(r.Options.BulkConns)+8))
 	for i := range r.Topologies {
 		t := &r.Topologies[i]
 		row := []string{t.Name, t.Version}
@@ -313,6 +315,14 @@ func (r *Result) WriteMarkdown(w io.Writer) {
 		} else {
 			row = append(row, "–", "–", "–", "–", "–", "–", "–")
 		}
+		p("| %s |\n", strings.Join(row, " | "))
+	}
+
+	p("\n| topology | new conn/s | first byte p50 ms | p99 ms | pair CPU ms/conn | RSS idle MB (out / in) | RSS with %d conns MB | KB/conn |\n", r.Options.IdleConns)
+	p("|---|---:|---:|---:|---:|---:|---:|---:|\n")
+	for i := range r.Topologies {
+		t := &r.Topologies[i]
+		row := []string{t.Name}
 		if c := t.Connect; c != nil {
 			cpu := "–"
 			if c.PairCPUmsPerConn != nil {
