@@ -20,6 +20,14 @@ var (
 	latchErr  string
 )
 
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if latchBin != "" {
+		os.RemoveAll(filepath.Dir(latchBin))
+	}
+	os.Exit(code)
+}
+
 // latchBinary builds cmd/latch once per test run.
 func latchBinary(t *testing.T) string {
 	t.Helper()
