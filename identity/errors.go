@@ -59,6 +59,9 @@ type VerifyError struct {
 }
 
 func (e *VerifyError) Error() string {
+	if e.Err == nil {
+		return "peer refused: " + string(e.Class)
+	}
 	if e.Resumed {
 		return e.Err.Error() + " (resumed session)"
 	}

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -470,5 +471,31 @@ func TestPeerID(t *testing.T) {
 	}
 	if _, err := identity.PeerID(tls.ConnectionState{HandshakeComplete: true}); err == nil {
 		t.Error("PeerID without certificates succeeded")
+	}
+}
+
+// SPIRE may issue RSA SVIDs: they work under both profiles, and under
+// intermediate's TLS 1.2 with an ECDHE_RSA AEAD suite.
+func TestRSASVIDs(t *testing.T) {
+	w := newWorld(t)
+	w.server.SetSVID(w.ca.SVID(t, serverID, identitytest.RSAKey(2048)))
+	w.client.SetSVID(w.ca.SVID(t, clientID, identitytest.RSAKey(2048)))
+	srv := startServer(t, w.serverTL.ServerConfig(identity.Intermediate(), allowOnly(clientID)))
+	for _, tt := range []struct {
+		profile identity.Profile
+		version uint16
+	}{
+		{identity.Modern(), tls.VersionTLS13},
+		{tls12Only(t), tls.VersionTLS12},
+	} {
+		_, h := dial(t, srv.addr, w.clientTL.ClientConfig(tt.profile, mustID(serverID)))
+		cs := mustConnect(t, "client", h)
+		mustConnect(t, "server", srv.next(t))
+		if cs.Version != tt.version {
+			t.Errorf("version %s, want %s", identity.VersionName(cs.Version), identity.VersionName(tt.version))
+		}
+		if name := tls.CipherSuiteName(cs.CipherSuite); tt.version == tls.VersionTLS12 && !strings.HasPrefix(name, "TLS_ECDHE_RSA_WITH_") {
+			t.Errorf("suite %s, want ECDHE_RSA", name)
+		}
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/rsa"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
@@ -181,7 +182,14 @@ func (ca *CA) issue(t testing.TB, id string, opts []LeafOption) ([]*x509.Certifi
 		}
 		tmpl.URIs = append(tmpl.URIs, u)
 	}
-	key := newKey(t)
+	var key crypto.Signer = newKey(t)
+	if l.rsaBits > 0 {
+		rk, err := rsa.GenerateKey(rand.Reader, l.rsaBits)
+		if err != nil {
+			t.Fatalf("identitytest: generate RSA key: %v", err)
+		}
+		key = rk
+	}
 	cert := sign(t, tmpl, ca.cert, key.Public(), ca.key)
 	certs := []*x509.Certificate{cert}
 	if !l.omitChain {
@@ -201,6 +209,7 @@ type leaf struct {
 	keyUsage            x509.KeyUsage
 	extKeyUsage         []x509.ExtKeyUsage
 	omitChain           bool
+	rsaBits             int
 }
 
 // NotBefore sets the start of the validity period (default: a minute ago).
@@ -256,6 +265,10 @@ func KeyUsage(ku x509.KeyUsage) LeafOption { return func(l *leaf) { l.keyUsage =
 func ExtKeyUsage(eku ...x509.ExtKeyUsage) LeafOption {
 	return func(l *leaf) { l.extKeyUsage = append([]x509.ExtKeyUsage(nil), eku...) }
 }
+
+// RSAKey gives the leaf an RSA key of the given size instead of the default
+// ECDSA P-256 key (SPIRE can issue either).
+func RSAKey(bits int) LeafOption { return func(l *leaf) { l.rsaBits = bits } }
 
 // OmitChain leaves the issuing intermediates out of the presented chain, so
 // a peer cannot build a path to the root.
