@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -356,14 +357,11 @@ func safeProfile(p Profile) Profile {
 }
 
 func joinURIs(c *x509.Certificate) string {
-	s := ""
+	s := make([]string, len(c.URIs))
 	for i, u := range c.URIs {
-		if i > 0 {
-			s += ", "
-		}
-		s += u.String()
+		s[i] = u.String()
 	}
-	return s
+	return strings.Join(s, ", ")
 }
 
 func rfc3339(t time.Time) string { return t.UTC().Format(time.RFC3339) }

@@ -9,11 +9,13 @@ import (
 	"io"
 	"net"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"latch.dev/latch/identity"
 	"latch.dev/latch/identity/identitytest"
@@ -497,5 +499,65 @@ func TestRSASVIDs(t *testing.T) {
 		if name := tls.CipherSuiteName(cs.CipherSuite); tt.version == tls.VersionTLS12 && !strings.HasPrefix(name, "TLS_ECDHE_RSA_WITH_") {
 			t.Errorf("suite %s, want ECDHE_RSA", name)
 		}
+	}
+}
+
+// Handshakes racing with rotations of both SVIDs and with bundle updates never
+// fail (and the race detector sees the certificate cache shared safely).
+func TestConcurrentHandshakesDuringRotation(t *testing.T) {
+	w := newWorld(t)
+	next := identitytest.NewCA(t, trustDomain)
+	both := w.ca.Bundle()
+	both.AddX509Authority(next.Cert())
+	w.server.SetBundle(both)
+	w.client.SetBundle(both)
+	var serverSVIDs, clientSVIDs []*x509svid.SVID
+	for _, ca := range []*identitytest.CA{w.ca, next, w.ca, next} {
+		serverSVIDs = append(serverSVIDs, ca.SVID(t, serverID))
+		clientSVIDs = append(clientSVIDs, ca.SVID(t, clientID))
+	}
+
+	srv := startServer(t, w.serverTL.ServerConfig(identity.Modern(), allowOnly(clientID)))
+	stop := make(chan struct{})
+	rotated := make(chan int)
+	go func() {
+		n := 0
+		defer func() { rotated <- n }()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			w.server.SetSVID(serverSVIDs[n%len(serverSVIDs)])
+			w.client.SetSVID(clientSVIDs[(n+1)%len(clientSVIDs)])
+			w.server.SetBundle(both)
+			n++
+		}
+	}()
+
+	cfg := w.clientTL.ClientConfig(identity.Modern(), mustID(serverID))
+	var failures atomic.Int64
+	var wg sync.WaitGroup
+	for range 3 {
+		wg.Go(func() {
+			for range 15 {
+				c, h := dial(t, srv.addr, cfg)
+				if h.err != nil {
+					failures.Add(1)
+					t.Errorf("handshake during rotation: %v", h.err)
+					continue
+				}
+				c.Close()
+			}
+		})
+	}
+	wg.Wait()
+	close(stop)
+	if n := <-rotated; n == 0 {
+		t.Error("no rotation happened during the handshakes")
+	}
+	if f := failures.Load(); f > 0 {
+		t.Errorf("%d of 45 handshakes failed", f)
 	}
 }
