@@ -27,7 +27,7 @@ type sslscanReport struct {
 			Enabled string `xml:"enabled,attr"`
 		} `xml:"protocol"`
 		Ciphers []sslscanCipher `xml:"cipher"`
-		Groups []struct {
+		Groups  []struct {
 			SSLVersion string `xml:"sslversion,attr"`
 			Name       string `xml:"name,attr"`
 		} `xml:"group"`
@@ -215,4 +215,3 @@ func checkScan(t *testing.T, profile string, rep sslscanReport) {
 	figuref("scanner", "sslscan "+profile+": suites accepted (all AEAD + forward secret)", "%s", strings.Join(suites, ", "))
 	figuref("scanner", "sslscan "+profile+": groups", "%s", strings.Join(groups, ", "))
 }
-

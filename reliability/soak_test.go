@@ -1,0 +1,287 @@
+package reliability
+
+import (
+	"context"
+	"crypto/sha256"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"os"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"latch.dev/latch/identity"
+	"latch.dev/latch/identity/devca"
+	"latch.dev/latch/proxy"
+)
+
+// soakSettings are the soak's durations: a short run by default (CI), the
+// issue's ten-minute run with LATCH_SOAK=10m.
+type soakSettings struct {
+	duration, svidTTL, rotate, policyEvery, rollOverlap time.Duration
+}
+
+func soakConfig(t *testing.T) soakSettings {
+	s := soakSettings{duration: 20 * time.Second, svidTTL: 3 * time.Second, rotate: time.Second,
+		policyEvery: 2 * time.Second, rollOverlap: time.Second}
+	if v := os.Getenv("LATCH_SOAK"); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil || d <= 0 {
+			t.Fatalf("LATCH_SOAK=%q: want a duration such as 10m", v)
+		}
+		s.duration = d
+		if d >= 2*time.Minute {
+			// The cadence: rotation every 30 s, policy every 15 s.
+			s = soakSettings{duration: d, svidTTL: 90 * time.Second, rotate: 30 * time.Second,
+				policyEvery: 15 * time.Second, rollOverlap: 30 * time.Second}
+		}
+	}
+	return s
+}
+
+// soakStats are the soak's counts.
+type soakStats struct {
+	allowedOK, allowedFailed     atomic.Int64
+	deniedRefused, deniedAdmited atomic.Int64
+	boundary                     atomic.Int64 // attempts that straddled a policy change: not judged
+	corrupted, bytes             atomic.Int64
+	longLivedEchoes              atomic.Int64
+	mu                           sync.Mutex
+	firstFailure                 error
+}
+
+func (s *soakStats) fail(err error) {
+	s.mu.Lock()
+	if s.firstFailure == nil {
+		s.firstFailure = err
+	}
+	s.mu.Unlock()
+}
+
+// TestSoak runs mixed traffic through five sidecars while SVIDs rotate, the
+// CA rolls over and the backend's allow-list alternates:
+//
+//	frontend (outbound to backend and store)  — always allowed
+//	batch    (outbound to backend)            — allowed in phase A only
+//	intruder (outbound to backend and store)  — never allowed
+//	backend, store (inbound, echo apps)
+//
+// Counts: allowed connections failed (0), denied peers admitted (0), bytes
+// corrupted (0, by hash); goroutines and RSS at start and end.
+func TestSoak(t *testing.T) {
+	cfg := soakConfig(t)
+	m := newMesh(t, devca.Options{SVIDTTL: cfg.svidTTL, RotateEvery: cfg.rotate})
+	events, stopEvents := m.ca.Subscribe(1 << 14)
+	defer stopEvents()
+	var rotations, caEvents atomic.Int64
+	evDone := make(chan struct{})
+	go func() {
+		defer close(evDone)
+		for ev := range events {
+			switch ev.Kind {
+			case devca.EventSVIDIssued:
+				rotations.Add(1)
+			case devca.EventCAActivated:
+				caEvents.Add(1)
+			}
+		}
+	}()
+
+	profile := identity.Modern()
+	allowA := identity.NewAllowList(identity.AllowID(id("frontend")), identity.AllowPathPrefix(id("batch")))
+	allowB := identity.NewAllowList(identity.AllowID(id("frontend")))
+
+	backendApp, storeApp := newApp(t, nil), newApp(t, nil)
+	inbound := func(name, app string, allow identity.AllowList) proxy.Inbound {
+		return proxy.Inbound{Name: name, Listen: "127.0.0.1:0", App: app, Allow: allow}
+	}
+	backend := newSidecar(t, m.source(t, "backend"))
+	backendCfg := func(version string, allow identity.AllowList) *proxy.Config {
+		// The same name and Listen ("127.0.0.1:0") keep the bound socket.
+		in := inbound("in", backendApp.addr(), allow)
+		return &proxy.Config{Version: version, TLS: profile, Inbound: []proxy.Inbound{in}}
+	}
+	backend.apply(backendCfg("A-0", allowA))
+	store := newSidecar(t, m.source(t, "store"))
+	store.apply(&proxy.Config{Version: "1", TLS: profile, Inbound: []proxy.Inbound{inbound("in", storeApp.addr(), allowB)}})
+
+	outbound := func(name, upstream, server string) proxy.Outbound {
+		return proxy.Outbound{Name: name, Listen: "127.0.0.1:0", Upstreams: []string{upstream}, ServerID: id(server)}
+	}
+	client := func(name string, outs ...proxy.Outbound) *sidecar {
+		s := newSidecar(t, m.source(t, name))
+		s.apply(&proxy.Config{Version: "1", TLS: profile, Outbound: outs})
+		return s
+	}
+	frontend := client("frontend", outbound("backend", backend.addr("in"), "backend"), outbound("store", store.addr("in"), "store"))
+	batch := client("batch", outbound("backend", backend.addr("in"), "backend"))
+	intruder := client("intruder", outbound("backend", backend.addr("in"), "backend"), outbound("store", store.addr("in"), "store"))
+
+	runtime.GC()
+	startRSS, startG := rssKiB(), runtime.NumGoroutine()
+
+	// phase is even while a policy is in place (phase/2 even: A, odd: B)
+	// and odd while Apply runs.
+	var phase atomic.Int64
+	var st soakStats
+	ctx, cancel := context.WithTimeout(context.Background(), cfg.duration)
+	defer cancel()
+
+	var wg sync.WaitGroup
+	worker := func(seed uint64, addr string, judge func(start, end int64, echoed bool, err error)) {
+		defer wg.Done()
+		r := rand.New(rand.NewPCG(seed, 7))
+		for ctx.Err() == nil {
+			size := 1 + r.IntN(64<<10)
+			payload := randomBytes(size)
+			p0 := phase.Load()
+			got, err := roundTrip(addr, payload, waitFor)
+			p1 := phase.Load()
+			echoed := len(got) > 0
+			if echoed && sha256.Sum256(got) != sha256.Sum256(payload) {
+				st.corrupted.Add(1)
+				st.fail(fmt.Errorf("%s: %w: sent %d, got %d", addr, errCorrupted, size, len(got)))
+			}
+			if echoed {
+				st.bytes.Add(int64(len(got)))
+			}
+			judge(p0, p1, echoed && len(got) == size, err)
+		}
+	}
+	allowed := func(name string) func(int64, int64, bool, error) {
+		return func(_, _ int64, ok bool, err error) {
+			if ok && err == nil {
+				st.allowedOK.Add(1)
+				return
+			}
+			st.allowedFailed.Add(1)
+			st.fail(fmt.Errorf("%s: allowed connection failed: echoed %v, %v", name, ok, err))
+		}
+	}
+	denied := func(name string) func(int64, int64, bool, error) {
+		return func(_, _ int64, ok bool, _ error) {
+			if ok {
+				st.deniedAdmited.Add(1)
+				st.fail(fmt.Errorf("%s: denied peer admitted", name))
+				return
+			}
+			st.deniedRefused.Add(1)
+		}
+	}
+	batchJudge := func(p0, p1 int64, ok bool, err error) {
+		if p0 != p1 || p0%2 != 0 {
+			st.boundary.Add(1)
+			return
+		}
+		if (p0/2)%2 == 0 {
+			allowed("batch in phase A")(p0, p1, ok, err)
+		} else {
+			denied("batch in phase B")(p0, p1, ok, err)
+		}
+	}
+	for i := range 3 {
+		wg.Add(2)
+		go worker(uint64(10+i), frontend.addr("backend"), allowed("frontend→backend"))
+		go worker(uint64(20+i), frontend.addr("store"), allowed("frontend→store"))
+	}
+	for i := range 2 {
+		wg.Add(3)
+		go worker(uint64(30+i), batch.addr("backend"), batchJudge)
+		go worker(uint64(40+i), intruder.addr("backend"), denied("intruder→backend"))
+		go worker(uint64(50+i), intruder.addr("store"), denied("intruder→store"))
+	}
+	// Two long-lived frontend connections echo through everything.
+	for range 2 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c, err := net.DialTimeout("tcp", frontend.addr("backend"), waitFor)
+			if err != nil {
+				st.allowedFailed.Add(1)
+				st.fail(err)
+				return
+			}
+			defer c.Close()
+			buf := make([]byte, 256)
+			for ctx.Err() == nil {
+				msg := randomBytes(256)
+				c.SetDeadline(time.Now().Add(waitFor))
+				if _, err := c.Write(msg); err != nil {
+					st.allowedFailed.Add(1)
+					st.fail(fmt.Errorf("long-lived connection: %w", err))
+					return
+				}
+				if _, err := io.ReadFull(c, buf); err != nil || sha256.Sum256(buf) != sha256.Sum256(msg) {
+					st.allowedFailed.Add(1)
+					st.fail(fmt.Errorf("long-lived connection: echo: %v", err))
+					return
+				}
+				st.longLivedEchoes.Add(1)
+				time.Sleep(100 * time.Millisecond)
+			}
+		}()
+	}
+
+	// The churn: policy changes on a ticker, one CA rollover a third in.
+	var policyChanges, rolls int
+	rollAt := time.After(cfg.duration / 3)
+	tick := time.NewTicker(cfg.policyEvery)
+	defer tick.Stop()
+loop:
+	for {
+		select {
+		case <-ctx.Done():
+			break loop
+		case <-rollAt:
+			if err := m.ca.RollCA(devca.RollOverlap(cfg.rollOverlap)); err != nil {
+				t.Errorf("CA rollover: %v", err)
+			}
+			rolls++
+		case <-tick.C:
+			policyChanges++
+			allow := allowA
+			version := fmt.Sprintf("A-%d", policyChanges)
+			if policyChanges%2 == 1 {
+				allow, version = allowB, fmt.Sprintf("B-%d", policyChanges)
+			}
+			phase.Add(1)
+			if err := backend.srv.Apply(backendCfg(version, allow)); err != nil {
+				t.Errorf("policy change %s: %v", version, err)
+			}
+			phase.Add(1)
+		}
+	}
+	wg.Wait()
+	revoked := backend.metric("latch_connections_closed_total", map[string]string{"reason": "policy_revoked"})
+	runtime.GC()
+	endRSS, endG := rssKiB(), runtime.NumGoroutine()
+	stopEvents()
+	<-evDone
+
+	t.Logf("soak %v: allowed ok %d failed %d; denied refused %d admitted %d; boundary %d; corrupted %d; %d MiB echoed; long-lived echoes %d; policy changes %d, revoked %v; SVIDs issued %d, CA rollovers %d; RSS %s → %s, goroutines %d → %d",
+		cfg.duration, st.allowedOK.Load(), st.allowedFailed.Load(), st.deniedRefused.Load(), st.deniedAdmited.Load(), st.boundary.Load(),
+		st.corrupted.Load(), st.bytes.Load()>>20, st.longLivedEchoes.Load(), policyChanges, revoked, rotations.Load(), rolls, mib(startRSS), mib(endRSS), startG, endG)
+	figuref("soak", "duration / sidecars", "%v / 5 (2 inbound, 3 outbound)", cfg.duration)
+	figuref("soak", "churn: SVIDs issued / CA rollovers (activated) / policy changes", "%d (rotate every %v) / %d (%d) / %d (every %v)", rotations.Load(), cfg.rotate, rolls, caEvents.Load(), policyChanges, cfg.policyEvery)
+	figuref("soak", "allowed connections ok / failed", "%d / %d", st.allowedOK.Load(), st.allowedFailed.Load())
+	figuref("soak", "denied peers refused / admitted", "%d / %d", st.deniedRefused.Load(), st.deniedAdmited.Load())
+	figuref("soak", "attempts straddling a policy change (not judged)", "%d", st.boundary.Load())
+	figuref("soak", "bytes echoed / corrupted connections", "%d MiB / %d", st.bytes.Load()>>20, st.corrupted.Load())
+	figuref("soak", "long-lived connections kept through the churn", "2, %d echoes", st.longLivedEchoes.Load())
+	figuref("soak", "RSS start → end", "%s → %s", mib(startRSS), mib(endRSS))
+	figuref("soak", "goroutines start → end", "%d → %d", startG, endG)
+
+	if st.allowedFailed.Load() != 0 || st.deniedAdmited.Load() != 0 || st.corrupted.Load() != 0 {
+		t.Errorf("allowed failed %d, denied admitted %d, corrupted %d; first: %v", st.allowedFailed.Load(), st.deniedAdmited.Load(), st.corrupted.Load(), st.firstFailure)
+	}
+	if st.allowedOK.Load() == 0 || st.deniedRefused.Load() == 0 || policyChanges < 2 || rolls != 1 {
+		t.Errorf("soak did not exercise enough: ok %d, refused %d, policy changes %d, rolls %d", st.allowedOK.Load(), st.deniedRefused.Load(), policyChanges, rolls)
+	}
+	if endG > startG+50 {
+		t.Errorf("goroutines grew from %d to %d", startG, endG)
+	}
+}
