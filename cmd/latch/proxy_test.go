@@ -1,0 +1,218 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"latch.dev/latch/identity"
+	"latch.dev/latch/identity/devca"
+)
+
+// jsonLines collects the JSON log lines a command writes and lets the test
+// wait for one.
+type jsonLines struct {
+	mu      sync.Mutex
+	lines   []map[string]any
+	changed chan struct{}
+	w       *io.PipeWriter
+	done    chan struct{}
+}
+
+func newJSONLines() *jsonLines {
+	r, w := io.Pipe()
+	j := &jsonLines{changed: make(chan struct{}), w: w, done: make(chan struct{})}
+	go func() {
+		defer close(j.done)
+		sc := bufio.NewScanner(r)
+		sc.Buffer(make([]byte, 1<<20), 1<<20)
+		for sc.Scan() {
+			var m map[string]any
+			if json.Unmarshal(sc.Bytes(), &m) != nil {
+				m = map[string]any{"msg": sc.Text()}
+			}
+			j.mu.Lock()
+			j.lines = append(j.lines, m)
+			close(j.changed)
+			j.changed = make(chan struct{})
+			j.mu.Unlock()
+		}
+	}()
+	return j
+}
+
+func (j *jsonLines) wait(t *testing.T, msg string, match func(map[string]any) bool) map[string]any {
+	t.Helper()
+	deadline := time.After(15 * time.Second)
+	for seen := 0; ; {
+		j.mu.Lock()
+		for _, l := range j.lines[seen:] {
+			if l["msg"] == msg && (match == nil || match(l)) {
+				j.mu.Unlock()
+				return l
+			}
+		}
+		seen = len(j.lines)
+		ch := j.changed
+		j.mu.Unlock()
+		select {
+		case <-ch:
+		case <-deadline:
+			j.mu.Lock()
+			defer j.mu.Unlock()
+			t.Fatalf("no log line %q; got %v", msg, j.lines)
+		}
+	}
+}
+
+// TestProxyCommand runs `latch proxy` against a devca Workload API: it
+// serves the file, a SIGHUP with a broken file keeps the old config (and
+// logs file:line), a SIGHUP with a new policy closes the peer it no longer
+// allows, and cancelling the context drains and exits cleanly.
+func TestProxyCommand(t *testing.T) {
+	const (
+		frontend = "spiffe://mesh.test/ns/default/sa/frontend"
+		backend  = "spiffe://mesh.test/ns/default/sa/backend"
+	)
+	ca, err := devca.New("mesh.test", devca.Options{Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ca.Close() })
+	beSocket, err := ca.AddWorkload(backend)
+	if err != nil {
+		t.Fatal(err)
+	}
+	feSocket, err := ca.AddWorkload(frontend)
+	if err != nil {
+		t.Fatal(err)
+	}
+	feSrc, err := identity.NewWorkloadSource(t.Context(), feSocket, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { feSrc.Close() })
+
+	app, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { app.Close() })
+	go func() {
+		for {
+			c, err := app.Accept()
+			if err != nil {
+				return
+			}
+			go func() { defer c.Close(); io.Copy(c, c) }()
+		}
+	}()
+
+	path := filepath.Join(t.TempDir(), "latch.yaml")
+	writeConfig := func(body string) {
+		t.Helper()
+		if err := os.WriteFile(path, []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	config := func(allow string) string {
+		return "inbound:\n  - name: web\n    listen: 127.0.0.1:0\n    app: " + app.Addr().String() + "\n    allow:\n      - id: " + allow + "\n"
+	}
+	writeConfig(config(frontend))
+
+	logs := newJSONLines()
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	exited := make(chan error, 1)
+	go func() {
+		exited <- runProxy(ctx, []string{"--config", path, "--workload-api", beSocket, "--drain-timeout", "2s"}, io.Discard, logs.w)
+	}()
+	addr := logs.wait(t, "listening", nil)["addr"].(string)
+
+	serverID := spiffeid.RequireFromString(backend)
+	dial := func() (*tls.Conn, error) {
+		return tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", addr,
+			identity.NewTLS(feSrc).ClientConfig(identity.Modern(), serverID))
+	}
+	echo := func(c *tls.Conn, msg string) error {
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.WriteString(c, msg); err != nil {
+			return err
+		}
+		buf := make([]byte, len(msg))
+		_, err := io.ReadFull(c, buf)
+		return err
+	}
+	live, err := dial()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer live.Close()
+	if err := echo(live, "hello"); err != nil {
+		t.Fatalf("through latch proxy: %v", err)
+	}
+
+	writeConfig(config(frontend) + "    maxConnections: lots\n")
+	syscall.Kill(os.Getpid(), syscall.SIGHUP)
+	refused := logs.wait(t, "reload refused, the running config keeps serving", nil)
+	if e, _ := refused["error"].(string); !strings.Contains(e, path+":7:") || !strings.Contains(e, "maxConnections") {
+		t.Errorf("reload error %q does not name %s:7 and the setting", e, path)
+	}
+	if err := echo(live, "still here"); err != nil {
+		t.Fatalf("after a broken reload: %v", err)
+	}
+
+	writeConfig(config("spiffe://mesh.test/ns/default/sa/someone-else"))
+	syscall.Kill(os.Getpid(), syscall.SIGHUP)
+	logs.wait(t, "reloaded", nil)
+	logs.wait(t, "connection closed", func(l map[string]any) bool { return l["reason"] == "policy_revoked" && l["peer_id"] == frontend })
+
+	cancel()
+	select {
+	case err := <-exited:
+		if err != nil {
+			t.Fatalf("latch proxy exited with %v", err)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("latch proxy did not exit after cancellation")
+	}
+	logs.w.Close()
+	<-logs.done
+}
+
+// TestProxyCommandRefusesBadSetup: bad flags and a bad file fail at once,
+// before the Workload API is even consulted.
+func TestProxyCommandRefusesBadSetup(t *testing.T) {
+	bad := filepath.Join(t.TempDir(), "bad.yaml")
+	if err := os.WriteFile(bad, []byte("tls:\n  profile: legacy\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{}, "--config is required"},
+		{[]string{"--config", bad, "--log-format", "xml"}, "--log-format"},
+		{[]string{"--config", bad, "--log-level", "loud"}, "--log-level"},
+		{[]string{"--config", bad}, bad + ":2:12: tls.profile"},
+		{[]string{"--config", bad, "extra"}, "unexpected arguments"},
+	} {
+		err := runProxy(t.Context(), append(tc.args, "--workload-api", "unix:///nonexistent.sock"), io.Discard, io.Discard)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("latch proxy %v: %v, want an error containing %q", tc.args, err, tc.want)
+		}
+	}
+}
