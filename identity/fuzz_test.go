@@ -94,8 +94,8 @@ func FuzzNarrow(f *testing.F) {
 	f.Add(true, uint16(tls.VersionTLS12), uint16(tls.VersionTLS13), []byte{0xc0, 0x2b}, []byte{0x11, 0xec})
 	f.Add(true, uint16(tls.VersionTLS10), uint16(0), []byte{}, []byte{})
 	f.Add(false, uint16(tls.VersionTLS12), uint16(0), []byte{}, []byte{})
-	f.Add(true, uint16(0), uint16(0), []byte{0x00, 0x2f}, []byte{})              // TLS_RSA_WITH_AES_128_CBC_SHA
-	f.Add(true, uint16(0), uint16(0), []byte{0xc0, 0x13}, []byte{0x00, 0x19})    // ECDHE-RSA-AES128-SHA, P-521
+	f.Add(true, uint16(0), uint16(0), []byte{0x00, 0x2f}, []byte{})           // TLS_RSA_WITH_AES_128_CBC_SHA
+	f.Add(true, uint16(0), uint16(0), []byte{0xc0, 0x13}, []byte{0x00, 0x19}) // ECDHE-RSA-AES128-SHA, P-521
 	f.Add(true, uint16(tls.VersionTLS13), uint16(tls.VersionTLS12), []byte{}, []byte{})
 	f.Add(true, uint16(0xffff), uint16(0x0300), []byte{0xcc, 0xa9}, []byte{0x00, 0x1d})
 	f.Fuzz(func(t *testing.T, intermediate bool, minV, maxV uint16, suites, curves []byte) {
