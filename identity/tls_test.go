@@ -561,3 +561,20 @@ func TestConcurrentHandshakesDuringRotation(t *testing.T) {
 		t.Errorf("%d of 45 handshakes failed", f)
 	}
 }
+
+// The shape that keeps Go's web-PKI verification (and so the system roots) out
+// of every handshake while latch's own verification stays in.
+func TestConfigsNeverConsultSystemRoots(t *testing.T) {
+	w := newWorld(t)
+	server := w.serverTL.ServerConfig(identity.Modern(), allowOnly(clientID))
+	if server.ClientCAs != nil || server.ClientAuth != tls.RequireAnyClientCert || server.VerifyConnection == nil || server.GetCertificate == nil {
+		t.Errorf("server config: ClientCAs %v, ClientAuth %v, VerifyConnection set %v", server.ClientCAs, server.ClientAuth, server.VerifyConnection != nil)
+	}
+	client := w.clientTL.ClientConfig(identity.Modern(), mustID(serverID))
+	if client.RootCAs != nil || !client.InsecureSkipVerify || client.VerifyConnection == nil || client.VerifyPeerCertificate != nil || client.GetClientCertificate == nil {
+		t.Errorf("client config: RootCAs %v, InsecureSkipVerify %v, VerifyConnection set %v", client.RootCAs, client.InsecureSkipVerify, client.VerifyConnection != nil)
+	}
+	if client.ClientSessionCache == nil || client.SessionTicketsDisabled || server.SessionTicketsDisabled {
+		t.Error("session resumption is off")
+	}
+}

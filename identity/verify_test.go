@@ -31,12 +31,15 @@ func hostilePeers(t *testing.T, w *world, id string, role, other x509.ExtKeyUsag
 	foreign := identitytest.NewCA(t, "other.test") // another trust domain, whose bundle we also hold
 	inter := ca.NewIntermediate(t)
 	now := time.Now()
+	withRoot := ca.TLSCertificate(t, id)
+	withRoot.Certificate = append(withRoot.Certificate, ca.Cert().Raw)
 	withLeafInChain := ca.TLSCertificate(t, id)
 	withLeafInChain.Certificate = append(withLeafInChain.Certificate, ca.TLSCertificate(t, "spiffe://mesh.test/ns/x").Certificate[0])
 	return []peerCase{
 		{name: "valid", cert: ca.TLSCertificate(t, id)},
 		{name: "valid through an intermediate CA", cert: inter.TLSCertificate(t, id)},
 		{name: "valid with only the role's EKU", cert: ca.TLSCertificate(t, id, identitytest.ExtKeyUsage(role))},
+		{name: "valid with the root sent along", cert: withRoot},
 
 		{"other CA, same trust domain name", stranger.TLSCertificate(t, id), identity.ClassUnknownCA, "not signed by a CA of the trust bundle of \"mesh.test\""},
 		{"other trust domain", foreign.TLSCertificate(t, "spiffe://other.test/ns/x"), identity.ClassWrongTrustDomain, `peer spiffe://other.test/ns/x: trust domain "other.test" is not the local trust domain "mesh.test"`},
