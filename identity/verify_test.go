@@ -183,3 +183,24 @@ func TestCustomAuthorizerErrorWrapsErrNotAllowed(t *testing.T) {
 		t.Errorf("%v does not wrap ErrNotAllowed", r.err)
 	}
 }
+
+// Without a local SVID or bundle nothing is accepted, and the error says which
+// local piece is missing.
+func TestMissingLocalIdentityFailsClosed(t *testing.T) {
+	w := newWorld(t)
+	empty := identitytest.NewSource(nil, w.ca.Bundle())
+	srv := startServer(t, identity.NewTLS(empty).ServerConfig(identity.Modern(), allowOnly(clientID)))
+	_, client := dial(t, srv.addr, w.clientTL.ClientConfig(identity.Modern(), mustID(serverID)))
+	if client.err == nil {
+		t.Error("client connected to a server without an SVID")
+	}
+	wantRefused(t, "server without SVID", srv.next(t), identity.ClassOther, "getting the local X.509-SVID")
+
+	noBundle := identitytest.NewSource(w.ca.SVID(t, serverID))
+	srv = startServer(t, identity.NewTLS(noBundle).ServerConfig(identity.Modern(), allowOnly(clientID)))
+	_, client = dial(t, srv.addr, w.clientTL.ClientConfig(identity.Modern(), mustID(serverID)))
+	if client.err == nil {
+		t.Error("client accepted by a server without a bundle")
+	}
+	wantRefused(t, "server without bundle", srv.next(t), identity.ClassOther, `getting the bundle of "mesh.test"`)
+}
