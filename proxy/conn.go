@@ -61,7 +61,7 @@ type conn struct {
 
 	remoteAddr string // the peer sidecar's address
 	appAddr    string // the local app's address
-	resumed    bool // the TLS handshake resumed a session
+	resumed    bool   // the TLS handshake resumed a session
 	bytesIn    atomic.Int64
 	bytesOut   atomic.Int64
 }
@@ -333,10 +333,14 @@ func (c *conn) finish() {
 		reason = *p
 	}
 	c.l.metrics.connClosed(reason)
+	peer := ""
+	if p := c.peer.Load(); p != nil {
+		peer = p.String()
+	}
 	attrs := []any{
 		"listener", c.l.name,
 		"direction", string(c.l.dir),
-		"peer_id", "",
+		"peer_id", peer,
 		"remote_addr", c.remoteAddr,
 		"app_addr", c.appAddr,
 		"bytes_in", c.bytesIn.Load(),
@@ -344,9 +348,6 @@ func (c *conn) finish() {
 		"duration", time.Since(c.start),
 		"reason", reason,
 		"tls_resumed", c.resumed,
-	}
-	if p := c.peer.Load(); p != nil {
-		attrs[5] = p.String()
 	}
 	c.log().Info("connection closed", attrs...)
 }

@@ -1,6 +1,64 @@
 // Package proxy is latch's data plane: inbound listeners that terminate mTLS and
 // forward plain TCP to the local app, and outbound listeners on loopback that
 // originate mTLS to an upstream. It runs whatever immutable Config snapshot it
-// was last given (from a static file or from xDS) and owns listener lifecycle,
-// the copy loop, limits, timeouts and graceful drain.
+// was last given (from a static file via LoadFile, or from xDS) and owns
+// listener lifecycle, the copy loop, limits, timeouts and graceful drain.
+//
+// # Connections
+//
+// Inbound: accept → TLS handshake under HandshakeTimeout, in which the
+// tls.Config from TLSConfigs verifies the peer's X.509-SVID and authorizes its
+// SPIFFE ID against the allow-list of the snapshot current at that moment →
+// re-check against the current snapshot → dial the app (ConnectTimeout) →
+// copy both ways. The app is dialed only after the handshake and the
+// authorization succeeded, so no byte of a refused peer ever reaches it.
+//
+// Outbound: accept on loopback → dial the upstreams in order → TLS handshake
+// in which the upstream must prove the listener's ServerID → copy. The app's
+// bytes are not read before that. There is no plaintext fallback anywhere.
+//
+// A clean end of stream on one side is passed on as a half-close of the other
+// (close_notify and FIN towards a TLS side), while the other direction goes
+// on; a reset or error on either side resets both, so neither end mistakes a
+// broken stream for a complete one. A connection with no byte either way for
+// IdleTimeout is closed; activity resets the timer.
+//
+// # Limits and lifecycle
+//
+// Each listener takes a connection slot (MaxConnections) and a shutdown
+// wait-group slot before it calls Accept: at the limit it stops accepting and
+// further peers wait in the kernel's backlog (back-pressure, not refusal).
+// Accept errors back off from 5 ms to 1 s.
+//
+// Apply is all-or-nothing: it validates, binds the new listeners' sockets
+// (closing them again if one bind fails, leaving the running config alone),
+// then swaps the snapshot. Listeners whose direction, name and address did
+// not change keep their socket and connections; removed ones stop accepting
+// and drain for up to Options.DrainTimeout. Live inbound connections whose
+// peer the new allow-list refuses are closed ("policy_revoked"), live
+// outbound connections whose listener now expects another server ID too
+// ("server_id_changed"). Shutdown stops accepting, waits for live connections
+// until its context ends, closes the rest ("drain"), and returns when every
+// goroutine has exited.
+//
+// # Access log
+//
+// One line per connection at close, message "connection closed", with
+// listener, direction, peer_id (the verified SPIFFE ID of the other
+// sidecar), remote_addr (that sidecar's address), app_addr (the local app's
+// address), bytes_in, bytes_out, duration, reason and tls_resumed.
+//
+// bytes_in counts what the accepted side sent through the proxy and bytes_out
+// what went back to it: for an inbound listener bytes_in is peer → app and
+// bytes_out app → peer; for an outbound listener bytes_in is app → upstream
+// and bytes_out upstream → app. (The latch_bytes_total metric says the same
+// with a flow label that needs no such convention: app_to_peer, peer_to_app.)
+//
+// Reasons: eof (both sides closed cleanly), idle_timeout, policy_revoked,
+// server_id_changed, upstream_reset (the dialed side failed mid-stream),
+// downstream_reset (the accepted side did), drain, upstream_unreachable.
+//
+// A failed or refused handshake is one line "handshake refused" instead, with
+// listener, direction, remote_addr, peer_id (when the peer presented a
+// readable ID), class (identity.ClassOf) and reason (the error text).
 package proxy
