@@ -226,6 +226,9 @@ func (t *TLS) verifyPeer(cs tls.ConnectionState, eku x509.ExtKeyUsage) (spiffeid
 // reported as unknown_ca: the missing trust is the real problem.
 func chainError(fail func(Class, spiffeid.ID, string, ...any) error, id spiffeid.ID, td spiffeid.TrustDomain,
 	certs []*x509.Certificate, bundle *x509bundle.Bundle, now time.Time, err error) error {
+	unknownCA := func() error {
+		return fail(ClassUnknownCA, id, "peer %s: certificate not signed by a CA of the trust bundle of %q (issuer %q)", id, td.Name(), certs[0].Issuer.String())
+	}
 	if ci, ok := errors.AsType[x509.CertificateInvalidError](err); ok && ci.Reason == x509.Expired && ci.Cert != nil {
 		c := ci.Cert
 		at := c.NotAfter
@@ -234,7 +237,7 @@ func chainError(fail func(Class, spiffeid.ID, string, ...any) error, id spiffeid
 		}
 		if _, _, err2 := x509svid.Verify(certs, bundle, x509svid.WithTime(at)); err2 != nil {
 			if _, ok := errors.AsType[x509.UnknownAuthorityError](err2); ok {
-				return fail(ClassUnknownCA, id, "peer %s: certificate not signed by a CA of the trust bundle of %q (issuer %q)", id, td.Name(), certs[0].Issuer.String())
+				return unknownCA()
 			}
 		}
 		what := "certificate"
@@ -247,7 +250,7 @@ func chainError(fail func(Class, spiffeid.ID, string, ...any) error, id spiffeid
 		return fail(ClassExpired, id, "peer %s: %s expired at %s (now %s)", id, what, rfc3339(c.NotAfter), rfc3339(now))
 	}
 	if _, ok := errors.AsType[x509.UnknownAuthorityError](err); ok {
-		return fail(ClassUnknownCA, id, "peer %s: certificate not signed by a CA of the trust bundle of %q (issuer %q)", id, td.Name(), certs[0].Issuer.String())
+		return unknownCA()
 	}
 	return fail(ClassBadSVID, id, "peer %s: chain does not verify: %w", id, err)
 }

@@ -291,11 +291,7 @@ func TestResumedSessionOfRemovedCAIsRefused(t *testing.T) {
 	for _, side := range []string{"server", "client"} {
 		t.Run("by the "+side, func(t *testing.T) {
 			w := newWorld(t)
-			retired := identitytest.NewCA(t, trustDomain)
-			both := w.ca.Bundle()
-			both.AddX509Authority(retired.Cert())
-			w.server.SetBundle(both)
-			w.client.SetBundle(both)
+			retired, _ := w.secondCA(t)
 			// The peer of the refusing side holds a certificate of the CA to be removed.
 			verifier := w.server
 			if side == "server" {
@@ -364,11 +360,7 @@ func TestRotationTakesEffectPerHandshake(t *testing.T) {
 // its certificates are refused.
 func TestCARolloverWithOverlap(t *testing.T) {
 	w := newWorld(t)
-	next := identitytest.NewCA(t, trustDomain)
-	both := w.ca.Bundle()
-	both.AddX509Authority(next.Cert())
-	w.server.SetBundle(both)
-	w.client.SetBundle(both)
+	next, _ := w.secondCA(t)
 
 	srv := startServer(t, w.serverTL.ServerConfig(identity.Modern(), allowOnly(clientID)))
 	cfg := w.clientTL.ClientConfig(identity.Modern(), mustID(serverID)).Clone()
@@ -506,11 +498,7 @@ func TestRSASVIDs(t *testing.T) {
 // fail (and the race detector sees the certificate cache shared safely).
 func TestConcurrentHandshakesDuringRotation(t *testing.T) {
 	w := newWorld(t)
-	next := identitytest.NewCA(t, trustDomain)
-	both := w.ca.Bundle()
-	both.AddX509Authority(next.Cert())
-	w.server.SetBundle(both)
-	w.client.SetBundle(both)
+	next, both := w.secondCA(t)
 	var serverSVIDs, clientSVIDs []*x509svid.SVID
 	for _, ca := range []*identitytest.CA{w.ca, next, w.ca, next} {
 		serverSVIDs = append(serverSVIDs, ca.SVID(t, serverID))
