@@ -204,3 +204,26 @@ func TestMissingLocalIdentityFailsClosed(t *testing.T) {
 	}
 	wantRefused(t, "server without bundle", srv.next(t), identity.ClassOther, `getting the bundle of "mesh.test"`)
 }
+
+// A copied certificate is worthless without its private key: the handshake
+// signature proves possession, on both sides.
+func TestCertificateWithoutItsKeyIsRefused(t *testing.T) {
+	w := newWorld(t)
+	stolen := func(id string) tls.Certificate {
+		c := w.ca.TLSCertificate(t, id)
+		c.PrivateKey = w.ca.TLSCertificate(t, id).PrivateKey // a key of its own, not the certificate's
+		return c
+	}
+
+	srv := startServer(t, w.serverTL.ServerConfig(identity.Modern(), allowOnly(clientID)))
+	_, client := dial(t, srv.addr, hostileClient(stolen(clientID)))
+	if client.err == nil {
+		t.Error("client with a stolen certificate connected")
+	}
+	wantRefused(t, "server", srv.next(t), identity.ClassOther, "invalid signature by the client certificate")
+
+	srv = startServer(t, hostileServer(stolen(serverID)))
+	_, client = dial(t, srv.addr, w.clientTL.ClientConfig(identity.Modern(), mustID(serverID)))
+	wantRefused(t, "client", client, identity.ClassOther, "invalid signature by the server certificate")
+	srv.next(t)
+}
