@@ -100,6 +100,9 @@ func (s *Store) Reload() (Snapshot, error) {
 			c.data, c.decls = s.files[p].goodData, s.files[p].good
 		} else if data, err := os.ReadFile(p); err != nil {
 			c.err = &FileError{File: p, Errors: []*Error{{File: p, Reason: fmt.Sprintf("reading: %v", err)}}}
+		} else if prev := s.files[p]; prev != nil && prev.good != nil && bytes.Equal(prev.goodData, data) {
+			// Unchanged since it was last accepted: no need to parse again.
+			c.data, c.decls = data, prev.good
 		} else {
 			c.data = data
 			c.decls, c.err = Parse(p, data, s.opts)

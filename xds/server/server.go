@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"reflect"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -49,9 +51,10 @@ type Server struct {
 
 	// snapMu serialises snapshot changes; it is never held while waiting
 	// for mu, and mu is never held while calling into the cache.
-	snapMu sync.Mutex
-	served map[string]string // node ID → snapshot version, for every node with a declaration now or before
-	ready  bool
+	snapMu   sync.Mutex
+	served   map[string]string             // node ID → snapshot version, for every node with a declaration now or before
+	lastDecl map[string]policy.Declaration // node ID → declaration last translated
+	ready    bool
 
 	mu       sync.Mutex
 	streams  map[streamKey]*streamState
@@ -78,6 +81,7 @@ func New(ctx context.Context, opts Options) *Server {
 		topts:    opts.Translate,
 		streams:  map[streamKey]*streamState{},
 		served:   map[string]string{},
+		lastDecl: map[string]policy.Declaration{},
 		lastNACK: map[string]map[string]string{},
 	}
 	if s.log == nil {
@@ -97,25 +101,75 @@ func (s *Server) Update(snap policy.Snapshot) {
 	s.ready = true
 	s.metrics.declarationErrors(len(snap.Errors))
 	declared := map[string]bool{}
+	var todo []policy.Declaration
 	for _, d := range snap.Declarations {
 		node := d.ID.String()
 		declared[node] = true
-		s.setSnapshot(node, translate.Translate(d, s.topts))
+		// An unchanged declaration translates to the same snapshot; skip
+		// the work (with many workloads, most are unchanged by an edit).
+		if prev, ok := s.lastDecl[node]; ok && reflect.DeepEqual(prev, d) {
+			continue
+		}
+		todo = append(todo, d)
 	}
+	// Translation is pure and per node, so it runs on every core; snapshots
+	// are installed as they come, so the first sidecars get theirs while
+	// the rest are still being built.
+	jobs := make(chan policy.Declaration)
+	results := make(chan built)
+	var wg sync.WaitGroup
+	for range min(runtime.GOMAXPROCS(0), max(len(todo), 1)) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for d := range jobs {
+				results <- build(d.ID.String(), translate.Translate(d, s.topts))
+			}
+		}()
+	}
+	go func() {
+		for _, d := range todo {
+			jobs <- d
+		}
+		close(jobs)
+		wg.Wait()
+		close(results)
+	}()
+	changed := 0
+	for b := range results {
+		if s.served[b.node] != b.version {
+			changed++
+		}
+		s.install(b)
+	}
+	for _, d := range todo {
+		s.lastDecl[d.ID.String()] = d
+	}
+	removed := 0
 	for node := range s.served {
+		if !declared[node] && s.lastDecl[node].Name != "" {
+			removed++
+		}
 		if !declared[node] {
-			s.setSnapshot(node, translate.Resources{})
+			delete(s.lastDecl, node)
+			s.install(build(node, translate.Resources{}))
 		}
 	}
 	s.metrics.nodes(len(declared))
+	s.log.Info("declarations served", "declared", len(declared), "changed", changed, "removed", removed, "declaration_errors", len(snap.Errors))
 }
 
-// setSnapshot is called with s.snapMu held.
-func (s *Server) setSnapshot(node string, r translate.Resources) {
-	version := r.Hash()
-	if s.served[node] == version {
-		return
-	}
+// built is one node's snapshot, ready to install.
+type built struct {
+	node, version string
+	r             translate.Resources
+	snap          *cache.Snapshot
+	err           error
+}
+
+// build makes a consistent snapshot of r, versioned by its content hash.
+func build(node string, r translate.Resources) built {
+	b := built{node: node, version: r.Hash(), r: r}
 	res := map[resource.Type][]types.Resource{
 		resource.ListenerType: {},
 		resource.ClusterType:  {},
@@ -130,12 +184,25 @@ func (s *Server) setSnapshot(node string, r translate.Resources) {
 	for _, e := range r.Endpoints {
 		res[resource.EndpointType] = append(res[resource.EndpointType], e)
 	}
-	snap, err := cache.NewSnapshot(version, res)
-	if err == nil {
-		err = snap.Consistent()
+	b.snap, b.err = cache.NewSnapshot(b.version, res)
+	if b.err == nil {
+		b.err = b.snap.Consistent()
+	}
+	return b
+}
+
+// setSnapshot is called with s.snapMu held.
+func (s *Server) setSnapshot(node string, r translate.Resources) { s.install(build(node, r)) }
+
+// install serves b to its node unless the node already has that version.
+// It is called with s.snapMu held.
+func (s *Server) install(b built) {
+	node, version, r, err := b.node, b.version, b.r, b.err
+	if s.served[node] == version {
+		return
 	}
 	if err == nil {
-		err = s.cache.SetSnapshot(context.Background(), node, snap)
+		err = s.cache.SetSnapshot(context.Background(), node, b.snap)
 	}
 	if err != nil {
 		// Translation only builds consistent snapshots; this is a bug, and
@@ -144,7 +211,7 @@ func (s *Server) setSnapshot(node string, r translate.Resources) {
 		return
 	}
 	s.served[node] = version
-	s.log.Info("snapshot updated", "node", node, "version", version,
+	s.log.Debug("snapshot updated", "node", node, "version", version,
 		"listeners", len(r.Listeners), "clusters", len(r.Clusters), "endpoints", len(r.Endpoints))
 }
 
