@@ -25,8 +25,8 @@ func TestHostilePeers(t *testing.T) {
 	frontend := identity.NewTLS(ca.Source(t, frontendID))
 	const handshakeTimeout = 500 * time.Millisecond
 	limits := func(in *Inbound) { in.HandshakeTimeout = handshakeTimeout }
-	modern := newMeshWith(t, echo, meshOptions{inbound: limits}, backend, frontend, ca)
-	intermediate := newMeshWith(t, echo, meshOptions{inbound: limits, profile: identity.Intermediate()}, backend, frontend, ca)
+	modern := newMeshWith(t, echo, meshOptions{inbound: limits, metrics: NewMetrics(nil)}, backend, frontend, ca)
+	intermediate := newMeshWith(t, echo, meshOptions{inbound: limits, metrics: NewMetrics(nil), profile: identity.Intermediate()}, backend, frontend, ca)
 
 	cert := func(c *identitytest.CA, id string, opts ...identitytest.LeafOption) func(t *testing.T) []tls.Certificate {
 		return func(t *testing.T) []tls.Certificate { return []tls.Certificate{c.TLSCertificate(t, id, opts...)} }
@@ -80,6 +80,9 @@ func TestHostilePeers(t *testing.T) {
 			}
 			mark := m.logs.mark()
 			accepted, read := m.app.accepted.Load(), m.app.read.Load()
+			failures := m.inbound.metrics.handshakeFailures.WithLabelValues("web", "inbound", string(tc.class))
+			denials := m.inbound.metrics.denials.WithLabelValues("web")
+			failuresBefore, denialsBefore := metricValue(t, failures), metricValue(t, denials)
 			start := time.Now()
 
 			raw, err := net.Dial("tcp", addrOf(t, m.inbound, "web"))
@@ -128,6 +131,16 @@ func TestHostilePeers(t *testing.T) {
 				if el := time.Since(start); el < handshakeTimeout*9/10 {
 					t.Errorf("slow handshake cut after %v, before the %v deadline", el, handshakeTimeout)
 				}
+			}
+			if n := metricValue(t, failures) - failuresBefore; n != 1 {
+				t.Errorf("latch_handshake_failures_total{class=%q} grew by %v, want 1", tc.class, n)
+			}
+			wantDenials := 0.0
+			if tc.class == identity.ClassNotAllowed {
+				wantDenials = 1
+			}
+			if n := metricValue(t, denials) - denialsBefore; n != wantDenials {
+				t.Errorf("latch_authorization_denials_total grew by %v, want %v", n, wantDenials)
 			}
 			if a, n := m.app.accepted.Load()-accepted, m.app.read.Load()-read; a != 0 || n != 0 {
 				t.Fatalf("app saw %d connections and %d bytes from a refused peer", a, n)
