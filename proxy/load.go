@@ -10,6 +10,7 @@ import (
 	"regexp"
 	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -252,11 +253,9 @@ func (p *parser) config(n *yaml.Node, cfg *Config) error {
 func (p *parser) tls(n *yaml.Node, path string) (identity.Profile, error) {
 	var name string
 	var params identity.Params
-	var paramNode *yaml.Node
+	nodes := make(map[string]*yaml.Node)
 	err := p.fields(n, path, []string{"profile", "minVersion", "maxVersion", "cipherSuites", "curves"}, func(key string, v *yaml.Node, field string) error {
-		if key != "profile" && paramNode == nil {
-			paramNode = v
-		}
+		nodes[key] = v
 		switch key {
 		case "profile":
 			s, err := p.str(v, field)
@@ -322,11 +321,14 @@ func (p *parser) tls(n *yaml.Node, path string) (identity.Profile, error) {
 	prof, _ := identity.ProfileByName(name)
 	narrowed, err := prof.Narrow(params)
 	if err != nil {
-		at := n
-		if paramNode != nil {
-			at = paramNode
+		// Narrow's errors start with the name of the setting at fault.
+		at, field := n, path
+		for key, v := range nodes {
+			if strings.HasPrefix(err.Error(), key) {
+				at, field = v, path+"."+key
+			}
 		}
-		return identity.Profile{}, p.errAt(at, path, err)
+		return identity.Profile{}, p.errAt(at, field, err)
 	}
 	return narrowed, nil
 }

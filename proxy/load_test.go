@@ -124,11 +124,12 @@ func TestParseErrors(t *testing.T) {
 		{"upstream without port", "outbound:\n  - name: b\n    listen: 127.0.0.1:15001\n    serverID: spiffe://mesh.test/b\n    upstreams: [backend]\n", []string{"t.yaml:5:17:", "outbound[0].upstreams[0]"}},
 		{"weak profile", "tls:\n  profile: legacy\n", []string{"t.yaml:2:12:", "tls.profile", `"legacy"`}},
 		{"TLS 1.1", "tls:\n  profile: intermediate\n  minVersion: \"1.1\"\n", []string{"t.yaml:3:15:", "tls.minVersion", "TLS 1.1"}},
-		{"TLS 1.2 widens modern", "tls:\n  minVersion: \"1.2\"\n", []string{"t.yaml:2:15:", "tls", "outside profile modern"}},
+		{"TLS 1.2 widens modern", "tls:\n  curves: [X25519]\n  minVersion: \"1.2\"\n", []string{"t.yaml:3:15:", "tls.minVersion", "outside profile modern"}},
+		{"a TLS 1.2 suite under modern", "tls:\n  curves: [X25519]\n  cipherSuites: [TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256]\n", []string{"t.yaml:3:17:", "tls.cipherSuites", "not allowed by profile modern"}},
 		{"CBC suite", "tls:\n  profile: intermediate\n  cipherSuites: [TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA]\n", []string{"t.yaml:3:18:", "tls.cipherSuites[0]", "CBC"}},
 		{"static RSA suite", "tls:\n  profile: intermediate\n  cipherSuites: [AES128-GCM-SHA256]\n", []string{"t.yaml:3:18:", "tls.cipherSuites[0]"}},
 		{"unknown curve", "tls:\n  curves: [X448]\n", []string{"t.yaml:2:12:", "tls.curves[0]", "X448"}},
-		{"P-384 widens modern", "tls:\n  curves: [P-384]\n", []string{"t.yaml:2:11:", "not allowed by profile modern"}},
+		{"P-384 widens modern", "tls:\n  curves: [P-384]\n", []string{"t.yaml:2:11:", "tls.curves", "not allowed by profile modern"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := Parse("t.yaml", []byte(tc.yaml))
