@@ -123,7 +123,7 @@ func BuildLatch(ctx context.Context, moduleDir, dir string, symbols bool) (strin
 	if b, err := exec.CommandContext(ctx, "git", "-C", moduleDir, "describe", "--tags", "--always", "--dirty").Output(); err == nil {
 		version = strings.TrimSpace(string(b))
 	}
-	out := filepath.Join(dir, "latch")
+	out := filepath.Join(dir, "bin", "latch")
 	ldflags := "-s -w -X main.version=" + version
 	if symbols {
 		ldflags = "-X main.version=" + version
