@@ -194,15 +194,15 @@ func TestConnectionLimit(t *testing.T) {
 // the idle timeout; one with traffic outlives it (the timeout is reset on
 // activity, it is not a deadline).
 func TestIdleTimeout(t *testing.T) {
-	const idle = 300 * time.Millisecond
+	const idle = 500 * time.Millisecond
 	m := newMesh(t, echo, meshOptions{inbound: func(in *Inbound) { in.IdleTimeout = idle }})
 
 	busy := m.dial(t)
-	for i := range 8 { // 8 × 100ms > 2 × idle
+	for i := range 12 { // 12 × 100ms > 2 × idle
 		if err := roundTrip(busy, "ping"+strconv.Itoa(i)); err != nil {
 			t.Fatalf("busy connection, ping %d: %v", i, err)
 		}
-		time.Sleep(idle / 3)
+		time.Sleep(idle / 5)
 	}
 
 	mark := m.logs.mark()

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"crypto/tls"
 	"crypto/x509"
 	"fmt"
 	"log/slog"
@@ -46,7 +47,7 @@ func newDevMesh(t *testing.T, opts devca.Options) *devMesh {
 	d := &devMesh{ca: ca, frontend: src(frontendID), backend: src(backendID)}
 	// A handshake timeout well below the SVID lifetime, so that sessions
 	// are resumed (see guardResumption) and resumption is part of the test.
-	hs := 300 * time.Millisecond
+	hs := 600 * time.Millisecond
 	d.mesh = newMeshWith(t, echo, meshOptions{
 		inbound:  func(in *Inbound) { in.HandshakeTimeout = hs },
 		outbound: func(out *Outbound) { out.HandshakeTimeout = hs },
@@ -54,13 +55,17 @@ func newDevMesh(t *testing.T, opts devca.Options) *devMesh {
 	return d
 }
 
-// traffic runs connections through the mesh until done says so: each round
-// opens a new connection (a full handshake) and also uses one long-lived
-// connection opened at the start. It returns the number of rounds and every
-// failure.
+// traffic runs connections through the mesh until done says so. Each round
+// opens a new connection through both sidecars (usually a resumed session
+// between them), connects straight to the inbound listener with a full
+// handshake (so both sides present and verify their current SVIDs and
+// bundles), and uses one long-lived connection opened at the start. It
+// returns the number of rounds and every failure.
 func (d *devMesh) traffic(t *testing.T, done func() bool) (rounds int, failures []error) {
 	t.Helper()
 	long := d.dial(t)
+	full := identity.NewTLS(d.frontend).ClientConfig(identity.Modern(), mustID(t, backendID))
+	full.ClientSessionCache = nil
 	deadline := time.Now().Add(3 * waitFor)
 	for !done() {
 		if time.Now().After(deadline) {
@@ -74,6 +79,14 @@ func (d *devMesh) traffic(t *testing.T, done func() bool) (rounds int, failures 
 		}
 		if err != nil {
 			failures = append(failures, fmt.Errorf("round %d, new connection: %w", rounds, err))
+		}
+		direct, err := tls.DialWithDialer(&net.Dialer{Timeout: waitFor}, "tcp", addrOf(t, d.inbound, "web"), full)
+		if err == nil {
+			err = roundTrip(direct, fmt.Sprintf("full handshake %d", rounds))
+			direct.Close()
+		}
+		if err != nil {
+			failures = append(failures, fmt.Errorf("round %d, full handshake: %w", rounds, err))
 		}
 		if err := roundTrip(long, fmt.Sprintf("long-lived connection %d", rounds)); err != nil {
 			failures = append(failures, fmt.Errorf("round %d, long-lived connection: %w", rounds, err))

@@ -24,6 +24,8 @@ type TLSConfigs interface {
 	ClientConfig(p identity.Profile, serverID spiffeid.ID) *tls.Config
 }
 
+var _ TLSConfigs = (*identity.TLS)(nil)
+
 // Direction says which way a listener carries traffic.
 type Direction string
 
