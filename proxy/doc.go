@@ -46,7 +46,8 @@
 // One line per connection at close, message "connection closed", with
 // listener, direction, peer_id (the verified SPIFFE ID of the other
 // sidecar), remote_addr (that sidecar's address), app_addr (the local app's
-// address), bytes_in, bytes_out, duration, reason and tls_resumed.
+// address), bytes_in, bytes_out, duration (nanoseconds in JSON), reason and
+// tls_resumed.
 //
 // bytes_in counts what the accepted side sent through the proxy and bytes_out
 // what went back to it: for an inbound listener bytes_in is peer → app and
