@@ -47,14 +47,15 @@ type halfResult struct {
 // a broken stream for a complete one.
 func (c *conn) pipe(downRW, downRaw, upRW, upRaw net.Conn, idle time.Duration) {
 	c.startIdleTimer(idle)
-	results := make(chan halfResult, 1)
+	// Each direction acts on its own end at once: a reset seen by one must
+	// not wait for the other direction, which may stay quiet for long.
+	done := make(chan struct{})
 	go func() {
-		results <- c.copyHalf(upRW, upRaw, downRW, true)
+		defer close(done)
+		c.ended(c.copyHalf(upRW, upRaw, downRW, true))
 	}()
-	first := c.copyHalf(downRW, downRaw, upRW, false)
-	c.ended(first)
-	second := <-results
-	c.ended(second)
+	c.ended(c.copyHalf(downRW, downRaw, upRW, false))
+	<-done
 	c.reason.CompareAndSwap(nil, ptr(reasonEOF))
 }
 

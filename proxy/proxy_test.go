@@ -301,3 +301,35 @@ func metricValue(t *testing.T, m prometheus.Metric) float64 {
 	t.Fatalf("metric %v is neither a counter nor a gauge", m.Desc())
 	return 0
 }
+
+// TestDownstreamResetPropagates: the client resets its connection
+// mid-stream; the app must see a reset too, not a clean end of the request.
+func TestDownstreamResetPropagates(t *testing.T) {
+	appErr := make(chan error, 1)
+	m := newMesh(t, func(c net.Conn) {
+		c.SetDeadline(time.Now().Add(waitFor))
+		buf := make([]byte, 5)
+		if _, err := io.ReadFull(c, buf); err != nil {
+			appErr <- err
+			return
+		}
+		c.Write([]byte("ack"))
+		_, err := io.Copy(io.Discard, c)
+		appErr <- err
+	}, meshOptions{})
+
+	mark := m.logs.mark()
+	c := m.dial(t)
+	c.SetDeadline(time.Now().Add(waitFor))
+	c.Write([]byte("hello"))
+	if _, err := io.ReadFull(c, make([]byte, 3)); err != nil {
+		t.Fatal(err)
+	}
+	c.SetLinger(0)
+	c.Close()
+	if err := <-appErr; !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("app read after the client reset: %v, want ECONNRESET", err)
+	}
+	m.logs.wait(t, mark, "connection closed", map[string]string{"listener": "backend", "reason": "downstream_reset"})
+	m.logs.wait(t, mark, "connection closed", map[string]string{"listener": "web", "reason": "downstream_reset"})
+}
