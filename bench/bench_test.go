@@ -49,23 +49,24 @@ func TestParseStat(t *testing.T) {
 	}
 }
 
-func TestParseVmRSS(t *testing.T) {
+func TestParseRSS(t *testing.T) {
 	tests := []struct {
 		name    string
 		in      string
-		want    int64
+		want    rss
 		wantErr bool
 	}{
-		{"present", "Name:\tx\nVmPeak:\t 100 kB\nVmRSS:\t    8192 kB\nThreads: 3\n", 8192, false},
-		{"zombie has none", "Name:\tx\nState:\tZ (zombie)\n", 0, false},
-		{"unit missing", "VmRSS:\t8192\n", 0, true},
-		{"other unit", "VmRSS:\t8 MB\n", 0, true},
+		{"present", "Name:\tx\nVmPeak:\t 100 kB\nVmRSS:\t    8192 kB\nRssAnon:\t    5000 kB\nRssFile:\t3192 kB\nThreads: 3\n", rss{8192, 5000}, false},
+		{"zombie has none", "Name:\tx\nState:\tZ (zombie)\n", rss{}, false},
+		{"unit missing", "VmRSS:\t8192\n", rss{}, true},
+		{"other unit", "VmRSS:\t8 MB\n", rss{}, true},
+		{"not a number", "RssAnon:\tlots kB\n", rss{}, true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			got, err := parseVmRSS([]byte(tt.in))
+			got, err := parseRSS([]byte(tt.in))
 			if (err != nil) != tt.wantErr || got != tt.want {
-				t.Fatalf("parseVmRSS = %d, %v; want %d, error %v", got, err, tt.want, tt.wantErr)
+				t.Fatalf("parseRSS = %+v, %v; want %+v, error %v", got, err, tt.want, tt.wantErr)
 			}
 		})
 	}

@@ -100,6 +100,7 @@ func (p *Process) Stop(grace time.Duration) {
 // Usage is what a sidecar consumed, summed over its process tree.
 type Usage struct {
 	RSSKB      int64   // resident set size, KiB
+	AnonKB     int64   // the anonymous part of RSSKB (heap, stacks)
 	CPUSeconds float64 // user + system time since start
 }
 
@@ -125,7 +126,8 @@ func (p *Process) Usage() (Usage, error) {
 			}
 			return Usage{}, err
 		}
-		u.RSSKB += rss
+		u.RSSKB += rss.total
+		u.AnonKB += rss.anon
 		u.CPUSeconds += cpu
 	}
 	return u, nil
@@ -204,29 +206,43 @@ func readCPU(pid int) (float64, error) {
 	return float64(st.utime+st.stime) / clockTicks, nil
 }
 
-// readRSS returns VmRSS from /proc/PID/status in KiB.
-func readRSS(pid int) (int64, error) {
+// rss is the resident memory of one process, KiB: the total and its
+// anonymous part (heap, stacks: what the process allocated), the rest being
+// mapped files (the executable and libraries) and shared memory.
+type rss struct{ total, anon int64 }
+
+// readRSS reads VmRSS and RssAnon from /proc/PID/status.
+func readRSS(pid int) (rss, error) {
 	b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "status"))
 	if err != nil {
-		return 0, err
+		return rss{}, err
 	}
-	return parseVmRSS(b)
+	return parseRSS(b)
 }
 
-func parseVmRSS(b []byte) (int64, error) {
+func parseRSS(b []byte) (rss, error) {
+	var r rss
 	for line := range strings.SplitSeq(string(b), "\n") {
-		rest, ok := strings.CutPrefix(line, "VmRSS:")
-		if !ok {
+		name, rest, ok := strings.Cut(line, ":")
+		if !ok || (name != "VmRSS" && name != "RssAnon") {
 			continue
 		}
 		f := strings.Fields(rest)
 		if len(f) != 2 || f[1] != "kB" {
-			return 0, fmt.Errorf("parsing VmRSS line %q", line)
+			return rss{}, fmt.Errorf("parsing /proc status line %q", line)
 		}
-		return strconv.ParseInt(f[0], 10, 64)
+		v, err := strconv.ParseInt(f[0], 10, 64)
+		if err != nil {
+			return rss{}, fmt.Errorf("parsing /proc status line %q: %w", line, err)
+		}
+		if name == "VmRSS" {
+			r.total = v
+		} else {
+			r.anon = v
+		}
 	}
 	// Zombies and kernel threads have no VmRSS: they hold no memory.
-	return 0, nil
+	return r, nil
 }
 
 // raiseFileLimit lifts the soft RLIMIT_NOFILE to the hard limit (children

@@ -114,6 +114,9 @@ type SidecarMemory struct {
 	Sidecar string `json:"sidecar"`
 	// IdleKB is right after start-up, before any load.
 	IdleKB int64 `json:"idleKB"`
+	// IdleAnonKB is the anonymous part of IdleKB (heap, stacks); the rest
+	// is mostly the executable's pages.
+	IdleAnonKB int64 `json:"idleAnonKB"`
 	// BeforeKB is just before the idle connections were opened (after the
 	// load tests), WithConnsKB while Conns of them were open.
 	BeforeKB    int64   `json:"beforeKB"`
@@ -318,8 +321,8 @@ func (r *Result) WriteMarkdown(w io.Writer) {
 		p("| %s |\n", strings.Join(row, " | "))
 	}
 
-	p("\n| topology | new conn/s | first byte p50 ms | p99 ms | pair CPU ms/conn | RSS idle MB (out / in) | RSS with %d conns MB | KB/conn |\n", r.Options.IdleConns)
-	p("|---|---:|---:|---:|---:|---:|---:|---:|\n")
+	p("\n| topology | new conn/s | first byte p50 ms | p99 ms | pair CPU ms/conn | RSS idle MB (out / in) | of which anon MB | RSS with %d conns MB | KB/conn |\n", r.Options.IdleConns)
+	p("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 	for i := range r.Topologies {
 		t := &r.Topologies[i]
 		row := []string{t.Name}
@@ -333,6 +336,7 @@ func (r *Result) WriteMarkdown(w io.Writer) {
 			row = append(row, "–", "–", "–", "–")
 		}
 		row = append(row, memCol(t, func(m SidecarMemory) string { return fmt.Sprintf("%.1f", float64(m.IdleKB)/1024) }),
+			memCol(t, func(m SidecarMemory) string { return fmt.Sprintf("%.1f", float64(m.IdleAnonKB)/1024) }),
 			memCol(t, func(m SidecarMemory) string {
 				if m.Conns == 0 {
 					return "–"

@@ -230,7 +230,7 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 			continue
 		}
 		for i, u := range us {
-			r.res.Memory = append(r.res.Memory, SidecarMemory{Sidecar: r.pair.Sidecars[i].Name, IdleKB: u.RSSKB})
+			r.res.Memory = append(r.res.Memory, SidecarMemory{Sidecar: r.pair.Sidecars[i].Name, IdleKB: u.RSSKB, IdleAnonKB: u.AnonKB})
 		}
 	}
 
