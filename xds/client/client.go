@@ -53,6 +53,11 @@ type Options struct {
 	Metrics  *Metrics
 	// Reconnect backoff bounds; zero means 250ms and 30s.
 	MinBackoff, MaxBackoff time.Duration
+	// SettleTimeout is how long a cluster or endpoint update whose version
+	// differs from the listeners' waits for the listeners to follow before
+	// it is applied alone; zero means one second. latch's control plane
+	// always sends them together.
+	SettleTimeout time.Duration
 }
 
 // Client is the sidecar's ADS client. It keeps the last good configuration
@@ -142,6 +147,9 @@ func New(opts Options, apply func(*proxy.Config) error) (*Client, error) {
 	}
 	if opts.MaxBackoff <= 0 {
 		opts.MaxBackoff = 30 * time.Second
+	}
+	if opts.SettleTimeout <= 0 {
+		opts.SettleTimeout = time.Second
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
@@ -240,6 +248,17 @@ func (c *Client) tlsConfig() *tls.Config {
 type typeState struct {
 	nonce string
 	names []string // EDS only
+
+	// A control plane may answer a NACK by resending the very update it
+	// refused (go-control-plane's snapshot cache does, since the NACK names
+	// an older version). Repeated refusals of one version are sent with a
+	// growing delay, so the pair does not spin. The delay stays short: until
+	// the NACK is sent, the control plane cannot send this type again, the
+	// fix included.
+	nackedVersion string
+	nackDelay     time.Duration
+	deferred      *discovery.DiscoveryRequest
+	deferredAt    time.Time
 }
 
 type session struct {
@@ -285,23 +304,84 @@ func (c *Client) session(ctx context.Context) (gotResponse bool, err error) {
 			return false, err
 		}
 	}
+	// Recv blocks, so it runs on its own goroutine; the loop below also
+	// waits for the settle timer.
+	resps := make(chan *discovery.DiscoveryResponse)
+	recvErr := make(chan error, 1)
+	recvDone := make(chan struct{})
+	go func() {
+		defer close(recvDone)
+		for {
+			resp, err := stream.Recv()
+			if err != nil {
+				recvErr <- err
+				return
+			}
+			select {
+			case resps <- resp:
+			case <-sctx.Done():
+				return
+			}
+		}
+	}()
+	defer func() { cancel(); <-recvDone }()
+
+	settle := time.NewTimer(time.Hour)
+	settle.Stop()
+	defer settle.Stop()
+	nackTimer := time.NewTimer(time.Hour)
+	nackTimer.Stop()
+	defer nackTimer.Stop()
+	armNACKs := func() error {
+		next, err := s.sendDue(time.Now())
+		nackTimer.Stop()
+		if !next.IsZero() {
+			nackTimer.Reset(time.Until(next))
+		}
+		return err
+	}
 	for {
-		resp, err := stream.Recv()
-		if err != nil {
+		select {
+		case err := <-recvErr:
 			return gotResponse, fmt.Errorf("receiving from control plane: %w", err)
-		}
-		if !gotResponse {
-			gotResponse = true
-			c.setStatus(func(st *Status) { st.Connected = true })
-			c.log.Info("xds stream established", "node", c.opts.NodeID.String())
-		}
-		if err := s.handle(resp); err != nil {
-			return gotResponse, err
+		case <-nackTimer.C:
+			if err := armNACKs(); err != nil {
+				return gotResponse, err
+			}
+		case <-settle.C:
+			// The other types did not follow: this control plane changed
+			// only some of them. Apply what we have.
+			if err := c.commit(c.pending, ""); err != nil {
+				c.log.Error("xds update could not be applied; keeping the last good config", "version", c.pending.version(), "reason", err)
+				c.opts.Metrics.update("failed")
+				c.setStatus(func(st *Status) { st.LastError = err.Error() })
+			}
+		case resp := <-resps:
+			settle.Stop()
+			if !gotResponse {
+				gotResponse = true
+				c.setStatus(func(st *Status) { st.Connected = true })
+				c.log.Info("xds stream established", "node", c.opts.NodeID.String())
+			}
+			waiting, err := s.handle(resp)
+			if err != nil {
+				return gotResponse, err
+			}
+			if waiting {
+				settle.Reset(c.opts.SettleTimeout)
+			}
+			if err := armNACKs(); err != nil {
+				return gotResponse, err
+			}
 		}
 	}
 }
 
 func (s *session) request(typeURL, version string, nack error) error {
+	return s.send(s.newRequest(typeURL, version, nack))
+}
+
+func (s *session) newRequest(typeURL, version string, nack error) *discovery.DiscoveryRequest {
 	st := s.types[typeURL]
 	req := &discovery.DiscoveryRequest{
 		VersionInfo:   version,
@@ -316,37 +396,79 @@ func (s *session) request(typeURL, version string, nack error) error {
 	if nack != nil {
 		req.ErrorDetail = &rpcstatus.Status{Code: int32(codes.InvalidArgument), Message: nack.Error()}
 	}
+	return req
+}
+
+func (s *session) send(req *discovery.DiscoveryRequest) error {
 	if err := s.stream.Send(req); err != nil {
-		return fmt.Errorf("sending %s request: %w", shortType(typeURL), err)
+		return fmt.Errorf("sending %s request: %w", shortType(req.GetTypeUrl()), err)
 	}
 	return nil
 }
 
-func (s *session) handle(resp *discovery.DiscoveryResponse) error {
+// sendDue sends the deferred NACKs whose time has come and returns when the
+// next one is due (zero if none).
+func (s *session) sendDue(now time.Time) (time.Time, error) {
+	var next time.Time
+	for _, st := range s.types {
+		if st.deferred == nil {
+			continue
+		}
+		if !st.deferredAt.After(now) {
+			req := st.deferred
+			st.deferred = nil
+			if err := s.send(req); err != nil {
+				return time.Time{}, err
+			}
+			continue
+		}
+		if next.IsZero() || st.deferredAt.Before(next) {
+			next = st.deferredAt
+		}
+	}
+	return next, nil
+}
+
+// handle validates one response, applies it if it completes an update, and
+// ACKs or NACKs it. waiting reports an update held back for the types that
+// should follow it.
+func (s *session) handle(resp *discovery.DiscoveryResponse) (waiting bool, _ error) {
 	c := s.c
 	typ := resp.GetTypeUrl()
 	st, ok := s.types[typ]
 	if !ok {
 		c.log.Warn("ignoring response of a type latch did not ask for", "type", typ)
-		return nil
+		return false, nil
 	}
 	st.nonce = resp.GetNonce()
+	st.deferred = nil // this response supersedes the one a deferred NACK answered
 	next := c.pending.clone()
 	err := c.decode(&next, typ, resp.GetResources())
 	if err == nil {
 		next.versions[typ] = resp.GetVersionInfo()
 		err = c.commit(next, typ)
 	}
+	if errors.Is(err, errWaiting) {
+		waiting, err = true, nil
+	}
 	if err != nil {
 		// Refuse the whole response; what was running keeps running.
 		c.log.Warn("xds update refused", "type", shortType(typ), "version", resp.GetVersionInfo(), "reason", err)
 		c.opts.Metrics.update("nacked")
 		c.setStatus(func(st *Status) { st.LastError = err.Error() })
-		return s.request(typ, c.pending.versions[typ], err)
+		req := s.newRequest(typ, c.pending.versions[typ], err)
+		if resp.GetVersionInfo() == st.nackedVersion {
+			st.nackDelay = min(max(2*st.nackDelay, 100*time.Millisecond), maxNACKDelay)
+			st.deferred, st.deferredAt = req, time.Now().Add(st.nackDelay)
+			return false, nil
+		}
+		st.nackedVersion, st.nackDelay = resp.GetVersionInfo(), 0
+		return false, s.send(req)
 	}
+	st.nackedVersion, st.nackDelay = "", 0
 	c.pending = next
 	if err := s.request(typ, resp.GetVersionInfo(), nil); err != nil {
-		return err
+		return false, err
 	}
 	if typ == ClusterType {
 		// Follow the clusters with the endpoints they need.
@@ -354,11 +476,17 @@ func (s *session) handle(resp *discovery.DiscoveryResponse) error {
 		eds := s.types[EndpointType]
 		if len(names) > 0 && !slices.Equal(names, eds.names) {
 			eds.names = names
-			return s.request(EndpointType, c.pending.versions[EndpointType], nil)
+			return waiting, s.request(EndpointType, c.pending.versions[EndpointType], nil)
 		}
 	}
-	return nil
+	return waiting, nil
 }
+
+// maxNACKDelay bounds the delay of repeated NACKs of one version.
+const maxNACKDelay = 2 * time.Second
+
+// errWaiting holds an update back until the types that follow it arrive.
+var errWaiting = errors.New("waiting for the rest of the update")
 
 // decode validates every resource of one response into r, replacing what r
 // held for that type: state-of-the-world responses are complete.
@@ -414,17 +542,19 @@ func (c *Client) decode(r *resources, typ string, in []*anypb.Any) error {
 //
 // Types arrive one response at a time. When their versions disagree the
 // update is still on its way — clusters and endpoints come before the
-// listeners that use them — so only a listener update is applied then;
-// otherwise a mix of old listeners and new clusters, which no declaration
-// ever said, could run for a moment.
+// listeners that use them — so a cluster or endpoint update returns
+// errWaiting, and only a listener update (or the settle timer, for a
+// control plane that changed clusters alone; arrived "") applies; otherwise
+// a mix of old listeners and new clusters, which no declaration ever said,
+// could run for a moment.
 func (c *Client) commit(r resources, arrived string) error {
 	if !r.complete() {
 		return nil
 	}
 	l := r.versions[ListenerType]
 	agree := r.versions[ClusterType] == l && (len(c.edsNames(r.set)) == 0 || r.versions[EndpointType] == l)
-	if !agree && arrived != ListenerType {
-		return nil
+	if !agree && arrived != ListenerType && arrived != "" {
+		return errWaiting
 	}
 	cfg, err := c.v.Build(r.set, r.version())
 	if errors.Is(err, ErrIncomplete) {
@@ -436,6 +566,12 @@ func (c *Client) commit(r resources, arrived string) error {
 	}
 	key := configKey(cfg)
 	if key == c.appliedAt {
+		// Same content under a new version: nothing to change in the data
+		// plane, but the new version is what now runs.
+		c.setStatus(func(st *Status) { st.AppliedVersion = cfg.Version })
+		if err := c.save(r); err != nil {
+			c.log.Error("saving xds state", "dir", c.opts.StateDir, "reason", err)
+		}
 		return nil
 	}
 	if err := c.apply(cfg); err != nil {
@@ -452,11 +588,11 @@ func (c *Client) commit(r resources, arrived string) error {
 	return nil
 }
 
-// configKey identifies a configuration by content (and version), so an
-// identical resend after a reconnect is not applied twice.
+// configKey identifies a configuration by content, so an identical resend
+// (after a reconnect, or under a new version) is not applied again.
 func configKey(cfg *proxy.Config) string {
 	cp := *cfg
-	cp.Source = ""
+	cp.Source, cp.Version = "", ""
 	sum := sha256.Sum256([]byte(fmt.Sprintf("%+v", cp)))
 	return hex.EncodeToString(sum[:])
 }
