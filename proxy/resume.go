@@ -21,6 +21,7 @@ import (
 // shifted clock, Go does no certificate verification of its own on these
 // configurations, and identity verifies with the real clock.
 func guardResumption(c *tls.Config, margin time.Duration) *tls.Config {
+	c = c.Clone() // never change a configuration someone else may hold
 	c.Time = func() time.Time { return time.Now().Add(margin) }
 	return c
 }

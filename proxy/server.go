@@ -254,6 +254,11 @@ func (s *Server) Apply(cfg *Config) error {
 		s.wg.Add(1)
 		go s.drain(l)
 	}
+	for _, in := range cfg.Inbound {
+		if in.Allow.Len() == 0 {
+			s.log.Warn("inbound listener has an empty allow-list: every peer is refused", "listener", in.Name)
+		}
+	}
 	revoked := s.revoke(next, snap)
 	s.log.Info("proxy config applied", "version", cfg.Version, "source", cfg.Source,
 		"inbound", len(cfg.Inbound), "outbound", len(cfg.Outbound),
