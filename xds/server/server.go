@@ -18,6 +18,8 @@ import (
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	delta "github.com/envoyproxy/go-control-plane/pkg/server/delta/v3"
+	sotw "github.com/envoyproxy/go-control-plane/pkg/server/sotw/v3"
 	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
@@ -88,7 +90,10 @@ func New(ctx context.Context, opts Options) *Server {
 		s.log = slog.New(slog.DiscardHandler)
 	}
 	s.cache = cache.NewSnapshotCache(true, cache.IDHash{}, cacheLogger{s.log})
-	s.xds = serverv3.NewServer(ctx, s.cache, s.callbacks())
+	// Ordered ADS sends a snapshot's types in dependency order (clusters,
+	// endpoints, listeners), which lets sidecars apply one change once, when
+	// the listeners arrive, instead of a mix of old and new.
+	s.xds = serverv3.NewServer(ctx, s.cache, s.callbacks(), sotw.WithOrderedADS(), sotw.WithLogger(cacheLogger{s.log}), delta.WithLogger(cacheLogger{s.log}))
 	return s
 }
 
