@@ -141,14 +141,17 @@ func (s *Server) Update(snap policy.Snapshot) {
 		close(results)
 	}()
 	changed := 0
+	installed := map[string]bool{}
 	for b := range results {
 		if s.served[b.node] != b.version {
 			changed++
 		}
-		s.install(b)
+		installed[b.node] = s.install(b)
 	}
 	for _, d := range todo {
-		s.lastDecl[d.ID.String()] = d
+		if installed[d.ID.String()] {
+			s.lastDecl[d.ID.String()] = d
+		}
 	}
 	removed := 0
 	for node := range s.served {
@@ -157,7 +160,7 @@ func (s *Server) Update(snap policy.Snapshot) {
 		}
 		if !declared[node] {
 			delete(s.lastDecl, node)
-			s.install(build(node, translate.Resources{}))
+			_ = s.install(build(node, translate.Resources{}))
 		}
 	}
 	s.metrics.nodes(len(declared))
@@ -197,14 +200,14 @@ func build(node string, r translate.Resources) built {
 }
 
 // setSnapshot is called with s.snapMu held.
-func (s *Server) setSnapshot(node string, r translate.Resources) { s.install(build(node, r)) }
+func (s *Server) setSnapshot(node string, r translate.Resources) { _ = s.install(build(node, r)) }
 
-// install serves b to its node unless the node already has that version.
-// It is called with s.snapMu held.
-func (s *Server) install(b built) {
+// install serves b to its node unless the node already has that version,
+// and reports whether the node now has it. It is called with s.snapMu held.
+func (s *Server) install(b built) bool {
 	node, version, r, err := b.node, b.version, b.r, b.err
 	if s.served[node] == version {
-		return
+		return true
 	}
 	if err == nil {
 		err = s.cache.SetSnapshot(context.Background(), node, b.snap)
@@ -213,11 +216,12 @@ func (s *Server) install(b built) {
 		// Translation only builds consistent snapshots; this is a bug, and
 		// the node keeps what it had rather than something half-made.
 		s.log.Error("snapshot refused", "node", node, "version", version, "reason", err)
-		return
+		return false
 	}
 	s.served[node] = version
 	s.log.Debug("snapshot updated", "node", node, "version", version,
 		"listeners", len(r.Listeners), "clusters", len(r.Clusters), "endpoints", len(r.Endpoints))
+	return true
 }
 
 // Ready reports whether declarations have been loaded at least once.
