@@ -57,8 +57,8 @@ func CRD() []byte {
 	return buf.Bytes()
 }
 
-// openAPI renders s. The API server owns metadata, so at the top level it is
-// left as a plain object.
+// openAPI renders s. The API server owns apiVersion, kind and metadata, so
+// at the top level they are left unconstrained.
 func openAPI(s *schema, top bool) *yaml.Node {
 	var kv []any
 	kv = append(kv, "type", str(s.typ))
@@ -99,8 +99,14 @@ func openAPI(s *schema, top bool) *yaml.Node {
 	if len(s.props) > 0 {
 		var props []any
 		for _, f := range s.props {
-			if top && f.name == "metadata" {
+			switch {
+			case top && f.name == "metadata":
 				props = append(props, f.name, mapping("type", str("object")))
+				continue
+			case top && (f.name == "apiVersion" || f.name == "kind"):
+				// The API server owns these; a schema restricting them
+				// would only get in the way of a later version.
+				props = append(props, f.name, mapping("type", str("string")))
 				continue
 			}
 			props = append(props, f.name, openAPI(f.s, false))
@@ -110,8 +116,8 @@ func openAPI(s *schema, top bool) *yaml.Node {
 	if len(s.required) > 0 {
 		var items []*yaml.Node
 		for _, r := range s.required {
-			if top && r == "metadata" {
-				continue // the API server always sets it
+			if top && r != "spec" {
+				continue // the API server always sets the others
 			}
 			items = append(items, str(r))
 		}
