@@ -1,6 +1,7 @@
 package demo
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
@@ -11,9 +12,12 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -24,6 +28,10 @@ import (
 	"latch.dev/latch/identity"
 	"latch.dev/latch/identity/devca"
 	"latch.dev/latch/proxy"
+	xdsclient "latch.dev/latch/xds/client"
+	"latch.dev/latch/xds/policy"
+	"latch.dev/latch/xds/server"
+	"latch.dev/latch/xds/translate"
 )
 
 // TrustDomain is the demo mesh's trust domain.
@@ -31,9 +39,10 @@ const TrustDomain = "demo.latch.test"
 
 // The demo's workloads.
 var (
-	FrontendID = spiffeid.RequireFromString("spiffe://" + TrustDomain + "/ns/demo/sa/frontend")
-	BackendID  = spiffeid.RequireFromString("spiffe://" + TrustDomain + "/ns/demo/sa/backend")
-	IntruderID = spiffeid.RequireFromString("spiffe://" + TrustDomain + "/ns/demo/sa/intruder")
+	ControlPlaneID = spiffeid.RequireFromString("spiffe://" + TrustDomain + "/latch/control-plane")
+	FrontendID     = spiffeid.RequireFromString("spiffe://" + TrustDomain + "/ns/demo/sa/frontend")
+	BackendID      = spiffeid.RequireFromString("spiffe://" + TrustDomain + "/ns/demo/sa/backend")
+	IntruderID     = spiffeid.RequireFromString("spiffe://" + TrustDomain + "/ns/demo/sa/intruder")
 )
 
 // Options configure a demo run.
@@ -51,7 +60,8 @@ type Report struct {
 	RoundTrip      RoundTrip               `json:"round_trip"`
 	IntruderDenied Denial                  `json:"intruder_denied"`
 	TLS            identity.ConnectionInfo `json:"tls"`
-	Duration       time.Duration           `json:"-"`
+	PolicyChange   PolicyChange            `json:"policy_change"`
+	Duration       time.Duration           `json:"duration_ns"`
 }
 
 // RoundTrip describes the frontend → backend exchange through the sidecars.
@@ -61,12 +71,23 @@ type RoundTrip struct {
 	Elapsed time.Duration `json:"elapsed_ns"`
 }
 
-// Denial is the backend sidecar's refusal of the intruder, as it logged it.
+// Denial is the backend sidecar's refusal of a peer, as it logged it.
 type Denial struct {
 	Listener string `json:"listener"`
 	PeerID   string `json:"peer_id"`
 	Class    string `json:"class"`
 	Reason   string `json:"reason"`
+}
+
+// PolicyChange measures a live edit of the backend's declaration that swaps
+// the frontend for the intruder in its allow-list: from the file write until
+// the frontend's open connection was closed by the backend sidecar, and until
+// the intruder's first successful round trip.
+type PolicyChange struct {
+	File          string        `json:"file"`
+	RevokedAfter  time.Duration `json:"revoked_after_ns"`
+	AdmittedAfter time.Duration `json:"admitted_after_ns"`
+	FrontendNow   Denial        `json:"frontend_now"`
 }
 
 // Run starts the mesh, walks through it, and tears it down (or waits for ctx
@@ -105,55 +126,55 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 	m.onClose(func() { _ = app.Close() })
 	fmt.Fprintf(out, "  echo app       %s (plain TCP, loopback only)\n", app.Addr())
 
-	backend, err := m.sidecar(ctx, ca, "backend", BackendID)
+	ports, err := freeAddrs(4)
 	if err != nil {
 		return nil, err
 	}
-	frontend, err := m.sidecar(ctx, ca, "frontend", FrontendID)
+	declDir, err := os.MkdirTemp("", "latch-demo-declarations-")
+	if err != nil {
+		return nil, fmt.Errorf("making the declarations directory: %w", err)
+	}
+	m.onClose(func() { _ = os.RemoveAll(declDir) })
+	decl := declarations{
+		Dir: declDir, App: app.Addr().String(),
+		BackendIn: ports[0], FrontendOut: ports[1], IntruderOut: ports[2],
+	}
+	if err := decl.write(FrontendID); err != nil {
+		return nil, err
+	}
+	cp, err := m.controlPlane(ctx, ca, decl.Dir, ports[3])
 	if err != nil {
 		return nil, err
 	}
-	intruder, err := m.sidecar(ctx, ca, "intruder", IntruderID)
-	if err != nil {
-		return nil, err
-	}
+	fmt.Fprintf(out, "  control plane  %s on %s, serving the declarations in %s\n", ControlPlaneID, cp, decl.Dir)
 
-	inboundAddr, err := freeAddr()
+	backend, err := m.sidecar(ctx, ca, cp, "backend", BackendID)
 	if err != nil {
 		return nil, err
 	}
-	if err := backend.server.Apply(&proxy.Config{
-		Version: "demo-1", Source: "demo", TLS: identity.Modern(),
-		Inbound: []proxy.Inbound{{
-			Name: "inbound|backend", Listen: inboundAddr, App: app.Addr().String(),
-			Allow: identity.NewAllowList(identity.AllowID(FrontendID)),
-		}},
-	}); err != nil {
-		return nil, fmt.Errorf("configuring the backend sidecar: %w", err)
-	}
-	fmt.Fprintf(out, "  backend        %s\n                 inbound %s → app, allows only %s\n", BackendID, inboundAddr, FrontendID)
-
-	frontOut, err := outbound(frontend, "outbound|backend", inboundAddr)
+	fmt.Fprintf(out, "  backend        %s\n                 inbound %s → app, allows only %s (policy %s)\n", BackendID, decl.BackendIn, FrontendID, backend.server.Current().Version)
+	frontend, err := m.sidecar(ctx, ca, cp, "frontend", FrontendID)
 	if err != nil {
 		return nil, err
 	}
-	fmt.Fprintf(out, "  frontend       %s\n                 outbound %s → backend (must prove %s)\n", FrontendID, frontOut, BackendID)
-	intruderOut, err := outbound(intruder, "outbound|backend", inboundAddr)
-	if err != nil {
+	fmt.Fprintf(out, "  frontend       %s\n                 outbound %s → backend (must prove %s)\n", FrontendID, decl.FrontendOut, BackendID)
+	if _, err := m.sidecar(ctx, ca, cp, "intruder", IntruderID); err != nil {
 		return nil, err
 	}
-	fmt.Fprintf(out, "  intruder       %s (valid SVID, not in the allow-list)\n                 outbound %s → backend\n\n", IntruderID, intruderOut)
+	fmt.Fprintf(out, "  intruder       %s (valid SVID, not in the allow-list)\n                 outbound %s → backend\n\n", IntruderID, decl.IntruderOut)
 
 	rep := &Report{}
-	rep.RoundTrip, err = roundTrip(ctx, frontOut, 64<<10)
+	rep.RoundTrip, err = roundTrip(ctx, decl.FrontendOut, 64<<10)
 	if err != nil {
 		return nil, fmt.Errorf("round trip frontend → backend: %w", err)
 	}
 	fmt.Fprintf(out, "✔ round trip    app → frontend sidecar ═mTLS═▶ backend sidecar → echo: %d bytes each way, sha256 %s…, %s\n",
 		rep.RoundTrip.Bytes, rep.RoundTrip.SHA256[:16], rep.RoundTrip.Elapsed.Round(time.Microsecond))
 
-	rep.IntruderDenied, err = intruderRefused(ctx, intruderOut, denials)
-	if err != nil {
+	if err := refused(ctx, decl.IntruderOut); err != nil {
+		return nil, fmt.Errorf("intruder: %w", err)
+	}
+	if rep.IntruderDenied, err = denials.wait(ctx, IntruderID.String(), 5*time.Second); err != nil {
 		return nil, fmt.Errorf("intruder: %w", err)
 	}
 	fmt.Fprintf(out, "✔ intruder      refused by the backend sidecar before any byte reached the app\n                 class=%s reason=%q\n",
@@ -165,17 +186,13 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 	// The backend's TLS test endpoint answers with what it negotiated; the
 	// frontend asks through the same code path as `latch check`.
 	te, err := admin.ListenTestEndpoint(admin.TestEndpointOptions{
-		Addr: "127.0.0.1:0", TLS: backend.tls, TrustDomain: spiffeid.RequireTrustDomainFromString(TrustDomain),
+		Addr: "127.0.0.1:0", TLS: backend.tls, TrustDomain: BackendID.TrustDomain(),
 		Logger: logger.With("component", "test-endpoint"),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("starting the backend's TLS test endpoint: %w", err)
 	}
-	teCtx, teStop := context.WithCancel(ctx)
-	var teDone sync.WaitGroup
-	teDone.Add(1)
-	go func() { defer teDone.Done(); _ = te.Serve(teCtx) }()
-	m.onClose(func() { teStop(); teDone.Wait() })
+	m.goUntilClose(ctx, te.Serve)
 	res, err := check.Run(ctx, check.Options{Addr: te.Addr().String(), TLS: frontend.tls, ServerID: BackendID})
 	if err != nil {
 		return nil, fmt.Errorf("checking the backend's TLS test endpoint: %w", err)
@@ -184,19 +201,161 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 	js, _ := json.MarshalIndent(rep.TLS, "                 ", "  ")
 	fmt.Fprintf(out, "✔ negotiated    (backend's TLS test endpoint %s, asked by the frontend)\n                 %s\n", te.Addr(), js)
 
+	rep.PolicyChange, err = changePolicy(ctx, decl, denials)
+	if err != nil {
+		return nil, fmt.Errorf("live policy change: %w", err)
+	}
+	pc := rep.PolicyChange
+	fmt.Fprintf(out, "✔ policy change %s now allows the intruder instead of the frontend (edited, control plane pushed over xDS)\n"+
+		"                 frontend's open connection closed after %s; intruder admitted after %s\n"+
+		"                 frontend now refused: class=%s reason=%q\n",
+		pc.File, pc.RevokedAfter.Round(time.Millisecond), pc.AdmittedAfter.Round(time.Millisecond), pc.FrontendNow.Class, pc.FrontendNow.Reason)
+
 	rep.Duration = time.Since(start)
 	fmt.Fprintf(out, "\ndemo finished in %s\n", rep.Duration.Round(time.Millisecond))
 	if opts.KeepRunning {
-		fmt.Fprintf(out, "keeping the mesh up (Ctrl-C to stop): connect plain TCP to %s (frontend) or %s (intruder)\n", frontOut, intruderOut)
+		fmt.Fprintf(out, "keeping the mesh up (Ctrl-C to stop): plain TCP to %s (frontend) or %s (intruder); edit %s to change the policy\n",
+			decl.FrontendOut, decl.IntruderOut, decl.Dir)
 		<-ctx.Done()
 	}
 	return rep, nil
 }
 
-// sidecar is one in-process latch: its Workload API source, TLS and proxy.
+// declarations are the demo's ServicePolicy files.
+type declarations struct {
+	Dir                                      string
+	App, BackendIn, FrontendOut, IntruderOut string
+}
+
+const backendTemplate = `# The backend: the echo app behind its sidecar. Edit the allow-list and the
+# control plane pushes the change to the backend's sidecar at once.
+apiVersion: latch.dev/v1alpha1
+kind: ServicePolicy
+metadata:
+  name: backend
+  namespace: demo
+spec:
+  spiffeID: %s
+  inbound:
+    - port: %s
+      appAddress: %s
+      allow:
+        - id: %s
+`
+
+const callerTemplate = `apiVersion: latch.dev/v1alpha1
+kind: ServicePolicy
+metadata:
+  name: %s
+  namespace: demo
+spec:
+  spiffeID: %s
+  outbound:
+    - port: %s
+      target: %s
+      serverID: %s
+`
+
+func (d declarations) backendFile() string { return filepath.Join(d.Dir, "backend.yaml") }
+
+// write writes all three declarations, the backend allowing only allowed.
+func (d declarations) write(allowed spiffeid.ID) error {
+	if err := os.MkdirAll(d.Dir, 0o700); err != nil {
+		return fmt.Errorf("writing declarations: %w", err)
+	}
+	files := map[string]string{
+		"frontend.yaml": fmt.Sprintf(callerTemplate, "frontend", FrontendID, port(d.FrontendOut), d.BackendIn, BackendID),
+		"intruder.yaml": fmt.Sprintf(callerTemplate, "intruder", IntruderID, port(d.IntruderOut), d.BackendIn, BackendID),
+	}
+	for name, body := range files {
+		if err := os.WriteFile(filepath.Join(d.Dir, name), []byte(body), 0o600); err != nil {
+			return fmt.Errorf("writing declarations: %w", err)
+		}
+	}
+	return d.allow(allowed)
+}
+
+// allow rewrites the backend's declaration to allow exactly id. The write is
+// a rename, so the control plane never reads half a file.
+func (d declarations) allow(id spiffeid.ID) error {
+	body := fmt.Sprintf(backendTemplate, BackendID, port(d.BackendIn), d.App, id)
+	tmp := filepath.Join(d.Dir, ".backend.yaml.tmp")
+	if err := os.WriteFile(tmp, []byte(body), 0o600); err != nil {
+		return fmt.Errorf("writing the backend declaration: %w", err)
+	}
+	return os.Rename(tmp, d.backendFile())
+}
+
+func port(addr string) string {
+	_, p, _ := net.SplitHostPort(addr)
+	return p
+}
+
+// changePolicy swaps the frontend for the intruder in the backend's
+// allow-list while the frontend holds an open connection, and measures how
+// long the change takes to reach the data plane.
+func changePolicy(ctx context.Context, d declarations, denials *denialRecorder) (PolicyChange, error) {
+	pc := PolicyChange{File: d.backendFile()}
+	var dialer net.Dialer
+	live, err := dialer.DialContext(ctx, "tcp", d.FrontendOut)
+	if err != nil {
+		return pc, err
+	}
+	defer live.Close()
+	if err := echoOnce(live, []byte("still here")); err != nil {
+		return pc, fmt.Errorf("frontend's long-lived connection: %w", err)
+	}
+
+	start := time.Now()
+	if err := d.allow(IntruderID); err != nil {
+		return pc, err
+	}
+	// The backend sidecar closes the frontend's connection: a read returns.
+	_ = live.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if n, err := live.Read(make([]byte, 1)); n != 0 || errors.Is(err, os.ErrDeadlineExceeded) {
+		return pc, fmt.Errorf("the frontend's open connection survived the revocation (read %d bytes, %v)", n, err)
+	}
+	pc.RevokedAfter = time.Since(start)
+
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if _, err := roundTrip(ctx, d.IntruderOut, 1024); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			return pc, errors.New("the intruder was not admitted after the change")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	pc.AdmittedAfter = time.Since(start)
+
+	if err := refused(ctx, d.FrontendOut); err != nil {
+		return pc, fmt.Errorf("frontend after revocation: %w", err)
+	}
+	pc.FrontendNow, err = denials.wait(ctx, FrontendID.String(), 5*time.Second)
+	return pc, err
+}
+
+func echoOnce(c net.Conn, msg []byte) error {
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	defer c.SetDeadline(time.Time{})
+	if _, err := c.Write(msg); err != nil {
+		return err
+	}
+	got := make([]byte, len(msg))
+	if _, err := io.ReadFull(c, got); err != nil {
+		return err
+	}
+	if !bytes.Equal(got, msg) {
+		return fmt.Errorf("echo differs: %q", got)
+	}
+	return nil
+}
+
+// sidecar is one in-process latch: its Workload API source, TLS, proxy and
+// ADS client.
 type sidecar struct {
 	name   string
-	src    *workloadapi.X509Source
 	tls    *identity.TLS
 	server *proxy.Server
 }
@@ -213,6 +372,19 @@ func (m *mesh) onClose(f func()) {
 	m.closers = append(m.closers, f)
 }
 
+// goUntilClose runs f until the mesh closes, and waits for it then.
+func (m *mesh) goUntilClose(ctx context.Context, f func(context.Context) error) {
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := f(ctx); err != nil && ctx.Err() == nil {
+			m.log.Error("demo component stopped", "error", err.Error())
+		}
+	}()
+	m.onClose(func() { cancel(); <-done })
+}
+
 // close runs the closers in reverse order of registration.
 func (m *mesh) close() {
 	m.mu.Lock()
@@ -224,19 +396,71 @@ func (m *mesh) close() {
 	}
 }
 
-func (m *mesh) sidecar(ctx context.Context, ca *devca.CA, name string, id spiffeid.ID) (*sidecar, error) {
+func (m *mesh) source(ctx context.Context, ca *devca.CA, name string, id spiffeid.ID) (*workloadapi.X509Source, error) {
 	sock, err := ca.AddWorkload(id.String())
 	if err != nil {
 		return nil, fmt.Errorf("registering %s with the dev CA: %w", name, err)
 	}
-	log := m.log.With("sidecar", name)
 	wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	src, err := identity.NewWorkloadSource(wctx, sock, log)
+	src, err := identity.NewWorkloadSource(wctx, sock, m.log.With("workload", name))
 	if err != nil {
-		return nil, fmt.Errorf("sidecar %s: %w", name, err)
+		return nil, fmt.Errorf("%s: %w", name, err)
 	}
 	m.onClose(func() { _ = src.Close() })
+	return src, nil
+}
+
+// controlPlane runs latch's control plane in-process, as `latch
+// control-plane` composes it, and returns its xDS address.
+func (m *mesh) controlPlane(ctx context.Context, ca *devca.CA, dir, addr string) (string, error) {
+	src, err := m.source(ctx, ca, "control-plane", ControlPlaneID)
+	if err != nil {
+		return "", err
+	}
+	log := m.log.With("component", "control-plane")
+	td := ControlPlaneID.TrustDomain()
+	store, err := policy.NewStore(dir, policy.Options{TrustDomains: []spiffeid.TrustDomain{td}}, log)
+	if err != nil {
+		return "", err
+	}
+	snap, err := store.Reload()
+	if err != nil {
+		return "", fmt.Errorf("reading the demo declarations: %w", err)
+	}
+	if len(snap.Errors) > 0 {
+		return "", fmt.Errorf("the demo declarations are refused: %v", snap.Errors[0])
+	}
+	cpCtx, cancel := context.WithCancel(ctx)
+	xs := server.New(cpCtx, server.Options{Logger: log, Translate: translate.Options{InboundHost: "127.0.0.1"}})
+	xs.Update(snap)
+	g := xs.NewGRPCServer(identity.NewTLS(src).ServerConfig(identity.Modern(), func(peer spiffeid.ID) error {
+		if !peer.MemberOf(td) {
+			return fmt.Errorf("peer %s: %w: not in trust domain %s", peer, identity.ErrNotAllowed, td)
+		}
+		return nil
+	}))
+	lis, err := net.Listen("tcp", addr)
+	if err != nil {
+		cancel()
+		return "", fmt.Errorf("control plane listener: %w", err)
+	}
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() { defer wg.Done(); _ = g.Serve(lis) }()
+	go func() { defer wg.Done(); _ = store.Watch(cpCtx, 20*time.Millisecond, xs.Update) }()
+	m.onClose(func() { cancel(); g.Stop(); wg.Wait() })
+	return lis.Addr().String(), nil
+}
+
+// sidecar starts a latch whose policy comes from the control plane and waits
+// until it has applied its first configuration.
+func (m *mesh) sidecar(ctx context.Context, ca *devca.CA, cp, name string, id spiffeid.ID) (*sidecar, error) {
+	src, err := m.source(ctx, ca, name, id)
+	if err != nil {
+		return nil, err
+	}
+	log := m.log.With("sidecar", name)
 	t := identity.NewTLS(src)
 	srv := proxy.NewServer(t, proxy.Options{Logger: log, DrainTimeout: time.Second})
 	m.onClose(func() {
@@ -244,22 +468,34 @@ func (m *mesh) sidecar(ctx context.Context, ca *devca.CA, name string, id spiffe
 		defer cancel()
 		_ = srv.Shutdown(sctx)
 	})
-	return &sidecar{name: name, src: src, tls: t, server: srv}, nil
-}
-
-func outbound(s *sidecar, name, upstream string) (string, error) {
-	addr, err := freeAddr()
-	if err != nil {
-		return "", err
+	applied := make(chan struct{}, 1)
+	apply := func(c *proxy.Config) error {
+		if err := srv.Apply(c); err != nil {
+			return err
+		}
+		select {
+		case applied <- struct{}{}:
+		default:
+		}
+		return nil
 	}
-	err = s.server.Apply(&proxy.Config{
-		Version: "demo-1", Source: "demo", TLS: identity.Modern(),
-		Outbound: []proxy.Outbound{{Name: name, Listen: addr, Upstreams: []string{upstream}, ServerID: BackendID}},
-	})
+	client, err := xdsclient.New(xdsclient.Options{
+		Address: cp, ControlPlaneID: ControlPlaneID, NodeID: id,
+		TLS:    t.ClientConfig(identity.Modern(), ControlPlaneID),
+		Logger: log.With("component", "xds"), MinBackoff: 50 * time.Millisecond,
+	}, apply)
 	if err != nil {
-		return "", fmt.Errorf("configuring the %s sidecar: %w", s.name, err)
+		return nil, fmt.Errorf("sidecar %s: %w", name, err)
 	}
-	return addr, nil
+	m.goUntilClose(ctx, client.Run)
+	select {
+	case <-applied:
+	case <-time.After(10 * time.Second):
+		return nil, fmt.Errorf("sidecar %s got no policy from the control plane: %s", name, client.Status().LastError)
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	return &sidecar{name: name, tls: t, server: srv}, nil
 }
 
 // roundTrip sends n random bytes through the frontend's outbound listener,
@@ -290,22 +526,27 @@ func roundTrip(ctx context.Context, addr string, n int) (RoundTrip, error) {
 	return RoundTrip{Bytes: n, SHA256: hex.EncodeToString(sent[:]), Elapsed: time.Since(start)}, nil
 }
 
-// intruderRefused connects through the intruder's sidecar and expects the
-// connection to end without an echo, then returns the backend's denial log.
-func intruderRefused(ctx context.Context, addr string, denials *denialRecorder) (Denial, error) {
+// refused connects through an outbound listener and expects the connection
+// to end without an echo: the upstream sidecar refused the caller. The
+// outbound sidecar passes the refusal on as a reset, which on loopback can
+// arrive before connect returns.
+func refused(ctx context.Context, addr string) error {
 	var d net.Dialer
 	c, err := d.DialContext(ctx, "tcp", addr)
+	if errors.Is(err, syscall.ECONNRESET) {
+		return nil
+	}
 	if err != nil {
-		return Denial{}, err
+		return err
 	}
 	defer c.Close()
 	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
 	_, _ = c.Write([]byte("let me in"))
 	got, _ := io.ReadAll(c)
 	if len(got) > 0 {
-		return Denial{}, fmt.Errorf("the intruder got %d bytes back: it was let in", len(got))
+		return fmt.Errorf("got %d bytes back: it was let in", len(got))
 	}
-	return denials.wait(ctx, IntruderID.String(), 5*time.Second)
+	return nil
 }
 
 // echoApp is the demo's application: it echoes and counts connections.
@@ -358,13 +599,27 @@ func (a *echoApp) Close() error {
 	return err
 }
 
-func freeAddr() (string, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", fmt.Errorf("finding a free loopback port: %w", err)
+// freeAddrs finds n free loopback ports for the declarations. They are
+// released before use, which is racy in general and fine on a demo machine.
+func freeAddrs(n int) ([]string, error) {
+	var ls []net.Listener
+	defer func() {
+		for _, l := range ls {
+			l.Close()
+		}
+	}()
+	for range n {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, fmt.Errorf("finding a free loopback port: %w", err)
+		}
+		ls = append(ls, l)
 	}
-	addr := l.Addr().String()
-	return addr, l.Close()
+	addrs := make([]string, n)
+	for i, l := range ls {
+		addrs[i] = l.Addr().String()
+	}
+	return addrs, nil
 }
 
 // denialRecorder keeps the log records that carry a handshake failure class,

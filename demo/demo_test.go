@@ -51,7 +51,15 @@ func TestDemo(t *testing.T) {
 	if b, err := hex.DecodeString(tlsInfo.ServerCertSHA256); err != nil || len(b) != sha256.Size {
 		t.Errorf("fingerprint %q is not a hex SHA-256", tlsInfo.ServerCertSHA256)
 	}
-	for _, want := range []string{"round trip", "intruder", "not_allowed", `"key_exchange_group"`, "DEVELOPMENT CA"} {
+	pc := rep.PolicyChange
+	if pc.RevokedAfter <= 0 || pc.AdmittedAfter < pc.RevokedAfter && pc.AdmittedAfter <= 0 {
+		t.Errorf("policy change timings = %+v", pc)
+	}
+	if pc.FrontendNow.Class != string(identity.ClassNotAllowed) || !strings.Contains(pc.FrontendNow.Reason, FrontendID.String()) {
+		t.Errorf("after the change the frontend's refusal = %+v", pc.FrontendNow)
+	}
+	t.Logf("policy propagation: revoked after %s, admitted after %s", pc.RevokedAfter, pc.AdmittedAfter)
+	for _, want := range []string{"round trip", "intruder", "not_allowed", "policy change", "control plane", `"key_exchange_group"`, "DEVELOPMENT CA"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("output lacks %q:\n%s", want, out.String())
 		}

@@ -9,26 +9,38 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"sync"
 	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"latch.dev/latch/admin"
 	"latch.dev/latch/identity"
 	"latch.dev/latch/proxy"
+	xdsclient "latch.dev/latch/xds/client"
 )
 
-// runProxy is the sidecar: identity from the Workload API, listeners from a
-// static config file re-read on SIGHUP, graceful drain on SIGTERM/SIGINT.
+// runProxy is the sidecar: identity from the Workload API; listeners from a
+// static config file (re-read on SIGHUP) and/or from the control plane over
+// xDS; the admin endpoint and an optional TLS test endpoint; graceful drain
+// on SIGTERM/SIGINT.
 func runProxy(ctx context.Context, args []string, _, stderr io.Writer) error {
 	fs := flag.NewFlagSet("latch proxy", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	configPath := fs.String("config", "", "static proxy configuration `file` (YAML); re-read on SIGHUP")
+	configPath := fs.String("config", "", "static proxy configuration `file` (YAML); re-read on SIGHUP. With --xds-address it is the bootstrap served until the control plane answers")
 	socket := fs.String("workload-api", os.Getenv(identity.SocketEnv), "SPIFFE Workload API socket `address` (default $"+identity.SocketEnv+")")
+	xdsAddr := fs.String("xds-address", "", "control plane `host:port`: take listeners and policy from it over ADS (mTLS)")
+	xdsID := fs.String("xds-server-id", "", "SPIFFE `ID` the control plane must prove (required with --xds-address)")
+	stateDir := fs.String("state-dir", "", "`directory` keeping the last good xDS resources across restarts")
+	profileName := fs.String("tls-profile", identity.ProfileModern, "widest TLS profile xDS may use: modern or intermediate (a static file names its own)")
+	adminAddr := fs.String("admin-address", admin.DefaultAddr, "admin endpoint `host:port` (/healthz, /readyz, /metrics, /status); \"off\" disables it")
+	testEndpoint := fs.String("test-endpoint", "", "serve the TLS test endpoint (one JSON document about the negotiated connection) on `host:port`")
+	pprof := fs.Bool("pprof", false, "expose /debug/pprof on the admin endpoint")
 	drainTimeout := fs.Duration("drain-timeout", proxy.DefaultDrainTimeout, "how long live connections may finish after SIGTERM/SIGINT or the removal of their listener")
 	logFormat := fs.String("log-format", "json", "log format: json or text")
 	logLevel := fs.String("log-level", "info", "log level: debug, info, warn or error")
-	// --xds-address and --admin-address belong here.
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -39,14 +51,26 @@ func runProxy(ctx context.Context, args []string, _, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	if *configPath == "" {
-		return errors.New("--config is required: the proxy serves nothing without a configuration")
+	if *configPath == "" && *xdsAddr == "" {
+		return errors.New("--config or --xds-address is required: the proxy serves nothing without a configuration")
+	}
+	profile, err := identity.ProfileByName(*profileName)
+	if err != nil {
+		return fmt.Errorf("--tls-profile: %w", err)
+	}
+	var cpID spiffeid.ID
+	if *xdsAddr != "" {
+		if cpID, err = spiffeid.FromString(*xdsID); err != nil {
+			return fmt.Errorf("--xds-server-id %q: %w", *xdsID, err)
+		}
 	}
 	// Read the file before waiting on the Workload API, so a broken file
 	// fails at once.
-	cfg, err := proxy.LoadFile(*configPath)
-	if err != nil {
-		return err
+	var cfg *proxy.Config
+	if *configPath != "" {
+		if cfg, err = proxy.LoadFile(*configPath); err != nil {
+			return err
+		}
 	}
 
 	src, err := identity.NewWorkloadSource(ctx, *socket, log)
@@ -54,10 +78,21 @@ func runProxy(ctx context.Context, args []string, _, stderr io.Writer) error {
 		return err
 	}
 	defer src.Close()
+	svid, err := src.GetX509SVID()
+	if err != nil {
+		return fmt.Errorf("reading the SVID: %w", err)
+	}
+	tlsc := identity.NewTLS(src)
 
-	// The admin endpoint (--admin-address) will serve this registry.
 	reg := prometheus.NewRegistry()
-	srv := proxy.NewServer(identity.NewTLS(src), proxy.Options{
+	if err := admin.RegisterBuildInfo(reg, version); err != nil {
+		return err
+	}
+	mon := admin.NewIdentityMonitor(src, admin.MonitorOptions{TrustDomain: svid.ID.TrustDomain(), Logger: log})
+	if err := reg.Register(mon); err != nil {
+		return fmt.Errorf("registering identity metrics: %w", err)
+	}
+	srv := proxy.NewServer(tlsc, proxy.Options{
 		Logger:       log,
 		Metrics:      proxy.NewMetrics(reg),
 		DrainTimeout: *drainTimeout,
@@ -68,24 +103,151 @@ func runProxy(ctx context.Context, args []string, _, stderr io.Writer) error {
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
 
-	if err := srv.Apply(cfg); err != nil {
-		shutdownProxy(srv, 0, log)
-		return err
+	if cfg != nil {
+		if err := srv.Apply(cfg); err != nil {
+			shutdownProxy(srv, 0, log)
+			return err
+		}
 	}
+
+	// Everything below runs until ctx ends; the group waits for all of it
+	// before the listeners are drained.
+	runCtx, stop := context.WithCancel(ctx)
+	defer stop()
+	var wg sync.WaitGroup
+	fail := make(chan error, 3)
+	spawn := func(name string, run func(context.Context) error) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := run(runCtx); err != nil && runCtx.Err() == nil {
+				fail <- fmt.Errorf("%s: %w", name, err)
+			}
+		}()
+	}
+	spawn("identity monitor", mon.Run)
+
+	var xds *xdsclient.Client
+	if *xdsAddr != "" {
+		xds, err = xdsclient.New(xdsclient.Options{
+			Address:        *xdsAddr,
+			ControlPlaneID: cpID,
+			NodeID:         svid.ID,
+			TLS:            tlsc.ClientConfig(profile, cpID),
+			Profile:        profile,
+			StateDir:       *stateDir,
+			Logger:         log.With("component", "xds"),
+			Metrics:        xdsclient.NewMetrics(reg),
+		}, srv.Apply)
+		if err != nil {
+			shutdownProxy(srv, 0, log)
+			return err
+		}
+		spawn("xds client", xds.Run)
+	}
+
+	if *testEndpoint != "" {
+		te, err := admin.ListenTestEndpoint(admin.TestEndpointOptions{
+			Addr: *testEndpoint, TLS: tlsc, Profile: profile, TrustDomain: svid.ID.TrustDomain(),
+			Registerer: reg, Logger: log.With("component", "test-endpoint"),
+		})
+		if err != nil {
+			stop()
+			wg.Wait()
+			shutdownProxy(srv, 0, log)
+			return err
+		}
+		spawn("TLS test endpoint", te.Serve)
+	}
+
+	if *adminAddr != "off" {
+		adm, err := admin.New(admin.Options{
+			Addr: *adminAddr,
+			Ready: admin.Readiness(
+				admin.ReadyCheck{Name: "svid", Check: mon.SVIDReady},
+				admin.ReadyCheck{Name: "policy", Check: func() error {
+					if srv.Current() == nil {
+						return errors.New("no policy applied yet (listeners not bound)")
+					}
+					return nil
+				}},
+			),
+			Status:      func() any { return newProxyStatus(mon, srv, xds) },
+			Gatherer:    reg,
+			EnablePprof: *pprof,
+			Logger:      log.With("component", "admin"),
+		})
+		if err != nil {
+			stop()
+			wg.Wait()
+			shutdownProxy(srv, 0, log)
+			return err
+		}
+		log.Info("admin endpoint listening", "addr", adm.Addr().String())
+		spawn("admin endpoint", adm.Serve)
+	}
+
+	defer func() {
+		stop()
+		wg.Wait()
+	}()
 	for {
 		select {
 		case <-hup:
+			if *configPath == "" {
+				log.Info("SIGHUP ignored: no --config file to re-read")
+				continue
+			}
 			if next, err := srv.ApplyFile(*configPath); err != nil {
-				log.Error("reload refused, the running config keeps serving", "config", *configPath, "running_version", srv.Current().Version, "error", err.Error())
+				log.Error("reload refused, the running config keeps serving", "config", *configPath, "running_version", versionOf(srv.Current()), "error", err.Error())
 			} else {
 				log.Info("reloaded", "config", *configPath, "version", next.Version)
 			}
+		case err := <-fail:
+			log.Error("stopping", "error", err.Error())
+			stop()
+			shutdownProxy(srv, *drainTimeout, log)
+			return err
 		case <-ctx.Done():
 			log.Info("shutting down: draining connections", "drain_timeout", *drainTimeout)
+			stop()
 			shutdownProxy(srv, *drainTimeout, log)
 			return nil
 		}
 	}
+}
+
+// proxyStatus is what /status serves.
+type proxyStatus struct {
+	Version      string                 `json:"version"`
+	Identity     admin.IdentityStatus   `json:"identity"`
+	Policy       *policyStatus          `json:"policy"`
+	ControlPlane *xdsclient.Status      `json:"control_plane,omitempty"`
+	Listeners    []proxy.ListenerStatus `json:"listeners"`
+}
+
+type policyStatus struct {
+	Version string `json:"version"`
+	Source  string `json:"source"`
+}
+
+func newProxyStatus(mon *admin.IdentityMonitor, srv *proxy.Server, xds *xdsclient.Client) proxyStatus {
+	st := proxyStatus{Version: version, Identity: mon.Status(), Listeners: srv.Listeners()}
+	if cfg := srv.Current(); cfg != nil {
+		st.Policy = &policyStatus{Version: cfg.Version, Source: cfg.Source}
+	}
+	if xds != nil {
+		s := xds.Status()
+		st.ControlPlane = &s
+	}
+	return st
+}
+
+func versionOf(cfg *proxy.Config) string {
+	if cfg == nil {
+		return ""
+	}
+	return cfg.Version
 }
 
 func shutdownProxy(srv *proxy.Server, drain time.Duration, log *slog.Logger) {

@@ -138,7 +138,7 @@ func TestProxyCommand(t *testing.T) {
 	defer cancel()
 	exited := make(chan error, 1)
 	go func() {
-		exited <- runProxy(ctx, []string{"--config", path, "--workload-api", beSocket, "--drain-timeout", "2s"}, io.Discard, logs.w)
+		exited <- runProxy(ctx, []string{"--config", path, "--workload-api", beSocket, "--drain-timeout", "2s", "--admin-address", "127.0.0.1:0"}, io.Discard, logs.w)
 	}()
 	addr := logs.wait(t, "listening", nil)["addr"].(string)
 
@@ -204,7 +204,9 @@ func TestProxyCommandRefusesBadSetup(t *testing.T) {
 		args []string
 		want string
 	}{
-		{[]string{}, "--config is required"},
+		{[]string{}, "--config or --xds-address is required"},
+		{[]string{"--xds-address", "127.0.0.1:1"}, "--xds-server-id"},
+		{[]string{"--xds-address", "127.0.0.1:1", "--xds-server-id", "spiffe://x/cp", "--tls-profile", "legacy"}, "--tls-profile"},
 		{[]string{"--config", bad, "--log-format", "xml"}, "--log-format"},
 		{[]string{"--config", bad, "--log-level", "loud"}, "--log-level"},
 		{[]string{"--config", bad}, bad + ":2:12: tls.profile"},
