@@ -277,6 +277,11 @@ func TestHostileClientHello(t *testing.T) {
 	if appConns != 0 || appBytes != 0 {
 		t.Errorf("hostile input reached the app: %d connections, %d bytes", appConns, appBytes)
 	}
+	// The legitimate connection's inbound side ends just after its client
+	// saw EOF: wait for it too.
+	for p.in.srv.Listeners()[0].Active != 0 && time.Now().Before(deadline.Add(waitFor)) {
+		time.Sleep(10 * time.Millisecond)
+	}
 	if a := p.in.srv.Listeners()[0].Active; a != 0 {
 		t.Errorf("%d hostile connections still open", a)
 	}
