@@ -217,3 +217,92 @@ func TestPolicyChangeThroughTheDataPlane(t *testing.T) {
 		t.Errorf("after the restart the sidecar runs %s, the control plane serves %s", c.Status().AppliedVersion, v)
 	}
 }
+
+// TestStateDirServesThroughTheDataPlane: a sidecar restarted while the
+// control plane is down serves its last good policy from the state
+// directory — real listeners, real peers.
+func TestStateDirServesThroughTheDataPlane(t *testing.T) {
+	ca := identitytest.NewCA(t, "mesh.test")
+	app := echoServer(t)
+	port := freePort(t)
+	addr := "127.0.0.1:" + strconv.Itoa(port)
+	dir, state := t.TempDir(), t.TempDir()
+	writeFile(t, dir, "backend.yaml", strings.Replace(declaration(backend, port, frontend.String()), "127.0.0.1:7001", app, 1))
+	cp := startControlPlane(t, ca, dir, "127.0.0.1:0")
+
+	// run starts a data plane and its ADS client; stop ends both.
+	run := func() (applied chan *proxy.Config, stop func()) {
+		dp := proxy.NewServer(identity.NewTLS(ca.Source(t, backend.String())), proxy.Options{Logger: logger(t), DrainTimeout: time.Second})
+		applied = make(chan *proxy.Config, 4)
+		opts := sidecarOpts(t, ca, cp.addr, backend)
+		opts.StateDir = state
+		opts.Logger = logger(t)
+		opts.MinBackoff, opts.MaxBackoff = 20*time.Millisecond, 200*time.Millisecond
+		c, err := client.New(opts, func(cfg *proxy.Config) error {
+			if err := dp.Apply(cfg); err != nil {
+				return err
+			}
+			applied <- cfg
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() { defer close(done); _ = c.Run(ctx) }()
+		var once sync.Once
+		stop = func() {
+			once.Do(func() {
+				cancel()
+				<-done
+				sctx, scancel := context.WithTimeout(context.Background(), 5*time.Second)
+				defer scancel()
+				_ = dp.Shutdown(sctx)
+			})
+		}
+		t.Cleanup(stop)
+		return applied, stop
+	}
+	wait := func(ch chan *proxy.Config) *proxy.Config {
+		select {
+		case cfg := <-ch:
+			return cfg
+		case <-time.After(10 * time.Second):
+			t.Fatal("no policy applied")
+		}
+		return nil
+	}
+
+	applied, stop := run()
+	wait(applied)
+	fe := newPeer(t, ca, frontend)
+	if c, err := fe.call(addr); err != nil {
+		t.Fatalf("frontend refused: %v", err)
+	} else {
+		c.Close()
+	}
+	stop()
+	cp.stop()
+	if c, err := fe.call(addr); err == nil {
+		c.Close()
+		t.Fatal("still served after the sidecar stopped")
+	}
+
+	start := time.Now()
+	applied, _ = run()
+	if cfg := wait(applied); cfg.Source != "xds-state" {
+		t.Fatalf("restored config source %q", cfg.Source)
+	}
+	c, err := fe.call(addr)
+	if err != nil {
+		t.Fatalf("restarted sidecar with the control plane down refused the allowed peer: %v", err)
+	}
+	c.Close()
+	t.Logf("sidecar restart with the control plane down → serving the saved policy in %v", time.Since(start).Round(time.Millisecond))
+	intruder := newPeer(t, ca, spiffeid.RequireFromString("spiffe://mesh.test/intruder"))
+	if c, err := intruder.call(addr); err == nil {
+		c.Close()
+		t.Fatal("saved policy let the intruder in")
+	}
+}
