@@ -1,12 +1,14 @@
 package bench
 
 import (
+	"crypto/tls"
 	"errors"
 	"io"
 	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -343,15 +345,15 @@ func TestLatchConfig(t *testing.T) {
 	ports := pairPorts{Dir: dir, Out: "127.0.0.1:15001", In: "127.0.0.1:15002", Backend: "127.0.0.1:8080"}
 	for _, side := range []string{"out", "in"} {
 		path := filepath.Join(dir, side+".yaml")
-		if err := render(path, latchTmpl, struct {
-			Side, ServerID, ClientID string
-			P                        pairPorts
-		}{side, serverID, clientID, ports}); err != nil {
+		if err := render(path, latchTmpl, latchConfig{Side: side, ServerID: serverID, ClientID: clientID, Curves: []string{"X25519"}, P: ports}); err != nil {
 			t.Fatal(err)
 		}
 		cfg, err := proxy.LoadFile(path)
 		if err != nil {
 			t.Fatalf("%s side: %v", side, err)
+		}
+		if !slices.Equal(cfg.TLS.Curves, []tls.CurveID{tls.X25519}) {
+			t.Errorf("%s side: curves %v, want the X25519 the harness asked for", side, cfg.TLS.Curves)
 		}
 		switch side {
 		case "out":

@@ -67,6 +67,9 @@ type TopologyResult struct {
 	Latency           *LatencyResult     `json:"latency,omitempty"`
 	Connect           *ConnectResult     `json:"connect,omitempty"`
 	Memory            []SidecarMemory    `json:"memory,omitempty"`
+	// Resumption is how many of the inbound sidecar's connections resumed
+	// a TLS session (latch only: read from its access log).
+	Resumption *Resumption `json:"resumption,omitempty"`
 	// Profiles maps a load ("bulk8", "connect") to a perf report file.
 	Profiles map[string]string `json:"profiles,omitempty"`
 	Errors   []string          `json:"errors,omitempty"`
@@ -107,6 +110,13 @@ type ConnectResult struct {
 	TTFBP99ms       float64   `json:"ttfbP99ms"`
 	// PairCPUmsPerConn is both sidecars' CPU time per connection.
 	PairCPUmsPerConn *float64 `json:"pairCPUmsPerConn,omitempty"`
+}
+
+// Resumption counts resumed TLS sessions among the inbound side's closed
+// connections.
+type Resumption struct {
+	Resumed     int `json:"resumed"`
+	Connections int `json:"connections"`
 }
 
 // SidecarMemory is one proxy process's resident memory.
@@ -388,6 +398,9 @@ func (r *Result) WriteMarkdown(w io.Writer) {
 	}
 	for i := range r.Topologies {
 		t := &r.Topologies[i]
+		if rs := t.Resumption; rs != nil {
+			p("\n%s: %d of %d connections closed by the inbound sidecar so far resumed a TLS session.\n", t.Name, rs.Resumed, rs.Connections)
+		}
 		for _, n := range t.Notes {
 			p("\nNote (%s): %s\n", t.Name, n)
 		}

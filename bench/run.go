@@ -48,6 +48,9 @@ type Options struct {
 	LatchArgs []string
 	// LatchEnv is added to the latch sidecars' environment.
 	LatchEnv []string
+	// LatchCurves narrows latch's key exchange groups (tls.curves); empty
+	// keeps the modern profile's (X25519MLKEM768, X25519, P-256).
+	LatchCurves []string
 	// ProfileDir, when set, makes the harness record a CPU profile (Linux
 	// perf) of every pair's sidecars under bulk ×8 load and under the
 	// new-connection load after the rounds, and write the reports there.
@@ -83,8 +86,8 @@ func (o *Options) defaults() {
 }
 
 // AllTopologies lists every topology the harness knows, baseline first.
-func AllTopologies(latchBinary string, latchArgs, latchEnv []string) []Topology {
-	return []Topology{direct{}, &latchPair{binary: latchBinary, extraArgs: latchArgs, env: latchEnv}, haproxy{}, nginx{}, stunnel{}}
+func AllTopologies(latchBinary string, latchArgs, latchEnv, latchCurves []string) []Topology {
+	return []Topology{direct{}, &latchPair{binary: latchBinary, extraArgs: latchArgs, env: latchEnv, curves: latchCurves}, haproxy{}, nginx{}, stunnel{}}
 }
 
 // running is one started topology and what has been measured of it.
@@ -172,7 +175,7 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 			r.pair.Stop()
 		}
 	}()
-	for _, t := range AllTopologies(latchBin, opts.LatchArgs, opts.LatchEnv) {
+	for _, t := range AllTopologies(latchBin, opts.LatchArgs, opts.LatchEnv, opts.LatchCurves) {
 		if !wanted(opts.Topologies, t.Name()) || skipped(res, t.Name()) {
 			continue
 		}
@@ -268,6 +271,13 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 
 	for _, r := range runs {
 		r.finish(opts)
+		if _, ok := r.topo.(*latchPair); ok {
+			// Read after Stop would be complete, but the idle connections
+			// just closed are enough to count; the load tests are long over.
+			if resumed, total := latchResumption(r.pair); total > 0 {
+				r.res.Resumption = &Resumption{Resumed: resumed, Connections: total}
+			}
+		}
 		res.Topologies = append(res.Topologies, *r.res)
 	}
 	res.addLatencyOverDirect()

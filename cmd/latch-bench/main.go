@@ -47,6 +47,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		jsonPath  = fs.String("json", "", "write the results as JSON to this file (default latch-bench-<time>.json in the working directory; \"-\" for none)")
 		latchArgs listFlag
 		latchEnv  listFlag
+		curves    = fs.String("latch-curves", "", "narrow latch's key exchange groups, comma-separated (e.g. X25519); default the modern profile's")
 	)
 	fs.DurationVar(&opts.Duration, "duration", 3*time.Second, "length of each measurement, per topology and round")
 	fs.IntVar(&opts.Rounds, "rounds", 3, "rounds; each runs every measurement over every topology, in rotated order")
@@ -77,6 +78,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		}
 	}
 	opts.LatchArgs, opts.LatchEnv = latchArgs, latchEnv
+	if *curves != "" {
+		for _, c := range strings.Split(*curves, ",") {
+			opts.LatchCurves = append(opts.LatchCurves, strings.TrimSpace(c))
+		}
+	}
 	opts.Progress = stderr
 
 	res, err := bench.Run(ctx, opts)
