@@ -416,3 +416,38 @@ func repoRoot(t *testing.T) string {
 		dir = parent
 	}
 }
+
+// TestMakefileBuildsLikeTheDockerfile: `make build` and the image build
+// the same binary (the Makefile says to keep them in step; this keeps them).
+func TestMakefileBuildsLikeTheDockerfile(t *testing.T) {
+	root := repoRoot(t)
+	stages := parseDockerfile(t, filepath.Join(root, "Dockerfile"))
+	env, goArgs := buildCommand(t, stages[0])
+	var dockerLD string
+	for i, a := range goArgs {
+		if a == "-ldflags" && i+1 < len(goArgs) {
+			dockerLD = goArgs[i+1]
+		}
+	}
+	mk, err := os.ReadFile(filepath.Join(root, "Makefile"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := regexp.MustCompile(`(?m)^LDFLAGS\s*:?=\s*(.+)$`).FindSubmatch(mk)
+	if m == nil {
+		t.Fatal("Makefile defines no LDFLAGS")
+	}
+	makeLD := strings.ReplaceAll(strings.TrimSpace(string(m[1])), "$(VERSION)", "${VERSION}")
+	if makeLD != dockerLD {
+		t.Errorf("Makefile LDFLAGS %q, Dockerfile -ldflags %q", makeLD, dockerLD)
+	}
+	build := regexp.MustCompile(`(?m)^build:\n\t(.+)$`).FindSubmatch(mk)
+	if build == nil {
+		t.Fatal("Makefile has no build target")
+	}
+	for _, want := range []string{"CGO_ENABLED=" + env["CGO_ENABLED"], "-trimpath", `-ldflags "$(LDFLAGS)"`, "./cmd/latch"} {
+		if !strings.Contains(string(build[1]), want) {
+			t.Errorf("make build %q lacks %q", build[1], want)
+		}
+	}
+}
