@@ -7,11 +7,13 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -34,9 +36,9 @@ func TestParseStat(t *testing.T) {
 		wantErr bool
 	}{
 		{"plain", "42 (nginx) S 7 42 42 0 -1 4194560 100 0 0 0 250 30 0 0 20 0 1 0 100 1000 200",
-			procStat{ppid: 7, utime: 250, stime: 30}, false},
+			procStat{ppid: 7, pgrp: 42, utime: 250, stime: 30}, false},
 		{"name with spaces and parens", "9 (a b) (c)) R 1 9 9 0 -1 0 0 0 0 0 11 22 0 0 20 0 1 0",
-			procStat{ppid: 1, utime: 11, stime: 22}, false},
+			procStat{ppid: 1, pgrp: 9, utime: 11, stime: 22}, false},
 		{"truncated", "9 (x) R 1 2 3", procStat{}, true},
 		{"no name", "9 x R 1", procStat{}, true},
 		{"not a number", "9 (x) R one 9 9 0 -1 0 0 0 0 0 11 22 0", procStat{}, true},
@@ -379,5 +381,74 @@ func TestLatchConfig(t *testing.T) {
 				}
 			}
 		}
+	}
+}
+
+// TestCleanStale plays a harness killed with SIGKILL: its run directory
+// stays, with an orphan in a recorded process group whose leader is gone.
+// The next run kills the orphan and removes the directory, and leaves a
+// live run's directory alone.
+func TestCleanStale(t *testing.T) {
+	bash, err := exec.LookPath("bash")
+	if err != nil {
+		t.Skip("needs bash for exec -a")
+	}
+	tmp := t.TempDir()
+	stale := filepath.Join(tmp, "latch-bench-1")
+	live := filepath.Join(tmp, "latch-bench-2")
+	for _, d := range []string{stale, live} {
+		if err := os.Mkdir(d, 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := writeOwner(live); err != nil { // this test binary: alive
+		t.Fatal(err)
+	}
+	dead := exec.Command("true")
+	if err := dead.Run(); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(stale, ownerFile), []byte(strconv.Itoa(dead.Process.Pid)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// The group leader starts an orphan naming the run directory, prints
+	// its pid and exits.
+	leader := exec.Command(bash, "-c", `(exec -a "`+stale+`/orphan" sleep 300 </dev/null >/dev/null 2>&1) & echo $!`)
+	leader.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	out, err := leader.Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	orphan, err := strconv.Atoi(strings.TrimSpace(string(out)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { syscall.Kill(orphan, syscall.SIGKILL) })
+	if err := recordGroup(stale, leader.Process.Pid); err != nil {
+		t.Fatal(err)
+	}
+
+	if done := cleanStale(tmp); len(done) != 1 || !strings.Contains(done[0], "1 orphaned") {
+		t.Fatalf("cleanStale = %q, want the stale run removed with 1 orphan killed", done)
+	}
+	if _, err := os.Stat(stale); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("stale run directory still there: %v", err)
+	}
+	if _, err := os.Stat(live); err != nil {
+		t.Errorf("live run directory touched: %v", err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(orphan), "stat"))
+		if err != nil {
+			break // gone
+		}
+		if st := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+1:])); len(st) > 0 && st[0] == "Z" {
+			break // killed, waiting to be reaped by whoever adopted it
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("orphan %d still running", orphan)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }

@@ -159,7 +159,7 @@ func processTree(root int) ([]int, error) {
 }
 
 type procStat struct {
-	ppid         int
+	ppid, pgrp   int
 	utime, stime int64
 }
 
@@ -178,8 +178,8 @@ func parseStat(b []byte) (procStat, error) {
 	if i < 0 {
 		return procStat{}, fmt.Errorf("parsing /proc stat: no ')' in %q", b)
 	}
-	// After ") ": field 3 (state) is f[0], ppid (4) f[1], utime (14) f[11],
-	// stime (15) f[12].
+	// After ") ": field 3 (state) is f[0], ppid (4) f[1], pgrp (5) f[2],
+	// utime (14) f[11], stime (15) f[12].
 	f := strings.Fields(string(b[i+1:]))
 	if len(f) < 13 {
 		return procStat{}, fmt.Errorf("parsing /proc stat: %d fields after the name", len(f))
@@ -188,6 +188,9 @@ func parseStat(b []byte) (procStat, error) {
 	var err error
 	if st.ppid, err = strconv.Atoi(f[1]); err != nil {
 		return procStat{}, fmt.Errorf("parsing /proc stat ppid: %w", err)
+	}
+	if st.pgrp, err = strconv.Atoi(f[2]); err != nil {
+		return procStat{}, fmt.Errorf("parsing /proc stat pgrp: %w", err)
 	}
 	if st.utime, err = strconv.ParseInt(f[11], 10, 64); err != nil {
 		return procStat{}, fmt.Errorf("parsing /proc stat utime: %w", err)

@@ -123,9 +123,16 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 		return nil, fmt.Errorf("RLIMIT_NOFILE is %d, the idle-connection test needs about %d: raise the hard limit (ulimit -Hn) or lower the connection count", limit, need)
 	}
 
+	for _, line := range cleanStale(os.TempDir()) {
+		progress("%s", line)
+	}
 	tmp, err := os.MkdirTemp("", "latch-bench-")
 	if err != nil {
 		return nil, fmt.Errorf("creating temporary directory: %w", err)
+	}
+	if err := writeOwner(tmp); err != nil {
+		os.RemoveAll(tmp)
+		return nil, fmt.Errorf("recording the run: %w", err)
 	}
 	if opts.KeepDir {
 		progress("keeping %s", tmp)
@@ -145,7 +152,11 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 		return nil, fmt.Errorf("starting the development CA: %w", err)
 	}
 	defer ca.Close()
-	env := Env{Workloads: map[string]string{}}
+	env := Env{Workloads: map[string]string{}, started: func(p *Process) {
+		if err := recordGroup(tmp, p.PID()); err != nil {
+			progress("%v", err)
+		}
+	}}
 	for _, id := range []string{clientID, serverID} {
 		addr, err := ca.AddWorkload(id)
 		if err != nil {

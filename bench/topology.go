@@ -41,6 +41,9 @@ type Env struct {
 	// Workloads maps a SPIFFE ID to the Workload API address serving it,
 	// for sidecars that fetch their identity themselves.
 	Workloads map[string]string
+	// started, when set, is told about every sidecar process started, so
+	// the run can record it (see stale.go).
+	started func(*Process)
 }
 
 // Pair is a running topology.
@@ -136,6 +139,9 @@ func startSidecars(ctx context.Context, p *Pair, env *Env, name string, sides []
 			return nil, err
 		}
 		p.Sidecars = append(p.Sidecars, proc)
+		if env.started != nil {
+			env.started(proc)
+		}
 	}
 	if err := waitReady(ctx, p); err != nil {
 		p.Stop()

@@ -22,10 +22,18 @@ import (
 )
 
 func main() {
+	// A closed stdout or stderr (latch-bench | head) must not kill the
+	// harness before it has stopped its sidecars: writes fail instead.
+	signal.Ignore(syscall.SIGPIPE)
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
 	stop()
-	if err != nil && !errors.Is(err, flag.ErrHelp) {
+	switch {
+	case err == nil, errors.Is(err, flag.ErrHelp):
+	case errors.Is(err, context.Canceled):
+		fmt.Fprintln(os.Stderr, "latch-bench: interrupted; every process it started is stopped and its temporary directory removed")
+		os.Exit(130)
+	default:
 		fmt.Fprintln(os.Stderr, "latch-bench:", err)
 		os.Exit(1)
 	}
