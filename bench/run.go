@@ -2,6 +2,7 @@ package bench
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -136,6 +137,9 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	}
 	if opts.KeepDir {
 		progress("keeping %s", tmp)
+		// Kept on purpose: without the owner file the next run does not
+		// take it for the leftovers of a killed one.
+		defer os.Remove(filepath.Join(tmp, ownerFile))
 	} else {
 		defer os.RemoveAll(tmp)
 	}
@@ -424,6 +428,10 @@ func (r *running) measureIdleConns(ctx context.Context, n int, progress func(str
 	with, err := r.pair.Usage()
 	if err != nil {
 		r.fail("idle connections", err)
+		return nil
+	}
+	if len(r.res.Memory) != len(with) {
+		r.fail("idle connections", errors.New("no idle figures to compare with"))
 		return nil
 	}
 	for i := range with {
