@@ -119,7 +119,9 @@ error_log stderr warn;
 load_module {{.Module}};
 
 events {
-    worker_connections 20000;
+    # Each proxied connection is two in a worker; nginx preallocates these
+    # slots, so they are sized to the run, not to a round large number.
+    worker_connections {{.WorkerConns}};
 }
 
 stream {
@@ -176,8 +178,9 @@ func (n nginx) Start(ctx context.Context, env *Env) (*Pair, error) {
 		cfg := filepath.Join(env.Dir, "nginx-"+side+".conf")
 		if err := render(cfg, nginxTmpl, struct {
 			Side, Module, ServerName string
+			WorkerConns              int
 			P                        pairPorts
-		}{side, module, serverName, ports}); err != nil {
+		}{side, module, serverName, max(1024, 2*env.MaxConns), ports}); err != nil {
 			return nil, err
 		}
 		// -e stderr: the error log nginx opens before reading the config

@@ -156,7 +156,7 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 		return nil, fmt.Errorf("starting the development CA: %w", err)
 	}
 	defer ca.Close()
-	env := Env{Workloads: map[string]string{}, started: func(p *Process) {
+	env := Env{Workloads: map[string]string{}, MaxConns: opts.IdleConns + 100, started: func(p *Process) {
 		if err := recordGroup(tmp, p.PID()); err != nil {
 			progress("%v", err)
 		}

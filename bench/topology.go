@@ -41,6 +41,10 @@ type Env struct {
 	// Workloads maps a SPIFFE ID to the Workload API address serving it,
 	// for sidecars that fetch their identity themselves.
 	Workloads map[string]string
+	// MaxConns is the most proxied connections a pair must hold at once
+	// (the idle-connection test plus slack); peers that preallocate per
+	// connection are sized to it rather than to a round large number.
+	MaxConns int
 	// started, when set, is told about every sidecar process started, so
 	// the run can record it (see stale.go).
 	started func(*Process)
