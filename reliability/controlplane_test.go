@@ -88,6 +88,7 @@ spec:
 // last good config and keeps serving. It comes back with a new policy: the
 // sidecar reconnects and applies it.
 func TestControlPlaneRestart(t *testing.T) {
+	verdict(t, "faults")
 	m := newMesh(t, devca.Options{})
 	cpTLS := identity.NewTLS(m.source(t, "control-plane"))
 	backSrc := m.source(t, "backend")

@@ -22,6 +22,7 @@ import (
 // through the pair is closed promptly (not left hanging), each failed dial is
 // counted, and once the app is back connections succeed again.
 func TestAppDown(t *testing.T) {
+	verdict(t, "faults")
 	const tries = 20
 	appAddr := freeAddr(t)
 	m := newMesh(t, devca.Options{})
@@ -80,6 +81,7 @@ const knownResetRace = true
 // part of the stream. The client must see a reset (ECONNRESET), never a
 // clean EOF that would pass a truncated stream off as complete.
 func TestUpstreamResetMidStream(t *testing.T) {
+	verdict(t, "faults")
 	const tries = 10
 	m := newMesh(t, devca.Options{})
 	p := newPair(t, m, pairOptions{appConfig: func(a *app) {
@@ -115,6 +117,7 @@ func TestUpstreamResetMidStream(t *testing.T) {
 		}
 	}
 	figuref("faults", "upstream reset mid-stream seen by the client as ECONNRESET", "%d / %d", resets, tries)
+	silentCuts.Add(int64(truncated))
 	if truncated > 0 {
 		t.Logf("KNOWN BUG (reported to the proxy owners, see knownResetRace): %d of %d resets reached the client as a clean EOF", truncated, tries)
 		figuref("faults", "upstream reset passed on as a clean EOF (KNOWN BUG, reported)", "%d / %d", truncated, tries)
@@ -136,6 +139,7 @@ func TestUpstreamResetMidStream(t *testing.T) {
 // sidecars keep serving with the SVIDs they hold until those expire; after
 // that every handshake is refused (fail closed), and no byte reaches the app.
 func TestWorkloadAPIOutage(t *testing.T) {
+	verdict(t, "faults")
 	m := newMesh(t, devca.Options{SVIDTTL: 3 * time.Second, RotateEvery: 2 * time.Second})
 	front, back := m.source(t, "frontend"), m.source(t, "backend")
 	p := newPair(t, m, pairOptions{frontSrc: front, backSrc: back})
@@ -191,6 +195,7 @@ func TestWorkloadAPIOutage(t *testing.T) {
 // flight. New connections are refused at once, every transfer in flight
 // finishes with all its bytes, and Shutdown returns without forcing.
 func TestDrainUnderLoad(t *testing.T) {
+	verdict(t, "faults")
 	const conns, size = 50, 1 << 20
 	m := newMesh(t, devca.Options{})
 	p := newPair(t, m, pairOptions{})
@@ -280,6 +285,7 @@ func TestDrainUnderLoad(t *testing.T) {
 	}
 	t.Logf("drain: %d/%d in-flight transfers of %d KiB completed, new connections refused %v, shutdown errors %v", ok.Load(), conns, size>>10, refusedNew, shutErrs)
 	figuref("faults", "drain under load (Shutdown): in-flight transfers completed intact", "%d / %d (1 MiB each)", ok.Load(), conns)
+	lose((conns - ok.Load()) * size)
 	if f := firstErr.Load(); f != nil || ok.Load() != conns {
 		var first error
 		if f != nil {
@@ -299,6 +305,7 @@ func TestDrainUnderLoad(t *testing.T) {
 // stream. Its connection must be cut, and the client should learn that the
 // stream was cut (a reset), not see a clean end of a truncated stream.
 func TestRevocationMidStream(t *testing.T) {
+	verdict(t, "faults")
 	const tries = 5
 	m := newMesh(t, devca.Options{})
 	p := newPair(t, m, pairOptions{})
@@ -345,6 +352,7 @@ func TestRevocationMidStream(t *testing.T) {
 	revoked := p.in.waitMetric("latch_connections_closed_total", map[string]string{"reason": "policy_revoked"}, tries)
 	t.Logf("revoked mid-stream: %d connections cut (policy_revoked %v): %d reset, %d clean EOF", tries, revoked, resets, cleanEOF)
 	figuref("faults", "peer revoked mid-stream: cut / seen as reset / seen as clean EOF", "%d / %d / %d", tries, resets, cleanEOF)
+	silentCuts.Add(int64(cleanEOF))
 	if cleanEOF > 0 {
 		if knownRevokeFIN {
 			t.Logf("KNOWN BUG (reported, see knownRevokeFIN): %d revoked streams ended with a clean EOF", cleanEOF)

@@ -194,6 +194,7 @@ func randBytes(r *rand.Rand, n int) []byte {
 // app, no byte may reach it, every attempt ends with the sidecar closing the
 // connection, and a legitimate peer is still served afterwards.
 func TestHostileClientHello(t *testing.T) {
+	verdict(t, "hostile input")
 	iterations := 2000
 	if full() {
 		iterations = 20000

@@ -19,6 +19,7 @@ import (
 // checks every byte by hash, and reports RSS, goroutines and descriptors at
 // the peak. N is 1,000 by default, 10,000 with -reliability.full.
 func TestLoadConcurrent(t *testing.T) {
+	verdict(t, "load")
 	n := 1000
 	if full() {
 		n = 10000
@@ -123,6 +124,7 @@ func TestLoadConcurrent(t *testing.T) {
 	figuref("load", "goroutines at peak", "%d (+%d)", peakG, peakG-baseG)
 	figuref("load", "open descriptors at peak", "%d (+%d, limit %d)", peakFD, peakFD-baseFD, fdLimit)
 	figuref("load", "connections failed / bytes corrupted (load)", "%d / %d", failed.Load(), corrupted.Load())
+	lose((failed.Load() + corrupted.Load()) * payload)
 	if f := firstErr.Load(); f != nil {
 		t.Errorf("%d connections failed; first: %v", failed.Load(), *f)
 	}
@@ -141,6 +143,7 @@ func TestLoadConcurrent(t *testing.T) {
 // nothing crashes, and once the held connections end the queued ones are
 // served, every byte intact.
 func TestFloodPastLimit(t *testing.T) {
+	verdict(t, "load")
 	const limit, flood = 20, 500
 	m := newMesh(t, devca.Options{})
 	p := newPair(t, m, pairOptions{outbound: proxy.Outbound{MaxConnections: limit}})
@@ -228,6 +231,7 @@ func TestFloodPastLimit(t *testing.T) {
 	figuref("load", "flood: extra descriptors / goroutines in the sidecar while saturated", "%d / %d", sidecarFDs, sidecarG)
 	figuref("load", "flood: served after the held connections closed", "%d / %d in %v, failed %d, corrupted %d", served.Load(), flood, drained.Round(time.Millisecond), failed.Load(), corrupted.Load())
 
+	lose((flood - served.Load()) * 512)
 	if active > limit {
 		t.Errorf("listener holds %d connections, limit %d", active, limit)
 	}
@@ -251,6 +255,7 @@ func TestFloodPastLimit(t *testing.T) {
 // flight and the process's RSS stay bounded by socket buffers, not by the
 // stream's size. Then the app reads, and every byte arrives intact.
 func TestSlowReader(t *testing.T) {
+	verdict(t, "load")
 	size := 128 << 20
 	gate := make(chan struct{})
 	type result struct {
@@ -331,6 +336,11 @@ func TestSlowReader(t *testing.T) {
 	t.Logf("stream of %d MiB to a stalled app: %.1f MiB in flight when the writer stalled, RSS %s (+%s); app then read %d bytes", size>>20, float64(stalled)/(1<<20), mib(stallRSS), mib(stallRSS-baseRSS), r.n)
 	figuref("load", "slow reader: bytes in flight when the writer blocked", "%.1f MiB of a %d MiB stream", float64(stalled)/(1<<20), size>>20)
 	figuref("load", "slow reader: RSS growth while blocked", "%s", mib(stallRSS-baseRSS))
+	if r.sum != want {
+		lose(int64(size))
+	} else {
+		lose(int64(size) - r.n)
+	}
 	figuref("load", "slow reader: bytes lost", "%d", int64(size)-r.n)
 	if stalled == 0 || stalled > 64<<20 {
 		t.Errorf("writer stalled after %d bytes: want back-pressure within 64 MiB", stalled)

@@ -114,6 +114,7 @@ func sslscanPath(t *testing.T) string {
 // accepted; every suite accepted must be AEAD and forward-secret; modern
 // accepts TLS 1.3 only; no renegotiation, no compression, no heartbleed.
 func TestScanner(t *testing.T) {
+	verdict(t, "scanner")
 	bin := sslscanPath(t)
 	m := newMesh(t, devca.Options{})
 	src := m.source(t, "backend")

@@ -82,6 +82,7 @@ func (s *soakStats) fail(err error) {
 // Counts: allowed connections failed (0), denied peers admitted (0), bytes
 // corrupted (0, by hash); goroutines and RSS at start and end.
 func TestSoak(t *testing.T) {
+	verdict(t, "soak")
 	cfg := soakConfig(t)
 	m := newMesh(t, devca.Options{SVIDTTL: cfg.svidTTL, RotateEvery: cfg.rotate})
 	events, stopEvents := m.ca.Subscribe(1 << 14)
@@ -141,7 +142,7 @@ func TestSoak(t *testing.T) {
 	defer cancel()
 
 	var wg sync.WaitGroup
-	worker := func(seed uint64, name, addr string, judge func(start, end int64, echoed bool, err error)) {
+	worker := func(seed uint64, name, addr string, judge func(start, end int64, echoed bool, err error, missing int64)) {
 		defer wg.Done()
 		r := rand.New(rand.NewPCG(seed, 7))
 		for ctx.Err() == nil {
@@ -156,32 +157,35 @@ func TestSoak(t *testing.T) {
 				// Bytes that differ from what was sent: corruption, whatever
 				// the policy said.
 				st.corrupted.Add(1)
+				lose(int64(size))
 				st.fail(fmt.Errorf("%s (%s): %w: sent %d, got %d", name, addr, errCorrupted, size, len(got)))
 			case echoed && len(got) < size && err == nil:
 				// A prefix, then a clean EOF: the stream was cut but the
 				// client was told it ended.
 				st.silentTruncations.Add(1)
+				silentCuts.Add(1)
 				if p0 == p1 || !knownRevokeFIN {
 					st.fail(fmt.Errorf("%s (%s): stream cut after %d of %d bytes with a clean EOF (phases %d→%d)", name, addr, len(got), size, p0, p1))
 					st.corrupted.Add(1)
 				}
 			}
 			st.bytes.Add(int64(len(got)))
-			judge(p0, p1, len(got) == size, err)
+			judge(p0, p1, len(got) == size, err, int64(size-len(got)))
 		}
 	}
-	allowed := func(name string) func(int64, int64, bool, error) {
-		return func(_, _ int64, ok bool, err error) {
+	allowed := func(name string) func(int64, int64, bool, error, int64) {
+		return func(_, _ int64, ok bool, err error, missing int64) {
 			if ok && err == nil {
 				st.allowedOK.Add(1)
 				return
 			}
 			st.allowedFailed.Add(1)
+			lose(missing)
 			st.fail(fmt.Errorf("%s: allowed connection failed: echoed %v, %v", name, ok, err))
 		}
 	}
-	denied := func(name string) func(int64, int64, bool, error) {
-		return func(_, _ int64, ok bool, _ error) {
+	denied := func(name string) func(int64, int64, bool, error, int64) {
+		return func(_, _ int64, ok bool, _ error, _ int64) {
 			if ok {
 				st.deniedAdmited.Add(1)
 				st.fail(fmt.Errorf("%s: denied peer admitted", name))
@@ -190,15 +194,15 @@ func TestSoak(t *testing.T) {
 			st.deniedRefused.Add(1)
 		}
 	}
-	batchJudge := func(p0, p1 int64, ok bool, err error) {
+	batchJudge := func(p0, p1 int64, ok bool, err error, missing int64) {
 		if p0 != p1 || p0%2 != 0 {
 			st.boundary.Add(1)
 			return
 		}
 		if (p0/2)%2 == 0 {
-			allowed("batch in phase A")(p0, p1, ok, err)
+			allowed("batch in phase A")(p0, p1, ok, err, missing)
 		} else {
-			denied("batch in phase B")(p0, p1, ok, err)
+			denied("batch in phase B")(p0, p1, ok, err, missing)
 		}
 	}
 	for i := range 3 {
