@@ -14,7 +14,7 @@ import (
 )
 
 // tcpPair returns both ends of a loopback TCP connection.
-func tcpPair(b *testing.B) (client, server *net.TCPConn) {
+func tcpPair(b testing.TB) (client, server *net.TCPConn) {
 	b.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

@@ -55,6 +55,10 @@ type conn struct {
 	// since start (monotonic).
 	last atomic.Int64
 
+	// sides are the two ends of the pipe once it runs (downstream,
+	// upstream).
+	sides [2]side
+
 	mu        sync.Mutex
 	up        net.Conn
 	idleTimer *time.Timer
@@ -73,10 +77,32 @@ func newConn(l *listener, raw net.Conn) *conn {
 
 func (c *conn) log() *slog.Logger { return c.l.s.log }
 
-// kill ends the connection for reason from any goroutine. With reset, both
-// sides are closed with an RST (SO_LINGER 0) rather than a FIN, so that a
-// failure is not passed on as a clean end of stream.
-func (c *conn) kill(reason string, reset bool) {
+// resets says whether a connection ended for reason is reset (RST on both
+// TCP connections, no close_notify on the TLS side) rather than closed (FIN).
+//
+// Every end that cuts a stream the two sides did not finish resets: a
+// failure on either side, a policy change that revokes the peer or the
+// server, and a drain that ran out of time. A FIN there would hand the
+// other end a clean end of stream — with Go's TLS even without
+// close_notify, as long as the cut falls on a record boundary — and it would
+// take a truncated stream for a complete one.
+//
+// The idle timeout closes: no byte moved either way for the whole timeout,
+// so nothing is in flight and no stream is cut in the middle; it is the
+// normal end of a connection nobody uses, and a FIN lets a pooled client
+// connection notice it quietly. A refused handshake or an unreachable app
+// or upstream closes too: no byte of the stream was forwarded yet.
+func resets(reason string) bool {
+	switch reason {
+	case reasonUpstreamReset, reasonDownstreamReset, reasonPolicyRevoked, reasonServerIDChanged, reasonDrain:
+		return true
+	}
+	return false
+}
+
+// kill ends the connection for reason from any goroutine, with an RST on
+// both sides when resets(reason) (SO_LINGER 0 before Close), else a FIN.
+func (c *conn) kill(reason string) {
 	if !c.reason.CompareAndSwap(nil, &reason) {
 		return
 	}
@@ -84,6 +110,7 @@ func (c *conn) kill(reason string, reset bool) {
 	c.mu.Lock()
 	up := c.up
 	c.mu.Unlock()
+	reset := resets(reason)
 	for _, nc := range []net.Conn{c.down, up} {
 		if nc == nil {
 			continue
@@ -121,7 +148,7 @@ func (c *conn) serve() {
 	r := c.l.s.route(c.l.name, c.l.dir)
 	if r == nil {
 		// The listener was removed between Accept and now.
-		c.kill(reasonDrain, false)
+		c.kill(reasonDrain)
 		c.finish()
 		return
 	}
@@ -158,7 +185,7 @@ func (c *conn) serveInbound(r *route) {
 	if err != nil {
 		c.l.metrics.connectFailed()
 		c.log().Warn("connecting to app failed", "listener", c.l.name, "peer_id", peer.String(), "app_addr", r.in.App, "error", err)
-		c.kill(reasonUpstreamUnreachable, false)
+		c.kill(reasonUpstreamUnreachable)
 		c.finish()
 		return
 	}
@@ -182,7 +209,7 @@ func (c *conn) serveOutbound(r *route) {
 	for attempt := 1; ; attempt++ {
 		raw := c.dialUpstream(r)
 		if raw == nil {
-			c.kill(reasonUpstreamUnreachable, false)
+			c.kill(reasonUpstreamUnreachable)
 			c.finish()
 			return
 		}
@@ -307,7 +334,7 @@ func (c *conn) refused(err error) {
 	}
 	attrs = append(attrs, "class", string(class), "reason", err.Error())
 	c.log().Warn("handshake refused", attrs...)
-	c.kill(reasonHandshakeFailed, false)
+	c.kill(reasonHandshakeFailed)
 	c.closeRaw()
 	c.l.metrics.connClosed(reasonHandshakeFailed)
 }

@@ -3,9 +3,12 @@ package proxy
 import (
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -27,6 +30,10 @@ var bufferPool = sync.Pool{New: func() any {
 	return &b
 }}
 
+// errResetAtEOF is the failure of a read that returned EOF on a connection
+// that had been reset.
+var errResetAtEOF = fmt.Errorf("end of stream on a reset connection: %w", syscall.ECONNRESET)
+
 // halfResult is how one direction of a pipe ended.
 type halfResult struct {
 	// err is nil when the source reached EOF and the destination was
@@ -36,25 +43,36 @@ type halfResult struct {
 	upstream bool
 }
 
+// side is one end of a pipe: rw is the connection to read and write (a
+// *tls.Conn on the encrypted side), raw the TCP connection under it.
+type side struct {
+	rw, raw net.Conn
+	// shut is set just before the proxy half-closes raw, so that the
+	// direction reading raw can tell the end of that exchange from a reset
+	// (see wasReset).
+	shut atomic.Bool
+}
+
 // pipe copies both ways between the downstream (accepted) and upstream
-// (dialed) connections until both directions ended. rw are the connections
-// to read and write (a *tls.Conn on the encrypted side), raw the TCP
-// connections under them.
+// (dialed) sides until both directions ended.
 //
 // A clean end of stream on one side is passed on as a half-close of the
 // other (close_notify and FIN on TLS, FIN on TCP), and the other direction
 // goes on. A failure on either side resets both, so that neither end mistakes
 // a broken stream for a complete one.
 func (c *conn) pipe(downRW, downRaw, upRW, upRaw net.Conn, idle time.Duration) {
+	down, up := &c.sides[0], &c.sides[1]
+	down.rw, down.raw = downRW, downRaw
+	up.rw, up.raw = upRW, upRaw
 	c.startIdleTimer(idle)
 	// Each direction acts on its own end at once: a reset seen by one must
 	// not wait for the other direction, which may stay quiet for long.
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		c.ended(c.copyHalf(upRW, upRaw, downRW, true))
+		c.ended(c.copyHalf(up, down, true))
 	}()
-	c.ended(c.copyHalf(downRW, downRaw, upRW, false))
+	c.ended(c.copyHalf(down, up, false))
 	<-done
 	c.reason.CompareAndSwap(nil, ptr(reasonEOF))
 }
@@ -68,15 +86,16 @@ func (c *conn) ended(r halfResult) {
 		return
 	}
 	if r.upstream {
-		c.kill(reasonUpstreamReset, true)
+		c.kill(reasonUpstreamReset)
 	} else {
-		c.kill(reasonDownstreamReset, true)
+		c.kill(reasonDownstreamReset)
 	}
 }
 
 // copyHalf copies from src to dst until src ends. fromDownstream says which
-// way the bytes flow, for the byte counts. On EOF it half-closes dst.
-func (c *conn) copyHalf(dst, dstRaw, src net.Conn, fromDownstream bool) halfResult {
+// way the bytes flow, for the byte counts. On a clean EOF it half-closes dst;
+// an EOF that was a reset in disguise (see wasReset) is a failure.
+func (c *conn) copyHalf(dst, src *side, fromDownstream bool) halfResult {
 	bp := bufferPool.Get().(*[]byte)
 	defer bufferPool.Put(bp)
 	buf := *bp
@@ -87,10 +106,10 @@ func (c *conn) copyHalf(dst, dstRaw, src net.Conn, fromDownstream bool) halfResu
 	}
 	counter := c.l.metrics.flowCounter(fromDownstream)
 	for {
-		n, rerr := src.Read(buf)
+		n, rerr := src.rw.Read(buf)
 		if n > 0 {
 			c.touch()
-			if _, werr := dst.Write(buf[:n]); werr != nil {
+			if _, werr := dst.rw.Write(buf[:n]); werr != nil {
 				return halfResult{err: werr, upstream: fromDownstream}
 			}
 			total.Add(int64(n))
@@ -99,7 +118,11 @@ func (c *conn) copyHalf(dst, dstRaw, src net.Conn, fromDownstream bool) halfResu
 			}
 		}
 		if rerr == io.EOF {
-			if err := closeWrite(dst, dstRaw); err != nil {
+			if wasReset(src) {
+				return halfResult{err: errResetAtEOF, upstream: !fromDownstream}
+			}
+			dst.shut.Store(true)
+			if err := closeWrite(dst.rw, dst.raw); err != nil {
 				return halfResult{err: err, upstream: fromDownstream}
 			}
 			return halfResult{}
@@ -143,7 +166,7 @@ func (c *conn) startIdleTimer(idle time.Duration) {
 func (c *conn) checkIdle(idle time.Duration) {
 	quiet := time.Since(c.start) - time.Duration(c.last.Load())
 	if quiet >= idle {
-		c.kill(reasonIdleTimeout, false)
+		c.kill(reasonIdleTimeout)
 		return
 	}
 	c.mu.Lock()

@@ -20,8 +20,11 @@
 // A clean end of stream on one side is passed on as a half-close of the other
 // (close_notify and FIN towards a TLS side), while the other direction goes
 // on; a reset or error on either side resets both, so neither end mistakes a
-// broken stream for a complete one. A connection with no byte either way for
-// IdleTimeout is closed; activity resets the timer.
+// broken stream for a complete one. A connection that latch itself cuts in
+// the middle — a policy change revoked its peer or server, or a drain ran
+// out of time — is reset on both sides too (RST, no close_notify). A
+// connection with no byte either way for IdleTimeout is closed with a FIN:
+// nothing was in flight, it is a normal end. Activity resets the timer.
 //
 // # Limits and lifecycle
 //

@@ -283,6 +283,8 @@ type meshOptions struct {
 	outbound func(*Outbound)
 	metrics  *Metrics
 	profile  identity.Profile
+	// drainTimeout is both servers' Options.DrainTimeout (0: the default).
+	drainTimeout time.Duration
 }
 
 func newMesh(t testing.TB, handle func(net.Conn), mo meshOptions) *mesh {
@@ -309,7 +311,7 @@ func newMeshWith(t testing.TB, handle func(net.Conn), mo meshOptions, backendTLS
 		mo.inbound(&in)
 	}
 	m.inCfg = &Config{Version: "in-1", Source: "test", TLS: prof, Inbound: []Inbound{in}}
-	opts := Options{Logger: m.logs.logger(), Metrics: mo.metrics}
+	opts := Options{Logger: m.logs.logger(), Metrics: mo.metrics, DrainTimeout: mo.drainTimeout}
 	m.inbound = startServer(t, backendTLS, m.inCfg, opts)
 	out := Outbound{
 		Name:      "backend",

@@ -164,7 +164,7 @@ func (l *listener) active() int {
 
 func (l *listener) killAll(reason string) {
 	for _, c := range l.connections() {
-		c.kill(reason, false)
+		c.kill(reason)
 	}
 }
 

@@ -288,12 +288,12 @@ func (s *Server) revoke(ls []*listener, snap *snapshot) int {
 			switch {
 			case r.in != nil:
 				if p := c.peer.Load(); p != nil && !r.in.Allow.Allows(*p) {
-					c.kill(reasonPolicyRevoked, false)
+					c.kill(reasonPolicyRevoked)
 					n++
 				}
 			case r.out != nil:
 				if id := c.serverID.Load(); id != nil && *id != r.out.ServerID {
-					c.kill(reasonServerIDChanged, false)
+					c.kill(reasonServerIDChanged)
 					n++
 				}
 			}
