@@ -352,3 +352,41 @@ func TestSlowReader(t *testing.T) {
 		t.Errorf("app got %d bytes (hash match %v), want %d", r.n, r.sum == want, size)
 	}
 }
+
+// TestSilentClientsHoldSlots: anyone who can reach an inbound port can open
+// connections and send nothing. Each holds a connection slot until the
+// handshake timeout; with all slots held, a legitimate peer waits in the
+// backlog until the first timeout frees one. The test measures that wait,
+// the bound the handshake timeout puts on this denial of service.
+func TestSilentClientsHoldSlots(t *testing.T) {
+	verdict(t, "load")
+	const limit, handshakeTimeout = 20, time.Second
+	m := newMesh(t, devca.Options{})
+	p := newPair(t, m, pairOptions{inbound: proxy.Inbound{MaxConnections: limit, HandshakeTimeout: handshakeTimeout}})
+	if err := echoOK(p.entry, 1024, waitFor); err != nil {
+		t.Fatal(err)
+	}
+	begin := time.Now()
+	for range limit {
+		c, err := net.DialTimeout("tcp", p.inbound, waitFor)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+	}
+	// Wait until the sidecar holds them all.
+	for p.in.srv.Listeners()[0].Active < limit && time.Since(begin) < waitFor {
+		time.Sleep(5 * time.Millisecond)
+	}
+	legit := time.Now()
+	if err := echoOK(p.entry, 1024, waitFor); err != nil {
+		t.Fatalf("legitimate peer after the silent clients: %v", err)
+	}
+	waited := time.Since(legit)
+	timeouts := p.in.waitMetric("latch_handshake_failures_total", map[string]string{"class": "timeout"}, 1)
+	t.Logf("%d silent connections held every slot; a legitimate peer got through after %v (handshake timeout %v); timeouts counted %v", limit, waited.Round(time.Millisecond), handshakeTimeout, timeouts)
+	figuref("load", "silent clients holding every inbound slot: legitimate peer's wait", "%v (handshake timeout %v, %d slots)", waited.Round(time.Millisecond), handshakeTimeout, limit)
+	if waited > handshakeTimeout+5*time.Second {
+		t.Errorf("legitimate peer waited %v, far beyond the handshake timeout %v", waited, handshakeTimeout)
+	}
+}
