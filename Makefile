@@ -5,7 +5,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X main.version=$(VERSION)
 HELM_VERSION := v3.22.0
 
-.PHONY: all build test test-short demo lint fmt vet staticcheck bench tools clean
+.PHONY: all build test test-short demo lint fmt vet staticcheck bench bench-compare reliability soak fuzz tools clean
 
 all: build
 
@@ -37,6 +37,27 @@ staticcheck:
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./proxy/... ./identity/...
+
+# The side-by-side benchmark against HAProxy, nginx and stunnel (docs/performance.md).
+bench-compare:
+	$(GO) run ./cmd/latch-bench
+
+# Load, faults and hostile input, with the figures table (docs/security.md).
+reliability:
+	$(GO) test ./reliability -run . -v -count=1 -args -summary
+
+soak:
+	LATCH_SOAK=10m $(GO) test ./reliability -run Soak -v -timeout 30m -args -summary
+
+# Every fuzz target for FUZZTIME each (go test -fuzz takes one target at a time).
+FUZZTIME ?= 30s
+FUZZ_TARGETS := ./proxy:FuzzParseConfig ./identity:FuzzParseRule ./identity:FuzzNarrow \
+	./xds/policy:FuzzParse ./xds/policy:FuzzDeclarationToProxy ./xds/client:FuzzValidate \
+	./xds/client:FuzzUpdate ./inject:FuzzParseSpec
+fuzz:
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		echo "== $$t"; $(GO) test $${t%%:*} -run '^$$' -fuzz "^$${t##*:}$$" -fuzztime $(FUZZTIME); \
+	done
 
 # Tools the tests need that a fresh machine lacks: helm for the chart tests.
 tools:
