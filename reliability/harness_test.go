@@ -19,6 +19,7 @@ import (
 	dto "github.com/prometheus/client_model/go"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
+	"golang.org/x/sys/unix"
 
 	"latch.dev/latch/identity"
 	"latch.dev/latch/identity/devca"
@@ -395,5 +396,35 @@ func freeAddr(t testing.TB) string {
 // isReset reports whether err is a connection reset (ECONNRESET), as opposed
 // to a clean end of stream.
 func isReset(err error) bool { return errors.Is(err, syscall.ECONNRESET) }
+
+// sawReset reports whether a client connection that has not shut down its
+// own write side was reset, given the error its reader ended with. Linux
+// reports ECONNRESET to one system call only: when the client's own writer
+// took it, the reader sees a plain EOF. The socket's TCP state tells them
+// apart: CLOSE after a reset, CLOSE_WAIT after the peer's FIN.
+func sawReset(c net.Conn, readErr error) bool {
+	if isReset(readErr) {
+		return true
+	}
+	if readErr != nil {
+		return false
+	}
+	tc, ok := c.(*net.TCPConn)
+	if !ok {
+		return false
+	}
+	rc, err := tc.SyscallConn()
+	if err != nil {
+		return false
+	}
+	var state uint8
+	rc.Control(func(fd uintptr) {
+		if info, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
+			state = info.State
+		}
+	})
+	const tcpClose = 7 // include/net/tcp_states.h
+	return state == tcpClose
+}
 
 var syscallEPIPE = syscall.EPIPE
