@@ -65,18 +65,6 @@ func TestAppDown(t *testing.T) {
 	}
 }
 
-// knownResetRace marks a reported proxy bug: on Linux the ECONNRESET of a
-// reset socket is reported to one system call only. When the inbound
-// sidecar's write towards the app consumes it, its read from the app then
-// returns 0, copyHalf takes that for a clean end of stream and half-closes
-// the TLS side (close_notify + FIN) before the write half's kill resets
-// everything; the outbound sidecar passes the FIN on, and the client sees a
-// clean EOF of a truncated stream (both sidecars still log upstream_reset).
-// Suggested fix in proxy/copy.go: on EOF from a TCP source, read TCP_INFO
-// (state TCP_CLOSE means reset, TCP_CLOSE_WAIT a FIN) before half-closing.
-// Set to false once fixed: the test then fails on any clean EOF.
-const knownResetRace = false
-
 // TestUpstreamResetMidStream: the app resets its connection after reading
 // part of the stream. The client must see a reset (ECONNRESET), never a
 // clean EOF that would pass a truncated stream off as complete.
@@ -110,19 +98,13 @@ func TestUpstreamResetMidStream(t *testing.T) {
 			resets++
 		case err == nil:
 			truncated++
-			if !knownResetRace {
-				t.Errorf("clean EOF after %d bytes: a reset upstream was passed on as a complete stream", n)
-			}
+			t.Errorf("clean EOF after %d bytes: a reset upstream was passed on as a complete stream", n)
 		default:
 			t.Errorf("after %d bytes: %v, want ECONNRESET", n, err)
 		}
 	}
 	figuref("faults", "upstream reset mid-stream seen by the client as ECONNRESET", "%d / %d", resets, tries)
 	silentCuts.Add(int64(truncated))
-	if truncated > 0 {
-		t.Logf("KNOWN BUG (reported to the proxy owners, see knownResetRace): %d of %d resets reached the client as a clean EOF", truncated, tries)
-		figuref("faults", "upstream reset passed on as a clean EOF (KNOWN BUG, reported)", "%d / %d", truncated, tries)
-	}
 	p.in.waitMetric("latch_connections_closed_total", map[string]string{"reason": "upstream_reset"}, tries)
 	if resets != tries {
 		reasons := func(s *sidecar) map[string]float64 {
@@ -356,10 +338,6 @@ func TestRevocationMidStream(t *testing.T) {
 	figuref("faults", "peer revoked mid-stream: cut / seen as reset / seen as clean EOF", "%d / %d / %d", tries, resets, cleanEOF)
 	silentCuts.Add(int64(cleanEOF))
 	if cleanEOF > 0 {
-		if knownRevokeFIN {
-			t.Logf("KNOWN BUG (reported, see knownRevokeFIN): %d revoked streams ended with a clean EOF", cleanEOF)
-		} else {
-			t.Errorf("%d revoked streams ended with a clean EOF: the client cannot tell them from complete ones", cleanEOF)
-		}
+		t.Errorf("%d revoked streams ended with a clean EOF: the client cannot tell them from complete ones", cleanEOF)
 	}
 }

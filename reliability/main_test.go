@@ -181,7 +181,7 @@ func headlines() {
 		}
 	}
 	figuref("headline", "bytes lost (sent on an allowed connection, not delivered intact)", "%d", bytesLost.Load())
-	figuref("headline", "streams cut by a reset or revocation but ended with a clean EOF (known bugs, reported)", "%d", silentCuts.Load())
+	figuref("headline", "streams cut by a reset or revocation that the client saw end cleanly", "%d", silentCuts.Load())
 }
 
 // --- process figures -------------------------------------------------------
