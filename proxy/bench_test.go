@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"runtime"
 	"testing"
 	"time"
 
@@ -54,11 +55,10 @@ func BenchmarkCopy(b *testing.B) {
 			c := newConn(l, down)
 			c.setUp(up)
 			piped := make(chan struct{})
-			go func() {
-				defer close(piped)
-				c.pipe(down, down, up, up, time.Hour)
+			c.pipe(down, down, newSocket(down), up, up, newSocket(up), time.Hour, func() {
 				c.closeRaw()
-			}()
+				close(piped)
+			})
 			sunk := make(chan int64, 1)
 			go func() {
 				n, _ := io.Copy(io.Discard, sink)
@@ -161,3 +161,69 @@ func (stubTLS) ServerConfig(identity.Profile, func(spiffeid.ID) error) *tls.Conf
 	return &tls.Config{}
 }
 func (stubTLS) ClientConfig(identity.Profile, spiffeid.ID) *tls.Config { return &tls.Config{} }
+
+// BenchmarkIdleConnections measures what an idle proxied connection costs:
+// it opens idleConns connections through an outbound+inbound pair in this
+// process, each with one 1-byte echo so the copy loop is live, and reports
+// the heap in use (after a GC) and the goroutine stacks per connection,
+// against the same number of direct connections to the same app, so the
+// figures are the pair's (two sidecars) own cost. b.N is not used: the
+// figures are per connection, not per iteration.
+func BenchmarkIdleConnections(b *testing.B) {
+	const idleConns = 2000
+	m := newMesh(b, func(c net.Conn) {
+		// A frugal echo: 1 byte at a time, so the app's own cost is small
+		// and the same in both runs.
+		var one [1]byte
+		for {
+			n, err := c.Read(one[:])
+			if n > 0 {
+				if _, err := c.Write(one[:n]); err != nil {
+					return
+				}
+			}
+			if err != nil {
+				return
+			}
+		}
+	}, meshOptions{})
+	open := func(addr string) (heap, stack uint64, goroutines int) {
+		conns := make([]net.Conn, 0, idleConns)
+		defer func() {
+			for _, c := range conns {
+				c.Close()
+			}
+		}()
+		_, heap0, stack0, g0 := memNow()
+		for range idleConns {
+			c, err := net.Dial("tcp", addr)
+			if err != nil {
+				b.Fatal(err)
+			}
+			conns = append(conns, c)
+			if err := roundTrip(c, "x"); err != nil {
+				b.Fatal(err)
+			}
+		}
+		_, heap1, stack1, g1 := memNow()
+		return heap1 - heap0, stack1 - stack0, g1 - g0
+	}
+	for range b.N {
+		dh, ds, dg := open(m.app.addr())
+		ph, ps, pg := open(addrOf(b, m.outbound, "backend"))
+		b.ReportMetric(float64(int64(ph)-int64(dh))/idleConns/2, "heap-B/conn/sidecar")
+		b.ReportMetric(float64(int64(ps)-int64(ds))/idleConns/2, "stack-B/conn/sidecar")
+		b.ReportMetric(float64(pg-dg)/idleConns/2, "goroutines/conn/sidecar")
+	}
+}
+
+// memNow returns the heap and stack in use after a GC and the goroutine
+// count, once they settle (closing connections ends goroutines
+// asynchronously).
+func memNow() (ms runtime.MemStats, heap, stack uint64, goroutines int) {
+	runtime.GC()
+	time.Sleep(100 * time.Millisecond) // let freshly started goroutines park
+	runtime.GC()
+	runtime.ReadMemStats(&ms)
+	return ms, ms.HeapInuse, ms.StackInuse, runtime.NumGoroutine()
+}

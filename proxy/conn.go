@@ -56,8 +56,11 @@ type conn struct {
 	last atomic.Int64
 
 	// sides are the two ends of the pipe once it runs (downstream,
-	// upstream).
-	sides [2]side
+	// upstream). piped says the pipe took the connection over; pending
+	// counts its directions still running.
+	sides   [2]side
+	piped   bool
+	pending atomic.Int32
 
 	mu        sync.Mutex
 	up        net.Conn
@@ -143,7 +146,12 @@ func setLinger0(nc net.Conn) {
 	}
 }
 
+// serve runs the connection up to its pipe. When it returns, either the
+// connection has ended (c.piped is false) or its pipe runs on goroutines of
+// its own, the last of which ends it (c.end).
 func (c *conn) serve() {
+	// The context only bounds the dials and the handshake: cancelling it as
+	// soon as the pipe runs frees what they hung on it.
 	defer c.stop()
 	r := c.l.s.route(c.l.name, c.l.dir)
 	if r == nil {
@@ -165,7 +173,8 @@ func (c *conn) serve() {
 func (c *conn) serveInbound(r *route) {
 	c.remoteAddr = c.down.RemoteAddr().String()
 	c.appAddr = r.in.App
-	tc := tls.Server(c.down, r.tls)
+	downSock := newSocket(c.down)
+	tc := tls.Server(orConn(downSock, c.down), r.tls)
 	if err := c.handshake(tc, c.down, r); err != nil {
 		c.handshakeFailed(err)
 		return
@@ -193,8 +202,7 @@ func (c *conn) serveInbound(r *route) {
 		c.finish()
 		return
 	}
-	c.pipe(tc, c.down, app, app, r.idleTimeout)
-	c.finish()
+	c.pipe(tc, c.down, downSock, app, app, newSocket(app), r.idleTimeout, c.end)
 }
 
 // serveOutbound: dial the upstreams in order, handshake (the tls.Config
@@ -206,6 +214,7 @@ func (c *conn) serveOutbound(r *route) {
 	c.serverID.Store(&want)
 	cfg := r.tls
 	var tc *tls.Conn
+	var upSock *socket
 	for attempt := 1; ; attempt++ {
 		raw := c.dialUpstream(r)
 		if raw == nil {
@@ -217,7 +226,8 @@ func (c *conn) serveOutbound(r *route) {
 			c.finish()
 			return
 		}
-		tc = tls.Client(raw, cfg)
+		upSock = newSocket(raw)
+		tc = tls.Client(orConn(upSock, raw), cfg)
 		err := c.handshake(tc, raw, r)
 		if err == nil {
 			break
@@ -245,8 +255,7 @@ func (c *conn) serveOutbound(r *route) {
 	c.mu.Lock()
 	raw := c.up
 	c.mu.Unlock()
-	c.pipe(c.down, c.down, tc, raw, r.idleTimeout)
-	c.finish()
+	c.pipe(c.down, c.down, newSocket(c.down), tc, raw, upSock, r.idleTimeout, c.end)
 }
 
 // dialUpstream connects to the first upstream that answers, nil if none does.
@@ -352,6 +361,13 @@ func (c *conn) closeRaw() {
 	}
 }
 
+// end is what the last copy direction of a pipe does: the access-log line,
+// then the listener's slots are given back.
+func (c *conn) end() {
+	c.finish()
+	c.l.release(c)
+}
+
 // finish closes both sides and writes the access-log line.
 func (c *conn) finish() {
 	c.closeRaw()
@@ -377,4 +393,13 @@ func (c *conn) finish() {
 		"tls_resumed", c.resumed,
 	}
 	c.log().Info("connection closed", attrs...)
+}
+
+// orConn is the connection a tls.Conn reads: the socket when there is one,
+// else the TCP connection itself.
+func orConn(s *socket, raw net.Conn) net.Conn {
+	if s == nil {
+		return raw
+	}
+	return s
 }

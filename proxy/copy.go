@@ -13,22 +13,35 @@ import (
 )
 
 // copyBufferSize is the size of the pooled copy buffers. 32 KiB is what
-// io.Copy allocates: two TLS records (16 KiB each) per read on the encrypted
-// side, and a write large enough that the plain side's syscalls are few. The
-// buffers are pooled rather than allocated per connection because a sidecar
-// holds two per connection for the connection's whole life and churns through
-// many short connections; the pool turns that garbage into reuse.
+// io.Copy allocates: a write of two full TLS records (16 KiB each) towards the
+// encrypted side per read of the plain side, and writes large enough that the
+// plain side's syscalls are few. (A read of a *tls.Conn returns one record at
+// most, 16 KiB.) The buffers are pooled, and a direction only holds one while
+// data flows: waiting for data it holds none (see socket), so an idle
+// connection costs no buffer and a busy one reuses them.
 //
 // The copy loop is ours rather than io.Copy's because every pipe has a TLS
 // side: neither splice(2) nor sendfile(2) can apply (io.Copy would fall back
 // to the same read/write loop with a fresh buffer), and the loop has to note
-// activity for the idle timeout and count bytes as they flow.
+// activity for the idle timeout, count bytes as they flow, and give its
+// buffer back while it waits.
 const copyBufferSize = 32 << 10
 
 var bufferPool = sync.Pool{New: func() any {
 	b := make([]byte, copyBufferSize)
 	return &b
 }}
+
+// errWouldBlock is what a socket in the copy loop's mode answers instead of
+// blocking. It is a temporary net.Error, like a passed read deadline, so a
+// tls.Conn reading the socket passes it on and stays usable.
+var errWouldBlock error = wouldBlockError{}
+
+type wouldBlockError struct{}
+
+func (wouldBlockError) Error() string   { return "proxy: read would block" }
+func (wouldBlockError) Timeout() bool   { return true }
+func (wouldBlockError) Temporary() bool { return true }
 
 // errResetAtEOF is the failure of a read that returned EOF on a connection
 // that had been reset.
@@ -44,40 +57,67 @@ type halfResult struct {
 }
 
 // side is one end of a pipe: rw is the connection to read and write (a
-// *tls.Conn on the encrypted side), raw the TCP connection under it.
+// *tls.Conn on the encrypted side), raw the TCP connection under it, sock
+// raw's non-blocking reader (nil where there is none, see newSocket); on the
+// encrypted side the tls.Conn reads through sock.
 type side struct {
 	rw, raw net.Conn
+	sock    *socket
+	plain   bool // rw is raw
 	// shut is set just before the proxy half-closes raw, so that the
 	// direction reading raw can tell the end of that exchange from a reset
 	// (see wasReset).
 	shut atomic.Bool
 }
 
+func (s *side) init(rw, raw net.Conn, sock *socket) {
+	s.rw, s.raw, s.sock = rw, raw, sock
+	s.plain = rw == raw
+	if sock != nil && !s.plain {
+		sock.setNonblocking()
+	}
+}
+
 // pipe copies both ways between the downstream (accepted) and upstream
-// (dialed) sides until both directions ended.
+// (dialed) sides, each direction on a goroutine of its own, and returns at
+// once; the direction that ends last calls then.
 //
 // A clean end of stream on one side is passed on as a half-close of the
 // other (close_notify and FIN on TLS, FIN on TCP), and the other direction
 // goes on. A failure on either side resets both, so that neither end mistakes
 // a broken stream for a complete one.
-func (c *conn) pipe(downRW, downRaw, upRW, upRaw net.Conn, idle time.Duration) {
+//
+// downSock and upSock are the sockets of downRaw and upRaw (nil: none); on a
+// TLS side, the one the tls.Conn was built on.
+//
+// Why two fresh goroutines rather than the connection's own plus one: the
+// goroutine that ran the handshake has a stack grown by it (crypto is deep)
+// that the runtime only shrinks while it is mostly unused, and a connection
+// that waits for data keeps its goroutines for as long as it is open. Fresh
+// ones start small and stay so while they wait (≈6 KB less per connection).
+func (c *conn) pipe(downRW, downRaw net.Conn, downSock *socket, upRW, upRaw net.Conn, upSock *socket, idle time.Duration, then func()) {
 	down, up := &c.sides[0], &c.sides[1]
-	down.rw, down.raw = downRW, downRaw
-	up.rw, up.raw = upRW, upRaw
+	down.init(downRW, downRaw, downSock)
+	up.init(upRW, upRaw, upSock)
 	c.startIdleTimer(idle)
+	c.piped = true
 	// Each direction acts on its own end at once: a reset seen by one must
 	// not wait for the other direction, which may stay quiet for long.
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		c.ended(c.copyHalf(up, down, true))
-	}()
-	c.ended(c.copyHalf(down, up, false))
-	<-done
-	c.reason.CompareAndSwap(nil, ptr(reasonEOF))
+	c.pending.Store(2)
+	go c.direction(up, down, true, then)
+	go c.direction(down, up, false, then)
 }
 
-func ptr[T any](v T) *T { return &v }
+// direction runs one direction of a pipe to its end.
+func (c *conn) direction(dst, src *side, fromDownstream bool, then func()) {
+	c.ended(c.copyHalf(dst, src, fromDownstream))
+	if c.pending.Add(-1) == 0 {
+		c.reason.CompareAndSwap(nil, &eofReason)
+		then()
+	}
+}
+
+var eofReason = reasonEOF
 
 // ended handles the end of one direction: a failure resets the whole
 // connection (which also unblocks the other direction).
@@ -96,9 +136,12 @@ func (c *conn) ended(r halfResult) {
 // way the bytes flow, for the byte counts. On a clean EOF it half-closes dst;
 // an EOF that was a reset in disguise (see wasReset) is a failure.
 func (c *conn) copyHalf(dst, src *side, fromDownstream bool) halfResult {
-	bp := bufferPool.Get().(*[]byte)
-	defer bufferPool.Put(bp)
-	buf := *bp
+	var bp *[]byte // the pooled buffer, held only while data flows
+	defer func() {
+		if bp != nil {
+			bufferPool.Put(bp)
+		}
+	}()
 
 	total := &c.bytesOut
 	if fromDownstream {
@@ -106,16 +149,35 @@ func (c *conn) copyHalf(dst, src *side, fromDownstream bool) halfResult {
 	}
 	counter := c.l.metrics.flowCounter(fromDownstream)
 	for {
-		n, rerr := src.rw.Read(buf)
+		var n int
+		var rerr error
+		if src.plain && src.sock != nil {
+			bp, n, rerr = src.sock.readPooled(bp)
+		} else {
+			if bp == nil {
+				bp = bufferPool.Get().(*[]byte)
+			}
+			n, rerr = src.rw.Read(*bp)
+		}
 		if n > 0 {
 			c.touch()
-			if _, werr := dst.rw.Write(buf[:n]); werr != nil {
+			if _, werr := dst.rw.Write((*bp)[:n]); werr != nil {
 				return halfResult{err: werr, upstream: fromDownstream}
 			}
 			total.Add(int64(n))
 			if counter != nil {
 				counter.Add(float64(n))
 			}
+		}
+		if rerr == errWouldBlock {
+			// Only a tls.Conn over a socket says so: nothing left to
+			// decrypt and the socket is empty. Wait without the buffer.
+			bufferPool.Put(bp)
+			bp = nil
+			if err := src.sock.wait(); err != nil {
+				return halfResult{err: err, upstream: !fromDownstream}
+			}
+			continue
 		}
 		if rerr == io.EOF {
 			if wasReset(src) {

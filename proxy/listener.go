@@ -92,12 +92,19 @@ func (l *listener) acceptLoop() {
 			return
 		}
 		go func() {
-			defer l.s.wg.Done()
-			defer l.limit.release()
-			defer l.untrack(c)
 			c.serve()
+			if !c.piped {
+				l.release(c)
+			}
 		}()
 	}
+}
+
+// release gives back the slots a connection took before its Accept.
+func (l *listener) release(c *conn) {
+	l.untrack(c)
+	l.limit.release()
+	l.s.wg.Done()
 }
 
 func (l *listener) stopped() bool {

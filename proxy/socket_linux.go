@@ -1,0 +1,176 @@
+package proxy
+
+import (
+	"io"
+	"net"
+	"os"
+	"syscall"
+	"unsafe"
+)
+
+// socket is the TCP connection under one side of a pipe, read without
+// blocking so that a direction waiting for data holds no copy buffer: an idle
+// connection then costs its goroutines and the TLS state, not 64 KiB of
+// buffers (two pooled 32 KiB buffers, one per direction, were held across
+// every blocking Read before).
+//
+// The wait is the runtime poller's, through syscall.RawConn.Read: the
+// callback tries the system call, and when it returns false the goroutine
+// parks until the socket is readable, exactly as net.Conn.Read does inside —
+// but no buffer has to be lent to it first.
+//
+//   - A plain TCP side is read with readPooled: the callback takes a pooled
+//     buffer, reads into it, and hands it back to the pool before parking
+//     on EAGAIN. In a steady stream the buffer is kept from read to read.
+//   - Under a *tls.Conn the socket is the net.Conn the TLS stack reads.
+//     Waiting for the raw socket to be readable is only safe while the TLS
+//     stack holds no buffered input (it reads ahead: a complete record may
+//     sit in its buffer while the socket is empty, and waiting then would
+//     never end). So it is the TLS stack that tells: once the copy loop runs,
+//     Read never blocks but answers errWouldBlock, a temporary net.Error —
+//     what a read deadline that has passed looks like, which crypto/tls
+//     returns without breaking the connection (the net.Conn contract lets a
+//     Read resume after a timeout). tls.Conn.Read only reads the socket when
+//     it has nothing decrypted left to give, so errWouldBlock coming out of
+//     it means there is nothing buffered: the copy loop gives the buffer back
+//     and waits (wait), with a 1-byte MSG_PEEK as the readiness test.
+//
+// Writes, the handshake (before setNonblocking) and Close go straight to
+// the *net.TCPConn. One reader at a time: the callbacks' state lives in the
+// struct, and the callbacks are bound once, so a read allocates nothing.
+type socket struct {
+	*net.TCPConn
+	rc          syscall.RawConn
+	nonblocking bool // set once, before the copy goroutines start
+
+	// callback state
+	p     []byte
+	bp    *[]byte
+	n     int
+	err   error
+	woken bool
+	peek  [1]byte
+
+	readFn, readPooledFn, waitFn func(fd uintptr) bool
+}
+
+// newSocket returns the socket of a TCP connection, nil for anything else
+// (the copy loop then blocks in Read holding a buffer, as io.Copy would).
+func newSocket(nc net.Conn) *socket {
+	tc, ok := nc.(*net.TCPConn)
+	if !ok {
+		return nil
+	}
+	rc, err := tc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	return &socket{TCPConn: tc, rc: rc}
+}
+
+// setNonblocking switches Read to the copy loop's mode (see socket).
+func (s *socket) setNonblocking() {
+	s.nonblocking = true
+	s.readFn = s.readNow
+	s.waitFn = s.waitReadable
+}
+
+// Read is what the TLS stack reads: blocking during the handshake, then
+// never blocking (errWouldBlock).
+func (s *socket) Read(p []byte) (int, error) {
+	if !s.nonblocking {
+		return s.TCPConn.Read(p)
+	}
+	if len(p) == 0 {
+		return 0, nil
+	}
+	s.p = p
+	err := s.rc.Read(s.readFn)
+	s.p = nil
+	if err != nil {
+		return 0, err
+	}
+	return s.n, s.err
+}
+
+func (s *socket) readNow(fd uintptr) bool {
+	s.n, s.err = readFD(fd, s.p)
+	if s.err == syscall.EAGAIN {
+		s.err = errWouldBlock
+	}
+	return true
+}
+
+// wait parks until the socket is readable (data, end of stream or error)
+// without holding a buffer. Only for the socket under a TLS side, and only
+// after its tls.Conn answered errWouldBlock.
+func (s *socket) wait() error {
+	s.woken = false
+	return s.rc.Read(s.waitFn)
+}
+
+func (s *socket) waitReadable(fd uintptr) bool {
+	if s.woken {
+		// The poller woke us: readable. Whatever is there (data, EOF, an
+		// error) the TLS read that follows will see; a spurious wake-up
+		// costs one more errWouldBlock.
+		return true
+	}
+	s.woken = true
+	for {
+		_, _, e := syscall.Syscall6(syscall.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(&s.peek[0])), 1,
+			syscall.MSG_PEEK|syscall.MSG_DONTWAIT, 0, 0)
+		switch e {
+		case syscall.EINTR:
+			continue
+		case syscall.EAGAIN:
+			return false
+		}
+		return true
+	}
+}
+
+// readPooled reads a plain TCP side: it returns a pooled buffer holding n
+// bytes read (bp is the buffer the caller holds, nil for none, and the
+// result is the one it holds after). While it waits, no buffer is held.
+func (s *socket) readPooled(bp *[]byte) (_ *[]byte, n int, err error) {
+	if s.readPooledFn == nil {
+		s.readPooledFn = s.readIntoPooled
+	}
+	s.bp = bp
+	if err := s.rc.Read(s.readPooledFn); err != nil {
+		return s.bp, 0, err
+	}
+	return s.bp, s.n, s.err
+}
+
+func (s *socket) readIntoPooled(fd uintptr) bool {
+	if s.bp == nil {
+		s.bp = bufferPool.Get().(*[]byte)
+	}
+	s.n, s.err = readFD(fd, *s.bp)
+	if s.err == syscall.EAGAIN {
+		bufferPool.Put(s.bp)
+		s.bp = nil
+		return false
+	}
+	return true
+}
+
+// readFD is one read(2), in net.Conn's terms: 0 bytes is io.EOF.
+func readFD(fd uintptr, p []byte) (int, error) {
+	for {
+		n, err := syscall.Read(int(fd), p)
+		switch {
+		case err == syscall.EINTR:
+			continue
+		case err == syscall.EAGAIN:
+			return 0, err
+		case err != nil:
+			return 0, os.NewSyscallError("read", err)
+		case n == 0:
+			return 0, io.EOF
+		}
+		return n, nil
+	}
+}

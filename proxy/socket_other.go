@@ -1,0 +1,18 @@
+//go:build !linux
+
+package proxy
+
+import "net"
+
+// socket is only implemented on Linux (see socket_linux.go). Elsewhere
+// newSocket returns nil and the copy loop blocks in Read holding its
+// buffer, as io.Copy would.
+type socket struct{ net.Conn }
+
+func newSocket(net.Conn) *socket { return nil }
+
+func (s *socket) setNonblocking() {}
+
+func (s *socket) wait() error { return nil }
+
+func (s *socket) readPooled(bp *[]byte) (*[]byte, int, error) { return bp, 0, nil }
