@@ -186,6 +186,13 @@ func ParseSpec(ann map[string]string, controlPlane bool, adminPort int) (Spec, e
 				return Spec{}, annErr(ann, AnnotationInbound, "app port %d is also %s", in.AppPort, what)
 			}
 		}
+		// The app listens on 127.0.0.1:<app port> and the sidecar binds its
+		// outbound ports on 127.0.0.1 too: one of the two would fail to start.
+		for _, in := range s.Inbound {
+			if _, ok := taken[in.AppPort]; !ok {
+				taken[in.AppPort] = fmt.Sprintf("the app port behind inbound port %d", in.Port)
+			}
+		}
 		if !hasAllow {
 			return Spec{}, annErr(ann, AnnotationInbound, "no %s: every peer would be refused; list the SPIFFE IDs allowed to connect", AnnotationAllow)
 		}
@@ -231,12 +238,22 @@ func ParseSpec(ann map[string]string, controlPlane bool, adminPort int) (Spec, e
 			if err != nil || host == "" {
 				return Spec{}, annErr(ann, AnnotationOutbound, "entry %q: target %q is not HOST:PORT", e, target)
 			}
+			// The same rule as the sidecar's config (proxy.Config.Validate):
+			// accepting more here would admit a pod whose sidecar cannot start.
+			if strings.ContainsAny(host, " /") {
+				return Spec{}, annErr(ann, AnnotationOutbound, "entry %q: target host %q is not a host name or IP address", e, host)
+			}
 			if _, err := parsePort(tp); err != nil {
 				return Spec{}, annErr(ann, AnnotationOutbound, "entry %q: target port: %v", e, err)
 			}
 			id, err := spiffeid.FromString(sid)
 			if err != nil {
 				return Spec{}, annErr(ann, AnnotationOutbound, "entry %q: server ID %q: %v", e, sid, err)
+			}
+			if id.Path() == "" {
+				// A trust-domain ID would be proved by no SVID; the sidecar
+				// refuses it, so the pod would never become ready.
+				return Spec{}, annErr(ann, AnnotationOutbound, "entry %q: server ID %q names a trust domain, not a workload (want e.g. %s/ns/NAMESPACE/sa/ACCOUNT)", e, sid, id)
 			}
 			if err := claim(AnnotationOutbound, port, "an outbound local port"); err != nil {
 				return Spec{}, err

@@ -8,6 +8,8 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	"k8s.io/apimachinery/pkg/util/intstr"
+
+	"latch.dev/latch/proxy"
 )
 
 // Names the injector gives what it adds to a pod. They are fixed so that a
@@ -170,7 +172,8 @@ type staticOutbound struct {
 }
 
 // StaticConfig renders spec as the sidecar's config file. It returns nil for
-// a spec whose policy comes from the control plane.
+// a spec whose policy comes from the control plane, and an error for a spec
+// whose file latch proxy would refuse (proxy.Parse).
 func StaticConfig(spec Spec) ([]byte, error) {
 	if spec.ControlPlane {
 		return nil, nil
@@ -202,6 +205,13 @@ func StaticConfig(spec Spec) ([]byte, error) {
 	b, err := yaml.Marshal(&f)
 	if err != nil {
 		return nil, fmt.Errorf("rendering sidecar config: %w", err)
+	}
+	// ParseSpec is meant to refuse everything the sidecar would, but the two
+	// rule sets live in different packages. Running the file through the
+	// sidecar's own parser makes sure the webhook never admits a pod whose
+	// sidecar then refuses its config and never becomes ready.
+	if _, err := proxy.Parse("annotation "+AnnotationConfig, b); err != nil {
+		return nil, fmt.Errorf("the sidecar config rendered from the pod's annotations would be refused by latch proxy: %w", err)
 	}
 	return b, nil
 }

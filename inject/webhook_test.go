@@ -348,6 +348,14 @@ func TestMalformedAnnotationsRefused(t *testing.T) {
 		{"outbound bad server id", map[string]string{"latch.dev/outbound": "15001=backend:8443@spiffe://mesh.test/a/../b"}, []string{"server ID"}},
 		{"outbound port collides with inbound", map[string]string{"latch.dev/inbound": "8443:8080", "latch.dev/allow": allow, "latch.dev/outbound": "8443=backend:8443" + sid}, []string{"latch.dev/outbound", "port 8443 is already an inbound sidecar port"}},
 		{"outbound duplicate", map[string]string{"latch.dev/outbound": "15001=a:1" + sid + ",15001=b:1" + sid}, []string{"port 15001 is already an outbound local port"}},
+		// Found by FuzzParseSpec: each of these was admitted with a sidecar
+		// that could not start.
+		{"outbound server id is a trust domain", map[string]string{"latch.dev/outbound": "15001=backend:8443@spiffe://mesh.test"}, []string{"latch.dev/outbound", `server ID "spiffe://mesh.test" names a trust domain, not a workload`}},
+		{"outbound server id is a trust domain with slash", map[string]string{"latch.dev/outbound": "15001=backend:8443@spiffe://mesh.test/"}, []string{"latch.dev/outbound", "server ID"}},
+		{"outbound target host with a space", map[string]string{"latch.dev/outbound": "15001=back end:8443" + sid}, []string{"latch.dev/outbound", `target host "back end" is not a host name or IP address`}},
+		{"outbound target host with a slash", map[string]string{"latch.dev/outbound": "15001=back/end:8443" + sid}, []string{"latch.dev/outbound", `target host "back/end"`}},
+		{"outbound bracketed target host with a space", map[string]string{"latch.dev/outbound": "15001=[::1 ]:8443" + sid}, []string{"latch.dev/outbound", `target host "::1 "`}},
+		{"outbound port is an app port", map[string]string{"latch.dev/inbound": "8443:8080", "latch.dev/allow": allow, "latch.dev/outbound": "8080=backend:8443" + sid}, []string{"latch.dev/outbound", "port 8080 is already the app port behind inbound port 8443"}},
 		{"policy conflicts with inbound", map[string]string{"latch.dev/policy": "control-plane", "latch.dev/inbound": "8443:8080"}, []string{"latch.dev/policy", "conflicts with latch.dev/inbound"}},
 		{"tls profile weak", map[string]string{"latch.dev/tls-profile": "legacy", "latch.dev/outbound": "15001=b:1" + sid}, []string{"latch.dev/tls-profile", "modern or intermediate"}},
 		{"too many entries", map[string]string{"latch.dev/inbound": strings.Repeat("1:2,", 65), "latch.dev/allow": allow}, []string{"65 entries", "at most 64"}},
