@@ -23,6 +23,7 @@ import (
 // controlPlane is latch's xDS server on a fixed loopback address, so that it
 // can be killed and started again where the sidecars expect it.
 type controlPlane struct {
+	xs     *server.Server
 	addr   string
 	tlsc   *identity.TLS
 	cancel context.CancelFunc
@@ -45,13 +46,18 @@ func startControlPlane(t *testing.T, addr string, tlsc *identity.TLS, decls []po
 		}
 		return nil
 	}))
-	cp := &controlPlane{addr: lis.Addr().String(), tlsc: tlsc, cancel: cancel, g: g, done: make(chan struct{})}
+	cp := &controlPlane{xs: xs, addr: lis.Addr().String(), tlsc: tlsc, cancel: cancel, g: g, done: make(chan struct{})}
 	go func() {
 		defer close(cp.done)
 		g.Serve(lis)
 	}()
 	t.Cleanup(cp.kill)
 	return cp
+}
+
+// update pushes new declarations to the connected sidecars.
+func (cp *controlPlane) update(decls []policy.Declaration) {
+	cp.xs.Update(policy.Snapshot{Declarations: decls})
 }
 
 // kill stops the control plane abruptly: streams are cut, nothing is said.

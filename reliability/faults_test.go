@@ -42,7 +42,9 @@ func TestAppDown(t *testing.T) {
 		}
 	}
 	failures := p.in.waitMetric("latch_upstream_connect_failures_total", map[string]string{"direction": "inbound"}, tries)
-	closed := p.in.metric("latch_connections_closed_total", map[string]string{"reason": "upstream_unreachable"})
+	// The close is counted when the connection's goroutine finishes, which
+	// may be after the client has seen the close: wait for it too.
+	closed := p.in.waitMetric("latch_connections_closed_total", map[string]string{"reason": "upstream_unreachable"}, tries)
 
 	// The app comes back on the same address.
 	ln, err := net.Listen("tcp", appAddr)

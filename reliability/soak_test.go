@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"runtime"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -18,6 +19,7 @@ import (
 	"latch.dev/latch/identity"
 	"latch.dev/latch/identity/devca"
 	"latch.dev/latch/proxy"
+	xdsclient "latch.dev/latch/xds/client"
 )
 
 // soakSettings are the soak's durations: a short run by default (CI), the
@@ -65,7 +67,9 @@ func (s *soakStats) fail(err error) {
 }
 
 // TestSoak runs mixed traffic through five sidecars while SVIDs rotate, the
-// CA rolls over and the backend's allow-list alternates:
+// CA rolls over, and the backend's allow-list, which it takes from latch's
+// control plane over ADS, alternates; the control plane is killed and
+// restarted along the way:
 //
 //	frontend (outbound to backend and store)  — always allowed
 //	batch    (outbound to backend)            — allowed in phase A only
@@ -95,22 +99,66 @@ func TestSoak(t *testing.T) {
 	}()
 
 	profile := identity.Modern()
-	allowA := identity.NewAllowList(identity.AllowID(id("frontend")), identity.AllowPathPrefix(id("batch")))
-	allowB := identity.NewAllowList(identity.AllowID(id("frontend")))
-
 	backendApp, storeApp := newApp(t, nil), newApp(t, nil)
-	inbound := func(name, app string, allow identity.AllowList) proxy.Inbound {
-		return proxy.Inbound{Name: name, Listen: "127.0.0.1:0", App: app, Allow: allow}
+
+	// The backend takes its policy from latch's control plane over ADS. Its
+	// allow-list alternates between A (frontend and batch) and B (frontend
+	// only). phase is even while a policy is in place and odd while the
+	// sidecar applies one; batchAllowed records, per even phase, whether
+	// the policy in place admits batch.
+	var phase atomic.Int64
+	var batchAllowed sync.Map // int64 → bool
+	backendSrc := m.source(t, "backend")
+	backend := newSidecar(t, backendSrc)
+	apply := func(c *proxy.Config) error {
+		phase.Add(1)
+		err := backend.srv.Apply(c)
+		allows := false
+		if cur := backend.srv.Current(); cur != nil && len(cur.Inbound) == 1 {
+			allows = cur.Inbound[0].Allow.Allows(id("batch"))
+		}
+		batchAllowed.Store(phase.Load()+1, allows)
+		phase.Add(1)
+		return err
 	}
-	backend := newSidecar(t, m.source(t, "backend"))
-	backendCfg := func(version string, allow identity.AllowList) *proxy.Config {
-		// The same name and Listen ("127.0.0.1:0") keep the bound socket.
-		in := inbound("in", backendApp.addr(), allow)
-		return &proxy.Config{Version: version, TLS: profile, Inbound: []proxy.Inbound{in}}
+	inAddr := freeAddr(t)
+	_, portStr, _ := net.SplitHostPort(inAddr)
+	port, _ := strconv.Atoi(portStr)
+	declA := backendDecl(t, port, backendApp.addr(), "frontend", "batch")
+	declB := backendDecl(t, port, backendApp.addr(), "frontend")
+	cpTLS := identity.NewTLS(m.source(t, "control-plane"))
+	cp := startControlPlane(t, "127.0.0.1:0", cpTLS, declA)
+	xc, err := xdsclient.New(xdsclient.Options{
+		Address:        cp.addr,
+		ControlPlaneID: id("control-plane"),
+		NodeID:         id("backend"),
+		TLS:            identity.NewTLS(backendSrc).ClientConfig(profile, id("control-plane")),
+		MinBackoff:     50 * time.Millisecond,
+		MaxBackoff:     500 * time.Millisecond,
+	}, apply)
+	if err != nil {
+		t.Fatal(err)
 	}
-	backend.apply(backendCfg("A-0", allowA))
+	xctx, xcancel := context.WithCancel(context.Background())
+	xdone := make(chan struct{})
+	go func() {
+		defer close(xdone)
+		xc.Run(xctx)
+	}()
+	t.Cleanup(func() {
+		xcancel()
+		<-xdone
+	})
+	for deadline := time.Now().Add(waitFor); backend.srv.Current() == nil; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("backend never got its policy from the control plane: %+v", xc.Status())
+		}
+	}
+
 	store := newSidecar(t, m.source(t, "store"))
-	store.apply(&proxy.Config{Version: "1", TLS: profile, Inbound: []proxy.Inbound{inbound("in", storeApp.addr(), allowB)}})
+	store.apply(&proxy.Config{Version: "1", TLS: profile, Inbound: []proxy.Inbound{{
+		Name: "in", Listen: "127.0.0.1:0", App: storeApp.addr(), Allow: identity.NewAllowList(identity.AllowID(id("frontend"))),
+	}}})
 
 	outbound := func(name, upstream, server string) proxy.Outbound {
 		return proxy.Outbound{Name: name, Listen: "127.0.0.1:0", Upstreams: []string{upstream}, ServerID: id(server)}
@@ -120,16 +168,13 @@ func TestSoak(t *testing.T) {
 		s.apply(&proxy.Config{Version: "1", TLS: profile, Outbound: outs})
 		return s
 	}
-	frontend := client("frontend", outbound("backend", backend.addr("in"), "backend"), outbound("store", store.addr("in"), "store"))
-	batch := client("batch", outbound("backend", backend.addr("in"), "backend"))
-	intruder := client("intruder", outbound("backend", backend.addr("in"), "backend"), outbound("store", store.addr("in"), "store"))
+	frontend := client("frontend", outbound("backend", inAddr, "backend"), outbound("store", store.addr("in"), "store"))
+	batch := client("batch", outbound("backend", inAddr, "backend"))
+	intruder := client("intruder", outbound("backend", inAddr, "backend"), outbound("store", store.addr("in"), "store"))
 
 	runtime.GC()
 	startRSS, startG := rssKiB(), runtime.NumGoroutine()
 
-	// phase is even while a policy is in place (phase/2 even: A, odd: B)
-	// and odd while Apply runs.
-	var phase atomic.Int64
 	var st soakStats
 	ctx, cancel := context.WithTimeout(context.Background(), cfg.duration)
 	defer cancel()
@@ -189,7 +234,7 @@ func TestSoak(t *testing.T) {
 			st.boundary.Add(1)
 			return
 		}
-		if (p0/2)%2 == 0 {
+		if v, _ := batchAllowed.Load(p0); v == true {
 			allowed("batch in phase A")(p0, p1, ok, err, missing)
 		} else {
 			denied("batch in phase B")(p0, p1, ok, err, missing)
@@ -238,8 +283,11 @@ func TestSoak(t *testing.T) {
 		}()
 	}
 
-	// The churn: policy changes on a ticker, one CA rollover a third in.
-	var policyChanges, rolls int
+	// The churn: policy pushes on a ticker, every fourth tick a control
+	// plane kill (it comes back on the next tick with the next policy), one
+	// CA rollover a third in.
+	var policyChanges, rolls, cpRestarts, ticks int
+	cpDown := false
 	rollAt := time.After(cfg.duration / 3)
 	tick := time.NewTicker(cfg.policyEvery)
 	defer tick.Stop()
@@ -254,31 +302,39 @@ loop:
 			}
 			rolls++
 		case <-tick.C:
+			ticks++
+			if !cpDown && ticks%4 == 0 {
+				cp.kill()
+				cpDown = true
+				continue
+			}
 			policyChanges++
-			allow := allowA
-			version := fmt.Sprintf("A-%d", policyChanges)
+			decls := declA
 			if policyChanges%2 == 1 {
-				allow, version = allowB, fmt.Sprintf("B-%d", policyChanges)
+				decls = declB
 			}
-			phase.Add(1)
-			if err := backend.srv.Apply(backendCfg(version, allow)); err != nil {
-				t.Errorf("policy change %s: %v", version, err)
+			if cpDown {
+				cp = startControlPlane(t, cp.addr, cpTLS, decls)
+				cpDown = false
+				cpRestarts++
+			} else {
+				cp.update(decls)
 			}
-			phase.Add(1)
 		}
 	}
 	wg.Wait()
+	applied := (phase.Load() - 2) / 2 // the first config is not a change
 	revoked := backend.metric("latch_connections_closed_total", map[string]string{"reason": "policy_revoked"})
 	runtime.GC()
 	endRSS, endG := rssKiB(), runtime.NumGoroutine()
 	stopEvents()
 	<-evDone
 
-	t.Logf("soak %v: allowed ok %d failed %d; denied refused %d admitted %d; boundary %d; corrupted %d; %d MiB echoed; long-lived echoes %d; policy changes %d, revoked %v; SVIDs issued %d, CA rollovers %d; RSS %s → %s, goroutines %d → %d",
+	t.Logf("soak %v: allowed ok %d failed %d; denied refused %d admitted %d; boundary %d; corrupted %d; %d MiB echoed; long-lived echoes %d; policy pushes %d (applied %d, control-plane restarts %d), revoked %v; SVIDs issued %d, CA rollovers %d; RSS %s → %s, goroutines %d → %d",
 		cfg.duration, st.allowedOK.Load(), st.allowedFailed.Load(), st.deniedRefused.Load(), st.deniedAdmited.Load(), st.boundary.Load(),
-		st.corrupted.Load(), st.bytes.Load()>>20, st.longLivedEchoes.Load(), policyChanges, revoked, rotations.Load(), rolls, mib(startRSS), mib(endRSS), startG, endG)
+		st.corrupted.Load(), st.bytes.Load()>>20, st.longLivedEchoes.Load(), policyChanges, applied, cpRestarts, revoked, rotations.Load(), rolls, mib(startRSS), mib(endRSS), startG, endG)
 	figuref("soak", "duration / sidecars", "%v / 5 (2 inbound, 3 outbound)", cfg.duration)
-	figuref("soak", "churn: SVIDs issued / CA rollovers (activated) / policy changes", "%d (rotate every %v) / %d (%d) / %d (every %v)", rotations.Load(), cfg.rotate, rolls, caEvents.Load(), policyChanges, cfg.policyEvery)
+	figuref("soak", "churn: SVIDs issued / CA rollovers (activated) / policy pushes (applied) / control-plane restarts", "%d (rotate every %v) / %d (%d) / %d (%d, every %v) / %d", rotations.Load(), cfg.rotate, rolls, caEvents.Load(), policyChanges, applied, cfg.policyEvery, cpRestarts)
 	figuref("soak", "allowed connections ok / failed", "%d / %d", st.allowedOK.Load(), st.allowedFailed.Load())
 	figuref("soak", "denied peers refused / admitted", "%d / %d", st.deniedRefused.Load(), st.deniedAdmited.Load())
 	figuref("soak", "attempts straddling a policy change (not judged)", "%d", st.boundary.Load())
@@ -291,8 +347,9 @@ loop:
 	if st.allowedFailed.Load() != 0 || st.deniedAdmited.Load() != 0 || st.corrupted.Load() != 0 || st.silentTruncations.Load() != 0 {
 		t.Errorf("allowed failed %d, denied admitted %d, corrupted %d, cut silently %d; first: %v", st.allowedFailed.Load(), st.deniedAdmited.Load(), st.corrupted.Load(), st.silentTruncations.Load(), st.firstFailure)
 	}
-	if st.allowedOK.Load() == 0 || st.deniedRefused.Load() == 0 || policyChanges < 2 || rolls != 1 {
-		t.Errorf("soak did not exercise enough: ok %d, refused %d, policy changes %d, rolls %d", st.allowedOK.Load(), st.deniedRefused.Load(), policyChanges, rolls)
+	if st.allowedOK.Load() == 0 || st.deniedRefused.Load() == 0 || applied < 2 || rolls != 1 || cpRestarts < 1 {
+		t.Errorf("soak did not exercise enough: ok %d, refused %d, policy changes applied %d, rolls %d, control-plane restarts %d",
+			st.allowedOK.Load(), st.deniedRefused.Load(), applied, rolls, cpRestarts)
 	}
 	if endG > startG+50 {
 		t.Errorf("goroutines grew from %d to %d", startG, endG)
