@@ -443,6 +443,14 @@ var hostileCases = []struct {
 	{"endpoint over a pipe", func(r *translate.Resources) {
 		r.Endpoints[0].Endpoints[0].LbEndpoints[0].GetEndpoint().Address = &core.Address{Address: &core.Address_Pipe{Pipe: &core.Pipe{Path: "/x"}}}
 	}, `endpoints "outbound|9001"`, "endpoints[0].lb_endpoints[0].endpoint.address.pipe: not supported"},
+	// Found by FuzzBuild: hosts the sidecar's config refuses must be
+	// NACKed here, naming the resource and field.
+	{"endpoint host with a space", func(r *translate.Resources) {
+		r.Endpoints[0].Endpoints[0].LbEndpoints[0].GetEndpoint().Address.GetSocketAddress().Address = "db local"
+	}, `endpoints "outbound|9001"`, `endpoint.address.socket_address.address: "db local" is not a host name or IP address`},
+	{"endpoint host with a slash", func(r *translate.Resources) {
+		r.Endpoints[0].Endpoints[0].LbEndpoints[0].GetEndpoint().Address.GetSocketAddress().Address = "10.0.0.0/8"
+	}, `endpoints "outbound|9001"`, `"10.0.0.0/8" is not a host name or IP address`},
 	{"endpoint health check config", func(r *translate.Resources) {
 		r.Endpoints[0].Endpoints[0].LbEndpoints[0].GetEndpoint().HealthCheckConfig = &endpoint.Endpoint_HealthCheckConfig{PortValue: 1}
 	}, `endpoints "outbound|9001"`, "endpoint.health_check_config: not supported"},

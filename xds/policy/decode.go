@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"go.yaml.in/yaml/v3"
@@ -114,6 +115,7 @@ func Parse(file string, data []byte, opts Options) ([]Declaration, error) {
 	d := &decoder{file: file, opts: opts}
 	var out []Declaration
 	dec := yaml.NewDecoder(bytes.NewReader(data))
+	lastDoc := 0 // line of the last document decoded
 	for {
 		var doc yaml.Node
 		err := dec.Decode(&doc)
@@ -121,9 +123,23 @@ func Parse(file string, data []byte, opts Options) ([]Declaration, error) {
 			break
 		}
 		if err != nil {
-			d.errs = append(d.errs, &Error{File: file, Line: yamlErrorLine(err), Reason: "YAML: " + strings.TrimPrefix(err.Error(), "yaml: ")})
+			reason := "YAML: " + strings.TrimPrefix(err.Error(), "yaml: ")
+			line := yamlErrorLine(err)
+			if line == 0 {
+				// yaml.v3's reader errors (control characters, bad UTF-8)
+				// carry no line: find the character, else name the
+				// document the error is in.
+				if line = badCharLine(data); line > 0 {
+					reason += " (first one on this line)"
+				} else {
+					line = nextDocumentLine(data, lastDoc)
+					reason += " (in the document starting at this line)"
+				}
+			}
+			d.errs = append(d.errs, &Error{File: file, Line: line, Reason: reason})
 			break // the decoder cannot resynchronise after a syntax error
 		}
+		lastDoc = max(doc.Line, 1)
 		if len(doc.Content) == 0 || (doc.Content[0].Kind == yaml.ScalarNode && doc.Content[0].Tag == "!!null") {
 			continue // an empty document between separators
 		}
@@ -143,6 +159,42 @@ func Parse(file string, data []byte, opts Options) ([]Declaration, error) {
 		return nil, &FileError{File: file, Errors: d.errs}
 	}
 	return out, nil
+}
+
+// badCharLine is the line of the first character YAML does not allow in a
+// stream (YAML 1.2 §5.1: printable Unicode, tab, line breaks), 0 if none.
+func badCharLine(data []byte) int {
+	line := 1
+	for i, r := range string(data) {
+		switch {
+		case r == '\n':
+			line++
+			continue
+		case r == '\t' || r == '\r' || r == 0x85:
+			continue
+		case r == utf8.RuneError:
+			if _, size := utf8.DecodeRune(data[i:]); size <= 1 {
+				return line
+			}
+		case r < 0x20 || (r >= 0x7f && r < 0xa0) || (r >= 0xd800 && r <= 0xdfff) || r == 0xfffe || r == 0xffff:
+			return line
+		}
+	}
+	return 0
+}
+
+// nextDocumentLine is the line where the document after the one at line
+// prev starts (prev 0: the first document), by its "---" separator.
+func nextDocumentLine(data []byte, prev int) int {
+	if prev == 0 {
+		return 1
+	}
+	for i, l := range strings.Split(string(data), "\n") {
+		if i+1 > prev && strings.HasPrefix(l, "---") {
+			return i + 1
+		}
+	}
+	return prev
 }
 
 var yamlLine = regexp.MustCompile(`line (\d+)`)
@@ -265,6 +317,12 @@ func (d *decoder) hostPort(n *yaml.Node, path string) (string, bool) {
 	p, err := strconv.ParseUint(port, 10, 16)
 	if host == "" || err != nil || p == 0 {
 		d.fail(n, "%s: %q needs a host and a port in 1..65535", path, s)
+		return "", false
+	}
+	// The sidecar's own rule (proxy.Config.Validate): a host the sidecar
+	// would refuse must be refused here, with its line, not NACKed later.
+	if strings.ContainsAny(host, " /") {
+		d.fail(n, "%s: host %q is not a host name or IP address", path, host)
 		return "", false
 	}
 	return s, true
