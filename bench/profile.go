@@ -70,7 +70,7 @@ func profileLoad(ctx context.Context, p *Pair, dir, name, label string, load fun
 	}
 	defer recLog.Close()
 	rec.Stdout, rec.Stderr = recLog, recLog
-	rec.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	rec.SysProcAttr = childAttr()
 	err = rec.Start()
 	ctlR.Close()
 	ackW.Close()
