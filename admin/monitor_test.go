@@ -59,6 +59,10 @@ func TestMetricsAfterTraffic(t *testing.T) {
 		t.Fatal("deny-all test endpoint answered")
 	}
 	runMonitor(t, mon)
+	// Each connection is counted when the endpoint's goroutine for it ends,
+	// which can be just after the client has its answer (or its refusal).
+	waitCount(t, reg, MetricTestEndpointConnections, "result", "ok", 3)
+	waitCount(t, closedReg, MetricTestEndpointConnections, "result", string(identity.ClassNotAllowed), 1)
 
 	fams := scrape(t, base)
 	svid, _ := src.GetX509SVID()
@@ -89,6 +93,17 @@ func TestMetricsAfterTraffic(t *testing.T) {
 	// The refusal is counted by class on the other endpoint's registry.
 	if n := testutilCount(t, closedReg, MetricTestEndpointConnections, "result", string(identity.ClassNotAllowed)); n != 1 {
 		t.Errorf("refused connections counted %v, want 1", n)
+	}
+}
+
+// waitCount waits (bounded) until the counter reaches want; the assertions
+// that follow check the exact value.
+func waitCount(t *testing.T, g prometheus.Gatherer, name, label, value string, want float64) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+		if testutilCount(t, g, name, label, value) >= want {
+			return
+		}
 	}
 }
 
