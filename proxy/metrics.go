@@ -13,6 +13,7 @@ import (
 type Metrics struct {
 	accepted          *prometheus.CounterVec
 	active            *prometheus.GaugeVec
+	maxConns          *prometheus.GaugeVec
 	closed            *prometheus.CounterVec
 	handshakeDuration *prometheus.HistogramVec
 	handshakeFailures *prometheus.CounterVec
@@ -40,6 +41,10 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		active: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "latch_connections_active",
 			Help: "Connections open on a listener, handshaking ones included.",
+		}, []string{"listener", "direction"}),
+		maxConns: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "latch_listener_max_connections",
+			Help: "A listener's connection limit (maxConnections). At latch_connections_active = this, new connections wait in the kernel's backlog, unaccepted: alert on the ratio.",
 		}, []string{"listener", "direction"}),
 		closed: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "latch_connections_closed_total",
@@ -72,7 +77,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		}, []string{"version", "source"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.accepted, m.active, m.closed, m.handshakeDuration, m.handshakeFailures,
+		reg.MustRegister(m.accepted, m.active, m.maxConns, m.closed, m.handshakeDuration, m.handshakeFailures,
 			m.denials, m.bytes, m.connectFailures, m.configInfo)
 	}
 	return m
@@ -124,6 +129,22 @@ func (m *Metrics) forListener(name string, dir Direction) listenerMetrics {
 		lm.denials = m.denials.WithLabelValues(name)
 	}
 	return lm
+}
+
+// setLimit publishes the listener's connection limit (set on every Apply, as
+// a kept listener's limit may change).
+func (lm *listenerMetrics) setLimit(n int) {
+	if lm.on {
+		lm.m.maxConns.WithLabelValues(lm.name, lm.direction).Set(float64(n))
+	}
+}
+
+// forgetLimit drops the limit of a listener that is gone, so that a
+// dashboard's ratio does not show a removed listener as idle forever.
+func (lm *listenerMetrics) forgetLimit() {
+	if lm.on {
+		lm.m.maxConns.DeleteLabelValues(lm.name, lm.direction)
+	}
 }
 
 func (lm *listenerMetrics) connOpened() {

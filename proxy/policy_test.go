@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"github.com/prometheus/client_golang/prometheus"
 	"net"
 	"os"
 	"path/filepath"
@@ -117,9 +118,35 @@ func TestApplyBindConflict(t *testing.T) {
 }
 
 // TestListenerRemovedDrains: a listener dropped from the config stops
-// accepting, while its live connection goes on until it ends.
+// accepting, while its live connection goes on until it ends; its limit is
+// no longer published.
 func TestListenerRemovedDrains(t *testing.T) {
-	m := newMesh(t, echo, meshOptions{})
+	reg := prometheus.NewRegistry()
+	m := newMesh(t, echo, meshOptions{metrics: NewMetrics(reg)})
+	limitSeries := func() int {
+		fams, err := reg.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, f := range fams {
+			if f.GetName() != "latch_listener_max_connections" {
+				continue
+			}
+			n := 0
+			for _, m := range f.GetMetric() {
+				for _, l := range m.GetLabel() {
+					if l.GetName() == "listener" && l.GetValue() == "web" {
+						n++
+					}
+				}
+			}
+			return n
+		}
+		return 0
+	}
+	if n := limitSeries(); n != 1 {
+		t.Fatalf("latch_listener_max_connections{listener=web} has %d series, want 1", n)
+	}
 	addr := addrOf(t, m.inbound, "web")
 	live, err := m.dialInbound(t, m.peerClient(t, frontendID))
 	if err != nil {
@@ -133,6 +160,9 @@ func TestListenerRemovedDrains(t *testing.T) {
 	}
 	if ls := m.inbound.Listeners(); len(ls) != 0 {
 		t.Fatalf("listeners after removal: %+v", ls)
+	}
+	if n := limitSeries(); n != 0 {
+		t.Errorf("latch_listener_max_connections of a removed listener still published (%d series)", n)
 	}
 	if c, err := net.Dial("tcp", addr); err == nil {
 		c.Close()

@@ -149,9 +149,10 @@ func TestUpstreamResetPropagates(t *testing.T) {
 }
 
 // TestConnectionLimit: with maxConnections 1 the second connection is not
-// accepted (it waits in the backlog) until the first one ends.
+// accepted (it waits in the backlog) until the first one ends. Saturation is
+// visible in the metrics: active connections equal the published limit.
 func TestConnectionLimit(t *testing.T) {
-	m := newMesh(t, echo, meshOptions{inbound: func(in *Inbound) { in.MaxConnections = 1 }})
+	m := newMesh(t, echo, meshOptions{inbound: func(in *Inbound) { in.MaxConnections = 1 }, metrics: NewMetrics(prometheus.NewRegistry())})
 	first, err := m.dialInbound(t, m.peerClient(t, frontendID))
 	if err != nil {
 		t.Fatal(err)
@@ -178,6 +179,11 @@ func TestConnectionLimit(t *testing.T) {
 	}
 	if n := m.app.accepted.Load(); n != 1 {
 		t.Fatalf("app accepted %d connections, want 1", n)
+	}
+	limit := metricValue(t, m.inbound.metrics.maxConns.WithLabelValues("web", "inbound"))
+	active := metricValue(t, m.inbound.metrics.active.WithLabelValues("web", "inbound"))
+	if limit != 1 || active != limit {
+		t.Errorf("saturated listener: latch_listener_max_connections = %v, latch_connections_active = %v, want both 1", limit, active)
 	}
 	first.Close()
 	select {

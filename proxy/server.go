@@ -239,8 +239,11 @@ func (s *Server) Apply(cfg *Config) error {
 	s.listeners = next
 	s.metrics.setConfig(cfg.Version, cfg.Source)
 
+	kept := make(map[string]bool, len(next)) // name/direction still listening
 	for _, l := range next {
 		l.limit.setMax(snap.routes[l.name].maxConns)
+		l.metrics.setLimit(snap.routes[l.name].maxConns)
+		kept[l.name+"/"+string(l.dir)] = true
 	}
 	for _, l := range fresh {
 		s.log.Info("listening", "listener", l.name, "direction", string(l.dir), "addr", l.addr)
@@ -250,6 +253,9 @@ func (s *Server) Apply(cfg *Config) error {
 	for _, l := range old {
 		s.log.Info("listener removed, draining", "listener", l.name, "direction", string(l.dir), "addr", l.addr, "drain_timeout", s.drainTimeout)
 		l.stopAccepting()
+		if !kept[l.name+"/"+string(l.dir)] {
+			l.metrics.forgetLimit()
+		}
 		s.draining[l] = struct{}{}
 		s.wg.Add(1)
 		go s.drain(l)
