@@ -9,6 +9,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"latch.dev/latch/identity"
+	"latch.dev/latch/proxy"
 )
 
 // Annotations a pod (or its Deployment's pod template) sets to ask for and
@@ -238,10 +239,10 @@ func ParseSpec(ann map[string]string, controlPlane bool, adminPort int) (Spec, e
 			if err != nil || host == "" {
 				return Spec{}, annErr(ann, AnnotationOutbound, "entry %q: target %q is not HOST:PORT", e, target)
 			}
-			// The same rule as the sidecar's config (proxy.Config.Validate):
-			// accepting more here would admit a pod whose sidecar cannot start.
-			if strings.ContainsAny(host, " /") {
-				return Spec{}, annErr(ann, AnnotationOutbound, "entry %q: target host %q is not a host name or IP address", e, host)
+			// The sidecar's rule: accepting more here would admit a pod
+			// whose sidecar cannot start.
+			if err := proxy.CheckHost(host); err != nil {
+				return Spec{}, annErr(ann, AnnotationOutbound, "entry %q: target %v", e, err)
 			}
 			if _, err := parsePort(tp); err != nil {
 				return Spec{}, annErr(ann, AnnotationOutbound, "entry %q: target port: %v", e, err)

@@ -146,8 +146,18 @@ func validateHostPort(addr string, listen bool) error {
 			return fmt.Errorf("%q: port 0 cannot be dialed", addr)
 		}
 	}
+	if err := CheckHost(host); err != nil {
+		return fmt.Errorf("%q: %w", addr, err)
+	}
+	return nil
+}
+
+// CheckHost is the sidecar's rule for the host part of an address. The
+// stages before it (declarations, xDS validation, pod annotations) apply the
+// same function, so that nothing they accept is refused by the sidecar later.
+func CheckHost(host string) error {
 	if strings.ContainsAny(host, " /") {
-		return fmt.Errorf("%q: host %q is not a host name or IP address", addr, host)
+		return fmt.Errorf("host %q is not a host name or IP address", host)
 	}
 	return nil
 }

@@ -489,10 +489,10 @@ func (c *checker) socketAddress(a *core.Address, path string) (string, uint32, e
 	if sa.GetAddress() == "" {
 		return "", 0, c.fail(sp+".address", "missing")
 	}
-	// proxy.Config.Validate's rule, checked here so the NACK names the
-	// resource and field rather than the config built from it.
-	if strings.ContainsAny(sa.GetAddress(), " /") {
-		return "", 0, c.fail(sp+".address", "%q is not a host name or IP address", sa.GetAddress())
+	// The sidecar's rule, checked here so the NACK names the resource and
+	// field rather than the config built from it.
+	if err := proxy.CheckHost(sa.GetAddress()); err != nil {
+		return "", 0, c.fail(sp+".address", "%v", err)
 	}
 	if p := sa.GetPortValue(); p == 0 || p > 65535 {
 		return "", 0, c.fail(sp+".port_value", "%d is not a port", p)

@@ -447,10 +447,10 @@ var hostileCases = []struct {
 	// NACKed here, naming the resource and field.
 	{"endpoint host with a space", func(r *translate.Resources) {
 		r.Endpoints[0].Endpoints[0].LbEndpoints[0].GetEndpoint().Address.GetSocketAddress().Address = "db local"
-	}, `endpoints "outbound|9001"`, `endpoint.address.socket_address.address: "db local" is not a host name or IP address`},
+	}, `endpoints "outbound|9001"`, `endpoint.address.socket_address.address: host "db local" is not a host name or IP address`},
 	{"endpoint host with a slash", func(r *translate.Resources) {
 		r.Endpoints[0].Endpoints[0].LbEndpoints[0].GetEndpoint().Address.GetSocketAddress().Address = "10.0.0.0/8"
-	}, `endpoints "outbound|9001"`, `"10.0.0.0/8" is not a host name or IP address`},
+	}, `endpoints "outbound|9001"`, `address: host "10.0.0.0/8" is not a host name or IP address`},
 	{"endpoint health check config", func(r *translate.Resources) {
 		r.Endpoints[0].Endpoints[0].LbEndpoints[0].GetEndpoint().HealthCheckConfig = &endpoint.Endpoint_HealthCheckConfig{PortValue: 1}
 	}, `endpoints "outbound|9001"`, "endpoint.health_check_config: not supported"},

@@ -17,6 +17,7 @@ import (
 	"go.yaml.in/yaml/v3"
 
 	"latch.dev/latch/identity"
+	"latch.dev/latch/proxy"
 )
 
 // Declaration is one validated ServicePolicy.
@@ -319,10 +320,10 @@ func (d *decoder) hostPort(n *yaml.Node, path string) (string, bool) {
 		d.fail(n, "%s: %q needs a host and a port in 1..65535", path, s)
 		return "", false
 	}
-	// The sidecar's own rule (proxy.Config.Validate): a host the sidecar
-	// would refuse must be refused here, with its line, not NACKed later.
-	if strings.ContainsAny(host, " /") {
-		d.fail(n, "%s: host %q is not a host name or IP address", path, host)
+	// The sidecar's own rule: a host the sidecar would refuse must be
+	// refused here, with its line, not NACKed later.
+	if err := proxy.CheckHost(host); err != nil {
+		d.fail(n, "%s: %v", path, err)
 		return "", false
 	}
 	return s, true
