@@ -109,15 +109,26 @@ func (c *Config) Validate() error {
 }
 
 func validateName(field, name string) error {
+	if err := CheckName(name); err != nil {
+		return &FieldError{field + ".name", err}
+	}
+	return nil
+}
+
+// CheckName is the rule for listener names, shared with the xDS validation so
+// that a name the control plane sends is refused there (NACKed) rather than
+// accepted and then failing the config check. Names become metric labels and
+// log fields, hence the short plain alphabet.
+func CheckName(name string) error {
 	switch {
 	case name == "":
-		return &FieldError{field + ".name", errors.New("required")}
+		return errors.New("required")
 	case len(name) > maxNameLen:
-		return &FieldError{field + ".name", fmt.Errorf("%q is longer than %d characters", name, maxNameLen)}
+		return fmt.Errorf("%q is longer than %d characters", name, maxNameLen)
 	}
 	for _, r := range name {
 		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || strings.ContainsRune("-_.:|", r)) {
-			return &FieldError{field + ".name", fmt.Errorf("%q: only letters, digits and - _ . : | are allowed", name)}
+			return fmt.Errorf("%q: only letters, digits and - _ . : | are allowed", name)
 		}
 	}
 	return nil

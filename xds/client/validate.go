@@ -155,8 +155,8 @@ func (v Validator) Listener(a *anypb.Any) (Listener, error) {
 		return Listener{}, err
 	}
 	c.name = l.GetName()
-	if c.name == "" {
-		return Listener{}, c.fail("name", "missing")
+	if err := proxy.CheckName(c.name); err != nil {
+		return Listener{}, c.fail("name", "%v", err)
 	}
 	if err := c.only(l, "", "name", "address", "filter_chains", "traffic_direction", "stat_prefix"); err != nil {
 		return Listener{}, err

@@ -243,6 +243,9 @@ var hostileCases = []struct {
 	resource string // `listener "inbound|8443"` etc.
 	field    string // substring of the message naming the field
 }{
+	{"listener name with a control character", func(r *translate.Resources) {
+		listenerNamed(*r, in).Name = "inb\x7fund|8443"
+	}, `listener "inb\x7fund|8443"`, "name: \"inb\\x7fund|8443\": only letters"},
 	{"unknown filter", func(r *translate.Resources) {
 		listenerNamed(*r, in).FilterChains[0].Filters[0].Name = "envoy.filters.network.http_connection_manager"
 	}, `listener "inbound|8443"`, "filters[0].name"},
