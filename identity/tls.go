@@ -37,12 +37,15 @@ const clientSessionCacheSize = 1024
 // calls on every handshake, resumed ones included (the peer's certificates
 // then come from the session ticket). Session resumption therefore stays on:
 // a resumed session is held to the current bundle, clock and policy exactly
-// like a full handshake.
+// like a full handshake. What makes that cheap is the chain cache: a chain
+// that verified against the same bundle authorities, and is still inside its
+// validity, is not checked for signatures again (see chainCache).
 type TLS struct {
 	src      Source
 	sessions tls.ClientSessionCache
 	now      func() time.Time
 	cert     atomic.Pointer[servedCert]
+	chains   chainCache
 }
 
 // servedCert caches the tls.Certificate built from one SVID, so handshakes do
@@ -215,9 +218,15 @@ func (t *TLS) verifyPeer(cs tls.ConnectionState, eku x509.ExtKeyUsage) (spiffeid
 		return id, fail(ClassOther, id, "verifying peer %s: getting the bundle of %q: %w", id, td.Name(), err)
 	}
 	now := t.now()
-	if _, _, err := x509svid.Verify(certs, bundle, x509svid.WithTime(now)); err != nil {
+	authorities := bundle.X509Authorities()
+	if t.chains.verified(certs, authorities, now) {
+		return id, nil
+	}
+	_, chains, err := x509svid.Verify(certs, bundle, x509svid.WithTime(now))
+	if err != nil {
 		return id, chainError(fail, id, td, certs, bundle, now, err)
 	}
+	t.chains.add(certs, authorities, chains[0])
 	return id, nil
 }
 
