@@ -205,6 +205,7 @@ func BenchmarkIdleConnections(b *testing.B) {
 				b.Fatal(err)
 			}
 		}
+		time.Sleep(parkAfter) // idle long enough to be parked (see parker)
 		_, heap1, stack1, g1 := memNow()
 		return heap1 - heap0, stack1 - stack0, g1 - g0
 	}

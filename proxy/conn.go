@@ -123,6 +123,10 @@ func (c *conn) kill(reason string) {
 		}
 		nc.Close()
 	}
+	// After the sockets are closed: a direction parked before the kill is
+	// started again and ends on its next read; one about to park sees
+	// killed() and does not (see parker).
+	c.l.s.parker.wake(c)
 }
 
 func (c *conn) killed() bool { return c.reason.Load() != nil }

@@ -54,6 +54,8 @@ type halfResult struct {
 	err error
 	// upstream says which side failed: the dialed one or the accepted one.
 	upstream bool
+	// parked: the direction did not end, the parker holds it.
+	parked bool
 }
 
 // side is one end of a pipe: rw is the connection to read and write (a
@@ -68,15 +70,38 @@ type side struct {
 	// direction reading raw can tell the end of that exchange from a reset
 	// (see wasReset).
 	shut atomic.Bool
+
+	// The direction that reads this side, to start it again after it was
+	// parked (see parker): its connection, destination and what it calls
+	// when it ends.
+	c              *conn
+	dst            *side
+	fromDownstream bool
+	then           func()
+	// registered and token are the parker's, under its mutex: the socket
+	// is in its epoll set; the token it is parked under (0: not parked).
+	registered bool
+	token      uint64
 }
 
 func (s *side) init(rw, raw net.Conn, sock *socket) {
 	s.rw, s.raw, s.sock = rw, raw, sock
 	s.plain = rw == raw
-	if sock != nil && !s.plain {
+	if sock != nil {
 		sock.setNonblocking()
 	}
 }
+
+// resume runs the direction reading s again, after it was parked.
+func (s *side) resume() { s.c.direction(s.dst, s, s.fromDownstream, s.then) }
+
+// parkAfter is how long a direction waits for data on its goroutine before
+// the parker takes it over and the goroutine ends. Long enough that a
+// connection in use (a request and its response, a stream with pauses) keeps
+// the runtime poller's fast wake-up; short enough that connections kept open
+// and idle (pools, long-lived streams between bursts) hold no goroutine.
+// Tests shorten it, before any connection exists.
+var parkAfter = 500 * time.Millisecond
 
 // pipe copies both ways between the downstream (accepted) and upstream
 // (dialed) sides, each direction on a goroutine of its own, and returns at
@@ -104,13 +129,20 @@ func (c *conn) pipe(downRW, downRaw net.Conn, downSock *socket, upRW, upRaw net.
 	// Each direction acts on its own end at once: a reset seen by one must
 	// not wait for the other direction, which may stay quiet for long.
 	c.pending.Store(2)
+	down.c, down.dst, down.fromDownstream, down.then = c, up, true, then
+	up.c, up.dst, up.fromDownstream, up.then = c, down, false, then
 	go c.direction(up, down, true, then)
 	go c.direction(down, up, false, then)
 }
 
-// direction runs one direction of a pipe to its end.
+// direction runs one direction of a pipe to its end, or until it is parked
+// (then the parker or kill starts it again, see parker).
 func (c *conn) direction(dst, src *side, fromDownstream bool, then func()) {
-	c.ended(c.copyHalf(dst, src, fromDownstream))
+	r := c.copyHalf(dst, src, fromDownstream)
+	if r.parked {
+		return
+	}
+	c.ended(r)
 	if c.pending.Add(-1) == 0 {
 		c.reason.CompareAndSwap(nil, &eofReason)
 		then()
@@ -170,12 +202,19 @@ func (c *conn) copyHalf(dst, src *side, fromDownstream bool) halfResult {
 			}
 		}
 		if rerr == errWouldBlock {
-			// Only a tls.Conn over a socket says so: nothing left to
-			// decrypt and the socket is empty. Wait without the buffer.
-			bufferPool.Put(bp)
-			bp = nil
-			if err := src.sock.wait(); err != nil {
+			// Only a socket says so, directly or through a tls.Conn that
+			// has nothing left to decrypt: the source is empty. Wait
+			// without the buffer; past parkAfter, without the goroutine.
+			if bp != nil {
+				bufferPool.Put(bp)
+				bp = nil
+			}
+			ready, err := src.sock.waitFor(parkAfter)
+			if err != nil {
 				return halfResult{err: err, upstream: !fromDownstream}
+			}
+			if !ready && c.l.s.parker.park(src) {
+				return halfResult{parked: true}
 			}
 			continue
 		}

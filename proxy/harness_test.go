@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"crypto/tls"
+	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -21,6 +22,13 @@ import (
 )
 
 func TestMain(m *testing.M) {
+	flag.Parse()
+	// Every test's connections park as soon as they wait (see parker), so
+	// the whole suite runs through parking and resuming; benchmarks keep
+	// the default, which is what they measure.
+	if flag.Lookup("test.bench").Value.String() == "" {
+		parkAfter = time.Millisecond
+	}
 	goleak.VerifyTestMain(m)
 }
 

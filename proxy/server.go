@@ -84,6 +84,9 @@ type Server struct {
 	// wg counts every goroutine the Server starts: accept loops, connections
 	// (including the slot reserved before each Accept), drains.
 	wg sync.WaitGroup
+
+	// parker holds the idle directions of every connection of the Server.
+	parker parker
 }
 
 // NewServer returns a Server that builds its TLS configurations with tlsc.
@@ -95,6 +98,7 @@ func NewServer(tlsc TLSConfigs, opts Options) *Server {
 	return &Server{
 		tlsc:         tlsc,
 		log:          log,
+		parker:       parker{log: log},
 		metrics:      opts.Metrics,
 		drainTimeout: orDuration(opts.DrainTimeout, DefaultDrainTimeout),
 		draining:     make(map[*listener]struct{}),
@@ -374,6 +378,7 @@ wait:
 		}
 	}
 	s.wg.Wait()
+	s.parker.close()
 	s.log.Info("proxy stopped", "forced", err != nil)
 	return err
 }

@@ -1,39 +1,40 @@
 package proxy
 
 import (
+	"errors"
 	"io"
 	"net"
 	"os"
 	"syscall"
+	"time"
 	"unsafe"
 )
 
 // socket is the TCP connection under one side of a pipe, read without
-// blocking so that a direction waiting for data holds no copy buffer: an idle
-// connection then costs its goroutines and the TLS state, not 64 KiB of
-// buffers (two pooled 32 KiB buffers, one per direction, were held across
-// every blocking Read before).
+// blocking so that a direction waiting for data holds no copy buffer, and
+// after a while no goroutine either: an idle connection then costs its
+// sockets and TLS state, not 64 KiB of buffers (two pooled 32 KiB buffers,
+// one per direction, were held across every blocking Read before) nor two
+// goroutine stacks.
 //
-// The wait is the runtime poller's, through syscall.RawConn.Read: the
-// callback tries the system call, and when it returns false the goroutine
-// parks until the socket is readable, exactly as net.Conn.Read does inside —
-// but no buffer has to be lent to it first.
+// A read never blocks: on EAGAIN it answers errWouldBlock, and the copy loop
+// gives its buffer back and waits (waitFor) on the runtime poller, through
+// syscall.RawConn.Read with a 1-byte MSG_PEEK as the readiness test, for at
+// most parkAfter; then the parker takes the direction over (see parker).
 //
 //   - A plain TCP side is read with readPooled: the callback takes a pooled
-//     buffer, reads into it, and hands it back to the pool before parking
-//     on EAGAIN. In a steady stream the buffer is kept from read to read.
+//     buffer, reads into it, and hands it back to the pool on EAGAIN. In a
+//     steady stream the buffer is kept from read to read.
 //   - Under a *tls.Conn the socket is the net.Conn the TLS stack reads.
 //     Waiting for the raw socket to be readable is only safe while the TLS
 //     stack holds no buffered input (it reads ahead: a complete record may
 //     sit in its buffer while the socket is empty, and waiting then would
-//     never end). So it is the TLS stack that tells: once the copy loop runs,
-//     Read never blocks but answers errWouldBlock, a temporary net.Error —
-//     what a read deadline that has passed looks like, which crypto/tls
-//     returns without breaking the connection (the net.Conn contract lets a
-//     Read resume after a timeout). tls.Conn.Read only reads the socket when
-//     it has nothing decrypted left to give, so errWouldBlock coming out of
-//     it means there is nothing buffered: the copy loop gives the buffer back
-//     and waits (wait), with a 1-byte MSG_PEEK as the readiness test.
+//     never end). So it is the TLS stack that tells: errWouldBlock is a
+//     temporary net.Error — what a read deadline that has passed looks like,
+//     which crypto/tls returns without breaking the connection (the net.Conn
+//     contract lets a Read resume after a timeout) — and tls.Conn.Read only
+//     reads the socket when it has nothing decrypted left to give, so
+//     errWouldBlock coming out of it means there is nothing buffered.
 //
 // Writes, the handshake (before setNonblocking) and Close go straight to
 // the *net.TCPConn. One reader at a time: the callbacks' state lives in the
@@ -101,12 +102,19 @@ func (s *socket) readNow(fd uintptr) bool {
 	return true
 }
 
-// wait parks until the socket is readable (data, end of stream or error)
-// without holding a buffer. Only for the socket under a TLS side, and only
-// after its tls.Conn answered errWouldBlock.
-func (s *socket) wait() error {
+// waitFor parks until the socket is readable (data, end of stream or
+// error) or d has passed, without holding a buffer: ready is false when d
+// passed. Only after a read answered errWouldBlock (for a TLS side: its
+// tls.Conn did, so it holds no input).
+func (s *socket) waitFor(d time.Duration) (ready bool, err error) {
 	s.woken = false
-	return s.rc.Read(s.waitFn)
+	s.TCPConn.SetReadDeadline(time.Now().Add(d))
+	err = s.rc.Read(s.waitFn)
+	s.TCPConn.SetReadDeadline(time.Time{})
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		return false, nil
+	}
+	return err == nil, err
 }
 
 func (s *socket) waitReadable(fd uintptr) bool {
@@ -152,7 +160,7 @@ func (s *socket) readIntoPooled(fd uintptr) bool {
 	if s.err == syscall.EAGAIN {
 		bufferPool.Put(s.bp)
 		s.bp = nil
-		return false
+		s.err = errWouldBlock
 	}
 	return true
 }

@@ -2,7 +2,10 @@
 
 package proxy
 
-import "net"
+import (
+	"net"
+	"time"
+)
 
 // socket is only implemented on Linux (see socket_linux.go). Elsewhere
 // newSocket returns nil and the copy loop blocks in Read holding its
@@ -13,6 +16,6 @@ func newSocket(net.Conn) *socket { return nil }
 
 func (s *socket) setNonblocking() {}
 
-func (s *socket) wait() error { return nil }
+func (s *socket) waitFor(time.Duration) (bool, error) { return true, nil }
 
 func (s *socket) readPooled(bp *[]byte) (*[]byte, int, error) { return bp, 0, nil }
