@@ -353,6 +353,8 @@ func TestMalformedAnnotationsRefused(t *testing.T) {
 		{"outbound server id is a trust domain", map[string]string{"latch.dev/outbound": "15001=backend:8443@spiffe://mesh.test"}, []string{"latch.dev/outbound", `server ID "spiffe://mesh.test" names a trust domain, not a workload`}},
 		{"outbound server id is a trust domain with slash", map[string]string{"latch.dev/outbound": "15001=backend:8443@spiffe://mesh.test/"}, []string{"latch.dev/outbound", "server ID"}},
 		{"outbound target host with a space", map[string]string{"latch.dev/outbound": "15001=back end:8443" + sid}, []string{"latch.dev/outbound", `target host "back end" is not a host name or IP address`}},
+		{"outbound target host not UTF-8", map[string]string{"latch.dev/outbound": "15001=\x97:8443" + sid}, []string{"latch.dev/outbound", "target host \"\ufffd\" is not a host name or IP address" /* JSON carries invalid UTF-8 as U+FFFD */}},
+		{"outbound target host with a control character", map[string]string{"latch.dev/outbound": "15001=db\x00:8443" + sid}, []string{"latch.dev/outbound", `target host "db\x00" is not a host name or IP address`}},
 		{"outbound target host with a slash", map[string]string{"latch.dev/outbound": "15001=back/end:8443" + sid}, []string{"latch.dev/outbound", `target host "back/end"`}},
 		{"outbound bracketed target host with a space", map[string]string{"latch.dev/outbound": "15001=[::1 ]:8443" + sid}, []string{"latch.dev/outbound", `target host "::1 "`}},
 		{"outbound port is an app port", map[string]string{"latch.dev/inbound": "8443:8080", "latch.dev/allow": allow, "latch.dev/outbound": "8080=backend:8443" + sid}, []string{"latch.dev/outbound", "port 8080 is already the app port behind inbound port 8443"}},

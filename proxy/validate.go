@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"slices"
 	"strconv"
 	"strings"
@@ -166,9 +167,27 @@ func validateHostPort(addr string, listen bool) error {
 // CheckHost is the sidecar's rule for the host part of an address. The
 // stages before it (declarations, xDS validation, pod annotations) apply the
 // same function, so that nothing they accept is refused by the sidecar later.
+//
+// A host is an IP address (IPv6 with a zone too) or a DNS name: ASCII letters,
+// digits, '-', '_' and '.', at most 253 characters. Anything else (spaces,
+// slashes, control or non-UTF-8 bytes) could not be dialed, and would not
+// survive the trip through a YAML file either. The empty host is the
+// caller's to allow (a listen address) or refuse.
 func CheckHost(host string) error {
-	if strings.ContainsAny(host, " /") {
-		return fmt.Errorf("host %q is not a host name or IP address", host)
+	if host == "" {
+		return nil
+	}
+	if _, err := netip.ParseAddr(host); err == nil {
+		return nil
+	}
+	if len(host) > 253 {
+		return fmt.Errorf("host name of %d characters is longer than 253", len(host))
+	}
+	for i := 0; i < len(host); i++ {
+		b := host[i]
+		if !(b >= 'a' && b <= 'z' || b >= 'A' && b <= 'Z' || b >= '0' && b <= '9' || b == '-' || b == '_' || b == '.') {
+			return fmt.Errorf("host %q is not a host name or IP address", host)
+		}
 	}
 	return nil
 }

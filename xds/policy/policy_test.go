@@ -129,6 +129,7 @@ func TestParseHostile(t *testing.T) {
 		// Found by FuzzParse: hosts the sidecar refuses are refused here.
 		{"app host with a space", func(s string) string { return strings.Replace(s, "127.0.0.1:8080", "\"127.0.0.1 :8080\"", 1) }, 10, `host "127.0.0.1 " is not a host name or IP address`},
 		{"endpoint host with a slash", func(s string) string { return strings.Replace(s, "db.shop.svc:8443", "db/shop:8443", 1) }, 18, `host "db/shop" is not a host name or IP address`},
+		{"endpoint host with a non-ASCII letter", func(s string) string { return strings.Replace(s, "db.shop.svc:8443", "dé.shop:8443", 1) }, 18, `host "dé.shop" is not a host name or IP address`},
 		{"control character (YAML error without a line)", func(s string) string { return s + "---\nkind: \x00\n" }, 21, "YAML: control characters are not allowed (first one on this line)"},
 		{"negative idle timeout", func(s string) string { return strings.Replace(s, "30m", "-1s", 1) }, 11, "not a positive duration"},
 		{"target and endpoints", func(s string) string {
