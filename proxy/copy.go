@@ -190,11 +190,20 @@ func (c *conn) copyHalf(dst, src *side, fromDownstream bool) halfResult {
 				bp = bufferPool.Get().(*[]byte)
 			}
 			n, rerr = src.rw.Read(*bp)
+			// A TLS read gives one record at most. Over a socket, which
+			// answers errWouldBlock rather than blocking, go on while more
+			// is at hand: one write to the plain side per buffer, not per
+			// record.
+			for src.sock != nil && rerr == nil && n < len(*bp) {
+				var m int
+				m, rerr = src.rw.Read((*bp)[n:])
+				n += m
+			}
 		}
 		if n > 0 {
 			c.touch()
-			if _, werr := dst.rw.Write((*bp)[:n]); werr != nil {
-				return halfResult{err: werr, upstream: fromDownstream}
+			if err := write(dst, (*bp)[:n]); err != nil {
+				return halfResult{err: err, upstream: fromDownstream}
 			}
 			total.Add(int64(n))
 			if counter != nil {
@@ -232,6 +241,21 @@ func (c *conn) copyHalf(dst, src *side, fromDownstream bool) halfResult {
 			return halfResult{err: rerr, upstream: !fromDownstream}
 		}
 	}
+}
+
+// write writes p to dst. Towards a TLS side over a socket, the records of
+// the write are sent together: one system call per buffer, not per record.
+func write(dst *side, p []byte) error {
+	if dst.plain || dst.sock == nil {
+		_, err := dst.rw.Write(p)
+		return err
+	}
+	dst.sock.beginBatch()
+	_, err := dst.rw.Write(p)
+	if ferr := dst.sock.endBatch(); err == nil {
+		err = ferr
+	}
+	return err
 }
 
 // closeWrite half-closes a connection: for TLS, close_notify then the TCP

@@ -5,6 +5,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"sync"
 	"syscall"
 	"time"
 	"unsafe"
@@ -53,7 +54,25 @@ type socket struct {
 	peek  [1]byte
 
 	readFn, readPooledFn, waitFn func(fd uintptr) bool
+
+	// Writes of the TLS stack, batched by the copy loop (beginBatch,
+	// endBatch) so that the records of one tls.Conn.Write leave in one
+	// system call. wmu orders them with anything the TLS stack writes from
+	// the other direction meanwhile (its answer to a KeyUpdate).
+	wmu   sync.Mutex
+	batch bool
+	wbuf  *[]byte
 }
+
+// recordBatchSize holds the records made of one copy buffer: each 16 KiB of
+// plaintext becomes a record of 16 KiB plus at most 256 bytes of header,
+// padding and tag.
+const recordBatchSize = copyBufferSize + (copyBufferSize/(16<<10)+1)*256
+
+var recordBatchPool = sync.Pool{New: func() any {
+	b := make([]byte, 0, recordBatchSize)
+	return &b
+}}
 
 // newSocket returns the socket of a TCP connection, nil for anything else
 // (the copy loop then blocks in Read holding a buffer, as io.Copy would).
@@ -74,6 +93,59 @@ func (s *socket) setNonblocking() {
 	s.nonblocking = true
 	s.readFn = s.readNow
 	s.waitFn = s.waitReadable
+}
+
+// Write is what the TLS stack writes: straight to the socket, or into the
+// batch while the copy loop has one open.
+func (s *socket) Write(p []byte) (int, error) {
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	if !s.batch {
+		return s.TCPConn.Write(p)
+	}
+	if s.wbuf == nil {
+		s.wbuf = recordBatchPool.Get().(*[]byte)
+	}
+	if len(*s.wbuf)+len(p) > cap(*s.wbuf) {
+		if err := s.flushLocked(); err != nil {
+			return 0, err
+		}
+		if len(p) > cap(*s.wbuf) {
+			return s.TCPConn.Write(p)
+		}
+	}
+	*s.wbuf = append(*s.wbuf, p...)
+	return len(p), nil
+}
+
+// beginBatch collects the TLS stack's writes until endBatch.
+func (s *socket) beginBatch() {
+	s.wmu.Lock()
+	s.batch = true
+	s.wmu.Unlock()
+}
+
+// endBatch sends what was collected since beginBatch, in one write, and
+// gives the batch buffer back.
+func (s *socket) endBatch() error {
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	s.batch = false
+	err := s.flushLocked()
+	if s.wbuf != nil {
+		recordBatchPool.Put(s.wbuf)
+		s.wbuf = nil
+	}
+	return err
+}
+
+func (s *socket) flushLocked() error {
+	if s.wbuf == nil || len(*s.wbuf) == 0 {
+		return nil
+	}
+	_, err := s.TCPConn.Write(*s.wbuf)
+	*s.wbuf = (*s.wbuf)[:0]
+	return err
 }
 
 // Read is what the TLS stack reads: blocking during the handshake, then
