@@ -1,0 +1,68 @@
+package proxy
+
+import (
+	"bytes"
+	"fmt"
+	"io"
+	"sync"
+	"testing"
+)
+
+// What the TLS stack writes from the other direction (its answer to a
+// KeyUpdate) while the copy loop has a batch open must neither interleave
+// with a batched write nor overtake the records batched before it: each
+// write arrives whole, and the batch's writes in their order.
+func TestBatchedWritesStayWhole(t *testing.T) {
+	client, server := tcpPair(t)
+	s := newSocket(server)
+	const rounds, perBatch = 300, 5
+	record := func(who byte, i int) []byte {
+		return fmt.Appendf(bytes.Repeat([]byte{who}, 1000+i%3000), "|%c%06d\n", who, i)
+	}
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() { // the copy loop
+		defer wg.Done()
+		for i := range rounds {
+			s.beginBatch()
+			for j := range perBatch {
+				if _, err := s.Write(record('b', i*perBatch+j)); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+			if err := s.endBatch(); err != nil {
+				t.Error(err)
+				return
+			}
+		}
+	}()
+	go func() { // the other direction's TLS stack
+		defer wg.Done()
+		for i := range rounds {
+			if _, err := s.Write(record('k', i)); err != nil {
+				t.Error(err)
+				return
+			}
+		}
+	}()
+	go func() { wg.Wait(); server.CloseWrite() }()
+
+	got, err := io.ReadAll(client)
+	if err != nil {
+		t.Fatal(err)
+	}
+	next := map[byte]int{'b': 0, 'k': 0}
+	for len(got) > 0 {
+		who := got[0]
+		want := record(who, next[who])
+		if !bytes.HasPrefix(got, want) {
+			t.Fatalf("stream broken at %c record %d: %.40q", who, next[who], got)
+		}
+		got = got[len(want):]
+		next[who]++
+	}
+	if next['b'] != rounds*perBatch || next['k'] != rounds {
+		t.Fatalf("got %d batched and %d direct records, want %d and %d", next['b'], next['k'], rounds*perBatch, rounds)
+	}
+}
