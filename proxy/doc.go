@@ -26,6 +26,18 @@
 // connection with no byte either way for IdleTimeout is closed with a FIN:
 // nothing was in flight, it is a normal end. Activity resets the timer.
 //
+// # Copying
+//
+// Each direction copies through a pooled 32 KiB buffer that it holds only
+// while data flows. Towards a TLS side, the records made of one buffer leave
+// in one write(2); from a TLS side, the loop reads on while decrypted records
+// are at hand, so the plain side also gets one write per buffer. A direction
+// that finds its source empty gives the buffer back and waits on the
+// runtime poller; after parkAfter (500 ms) without data the Server's parker
+// (an epoll set, Linux only) takes it over and its goroutine ends, so an
+// idle connection holds neither buffers nor goroutines. Data, an end of
+// stream or a kill start it again on a fresh goroutine.
+//
 // # Limits and lifecycle
 //
 // Each listener takes a connection slot (MaxConnections) and a shutdown
