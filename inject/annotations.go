@@ -244,7 +244,8 @@ func ParseSpec(ann map[string]string, controlPlane bool, adminPort int) (Spec, e
 			if err := proxy.CheckHost(host); err != nil {
 				return Spec{}, annErr(ann, AnnotationOutbound, "entry %q: target %v", e, err)
 			}
-			if _, err := parsePort(tp); err != nil {
+			tport, err := parsePort(tp)
+			if err != nil {
 				return Spec{}, annErr(ann, AnnotationOutbound, "entry %q: target port: %v", e, err)
 			}
 			id, err := spiffeid.FromString(sid)
@@ -259,7 +260,9 @@ func ParseSpec(ann map[string]string, controlPlane bool, adminPort int) (Spec, e
 			if err := claim(AnnotationOutbound, port, "an outbound local port"); err != nil {
 				return Spec{}, err
 			}
-			s.Outbound = append(s.Outbound, OutboundPort{Port: port, Target: target, ServerID: id})
+			// Rendered from what was checked (the port without the spaces
+			// parsePort allows), not the annotation's text.
+			s.Outbound = append(s.Outbound, OutboundPort{Port: port, Target: net.JoinHostPort(host, strconv.Itoa(tport)), ServerID: id})
 		}
 	}
 	return s, nil

@@ -1,6 +1,7 @@
 package inject_test
 
 import (
+	"slices"
 	"strings"
 	"testing"
 
@@ -55,5 +56,26 @@ func TestStaticConfigRefusesWhatTheSidecarRefuses(t *testing.T) {
 		Outbound: []inject.OutboundPort{{Port: 15001, Target: "[::1]:8443", ServerID: backend}}}
 	if _, err := inject.StaticConfig(good); err != nil {
 		t.Fatalf("good spec refused: %v", err)
+	}
+}
+
+// The sidecar gets the target as it was checked, not as it was written:
+// parsePort allows spaces around a port, the sidecar's address parser not.
+func TestParseSpecRendersCheckedTarget(t *testing.T) {
+	spec, err := inject.ParseSpec(map[string]string{
+		inject.AnnotationOutbound: "15001=backend.shop.svc: 8443@spiffe://mesh.test/ns/shop/sa/backend, 15002=[fd00::1]:9443 @spiffe://mesh.test/ns/shop/sa/db",
+	}, false, 15000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, o := range spec.Outbound {
+		got = append(got, o.Target)
+	}
+	if want := []string{"backend.shop.svc:8443", "[fd00::1]:9443"}; !slices.Equal(got, want) {
+		t.Fatalf("targets %q, want %q", got, want)
+	}
+	if _, err := inject.StaticConfig(spec); err != nil {
+		t.Fatalf("rendered config refused: %v", err)
 	}
 }
