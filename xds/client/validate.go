@@ -729,6 +729,15 @@ func (v Validator) Build(s Set, version string) (*proxy.Config, error) {
 			})
 			continue
 		}
+		if len(addrs) == 0 {
+			// proxy.Config refuses an outbound listener without upstreams; say
+			// which resource left it empty, so the NACK names it.
+			typ, res, field := "cluster", cl.Name, "load_assignment"
+			if cl.EDSName != "" {
+				typ, res, field = "endpoints", cl.EDSName, "endpoints"
+			}
+			return nil, &ValidationError{Type: typ, Resource: res, Field: field, Reason: fmt.Sprintf("no usable endpoint (none listed, or all unhealthy, draining or timed out) for outbound listener %q", n)}
+		}
 		if cl.ServerID.IsZero() {
 			// No plaintext fallback: an outbound listener always originates mTLS.
 			return nil, &ValidationError{Type: "cluster", Resource: cl.Name, Field: "transport_socket", Reason: fmt.Sprintf("missing: outbound listener %q must originate mTLS", n)}

@@ -457,6 +457,18 @@ var hostileCases = []struct {
 	{"endpoint health check config", func(r *translate.Resources) {
 		r.Endpoints[0].Endpoints[0].LbEndpoints[0].GetEndpoint().HealthCheckConfig = &endpoint.Endpoint_HealthCheckConfig{PortValue: 1}
 	}, `endpoints "outbound|9001"`, "endpoint.health_check_config: not supported"},
+	// Found by FuzzUpdate: an empty assignment left an outbound listener
+	// without upstreams, which the proxy refused only after the ACK.
+	{"endpoints empty", func(r *translate.Resources) {
+		r.Endpoints[0].Endpoints = nil
+	}, `endpoints "outbound|9001"`, `endpoints: no usable endpoint (none listed, or all unhealthy, draining or timed out) for outbound listener`},
+	{"endpoints all unhealthy", func(r *translate.Resources) {
+		for _, g := range r.Endpoints[0].Endpoints {
+			for _, e := range g.LbEndpoints {
+				e.HealthStatus = core.HealthStatus_UNHEALTHY
+			}
+		}
+	}, `endpoints "outbound|9001"`, "endpoints: no usable endpoint"},
 }
 
 func TestValidationHostile(t *testing.T) {
