@@ -696,8 +696,13 @@ func (v Validator) Build(s Set, version string) (*proxy.Config, error) {
 		names = append(names, n)
 	}
 	slices.Sort(names)
+	listens := make(map[string]string, len(names)) // address → listener name
 	for _, n := range names {
 		l := s.Listeners[n]
+		if prev, ok := listens[l.Listen]; ok {
+			return nil, &ValidationError{Type: "listener", Resource: n, Field: "address", Reason: fmt.Sprintf("%s is also the address of listener %q", l.Listen, prev)}
+		}
+		listens[l.Listen] = n
 		if err := narrow("listener", n, l.TLS); err != nil {
 			return nil, err
 		}
@@ -750,7 +755,32 @@ func (v Validator) Build(s Set, version string) (*proxy.Config, error) {
 	if profile != nil {
 		cfg.TLS = *profile
 	}
+	// The checks above are meant to refuse everything proxy.Config refuses,
+	// so this should never fire; if the two drift apart, the update is still
+	// NACKed here naming the listener, not ACKed and then refused by the proxy.
+	if err := cfg.Validate(); err != nil {
+		return nil, listenerError(cfg, err)
+	}
 	return cfg, nil
+}
+
+// listenerError turns a proxy.Config error ("outbound[0].upstreams: ...")
+// into one that names the xDS listener it came from.
+func listenerError(cfg *proxy.Config, err error) error {
+	fe, ok := errors.AsType[*proxy.FieldError](err)
+	if ok {
+		for i, in := range cfg.Inbound {
+			if rest, ok := strings.CutPrefix(fe.Field, fmt.Sprintf("inbound[%d].", i)); ok {
+				return &ValidationError{Type: "listener", Resource: in.Name, Field: "(latch config) " + rest, Reason: fe.Err.Error()}
+			}
+		}
+		for i, out := range cfg.Outbound {
+			if rest, ok := strings.CutPrefix(fe.Field, fmt.Sprintf("outbound[%d].", i)); ok {
+				return &ValidationError{Type: "listener", Resource: out.Name, Field: "(latch config) " + rest, Reason: fe.Err.Error()}
+			}
+		}
+	}
+	return &ValidationError{Type: "listener", Reason: "the resulting config is refused: " + err.Error()}
 }
 
 func sameProfile(a, b identity.Profile) bool {

@@ -462,6 +462,13 @@ var hostileCases = []struct {
 	{"endpoints empty", func(r *translate.Resources) {
 		r.Endpoints[0].Endpoints = nil
 	}, `endpoints "outbound|9001"`, `endpoints: no usable endpoint (none listed, or all unhealthy, draining or timed out) for outbound listener`},
+	// Found by reading Build against proxy.Config.Validate while fixing the
+	// above: two listeners on one address passed and the proxy refused it.
+	{"inbound listener on the outbound listener's address", func(r *translate.Resources) {
+		o := listenerNamed(*r, out).Address.GetSocketAddress()
+		i := listenerNamed(*r, in).Address.GetSocketAddress()
+		i.Address, i.PortSpecifier = o.Address, o.PortSpecifier
+	}, `listener "outbound|9001"`, `address: 127.0.0.1:9001 is also the address of listener "inbound|8443"`},
 	{"endpoints all unhealthy", func(r *translate.Resources) {
 		for _, g := range r.Endpoints[0].Endpoints {
 			for _, e := range g.LbEndpoints {
@@ -533,4 +540,28 @@ func FuzzValidate(f *testing.F) {
 			_, _ = v.Endpoints(a)
 		}
 	})
+}
+
+// TestListenerErrorNamesTheListener: should Build's checks and the proxy's
+// ever drift apart, the NACK still names the xDS listener, not an index into
+// the proxy's config.
+func TestListenerErrorNamesTheListener(t *testing.T) {
+	cfg := &proxy.Config{
+		Inbound:  []proxy.Inbound{{Name: "inbound|8443"}},
+		Outbound: []proxy.Outbound{{Name: "outbound|9001"}, {Name: "outbound|9002"}},
+	}
+	for _, tc := range []struct {
+		err  error
+		want string
+	}{
+		{&proxy.FieldError{Field: "outbound[1].upstreams", Err: errors.New("at least one upstream is required")},
+			`listener "outbound|9002": (latch config) upstreams: at least one upstream is required`},
+		{&proxy.FieldError{Field: "inbound[0].app", Err: errors.New("bad")}, `listener "inbound|8443": (latch config) app: bad`},
+		{errors.New("profile too weak"), `listener "": the resulting config is refused: profile too weak`},
+	} {
+		err := listenerError(cfg, tc.err)
+		if _, ok := errors.AsType[*ValidationError](err); !ok || err.Error() != tc.want {
+			t.Errorf("listenerError(%v) = %v (%T), want %s", tc.err, err, err, tc.want)
+		}
+	}
 }
