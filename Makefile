@@ -13,11 +13,13 @@ build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/latch ./cmd/latch
 
 # The full suite, race detector on: a proxy is all concurrency. The fuzz
-# targets' seed corpora and every past finding (testdata/fuzz) run here as
-# plain tests; open-ended fuzzing is `make fuzz`, kept out of CI so that a
-# run's verdict does not depend on what the mutator happened to try.
+# targets' seed corpora and every past finding (testdata/fuzz) run in it as
+# plain tests; then every target fuzzes briefly (CI_FUZZTIME each). A failure
+# there is a real finding: fix it and keep the input as a seed. Longer runs:
+# `make fuzz`.
 test: tools
 	$(GO) test -race -timeout 20m ./...
+	@$(MAKE) --no-print-directory fuzz FUZZTIME=$(CI_FUZZTIME)
 
 test-short:
 	$(GO) test -short ./...
@@ -54,6 +56,7 @@ soak:
 
 # Every fuzz target for FUZZTIME each (go test -fuzz takes one target at a time).
 FUZZTIME ?= 30s
+CI_FUZZTIME ?= 3s
 FUZZ_TARGETS := ./proxy:FuzzParseConfig ./identity:FuzzParseRule ./identity:FuzzNarrow \
 	./xds/policy:FuzzParse ./xds/policy:FuzzDeclarationToProxy ./xds/client:FuzzValidate \
 	./xds/client:FuzzUpdate ./inject:FuzzParseSpec
