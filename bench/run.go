@@ -237,8 +237,8 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	}
 
 	// Idle RSS: after start-up and the one readiness connection, before any
-	// load, with a moment for the runtimes to settle.
-	if err := waitCtx(ctx, time.Second); err != nil {
+	// load, once the runtimes have settled.
+	if err := waitCtx(ctx, settle); err != nil {
 		return nil, err
 	}
 	for _, r := range runs {
@@ -406,6 +406,11 @@ func (r *running) measureIdleConns(ctx context.Context, n int, progress func(str
 	if len(r.pair.Sidecars) == 0 || r.skip(ctx) {
 		return ctx.Err()
 	}
+	// The load rounds just ended: let the sidecar settle, so that "before"
+	// is its resting size and not what the load left behind.
+	if err := waitCtx(ctx, settle); err != nil {
+		return err
+	}
 	before, err := r.pair.Usage()
 	if err != nil {
 		r.fail("idle connections", err)
@@ -422,7 +427,7 @@ func (r *running) measureIdleConns(ctx context.Context, n int, progress func(str
 	defer closeAll(conns)
 	// Let lazily started work (buffers, timers, goroutines) settle before
 	// reading RSS; the connections are idle from here on.
-	if err := waitCtx(ctx, time.Second); err != nil {
+	if err := waitCtx(ctx, settle); err != nil {
 		return err
 	}
 	with, err := r.pair.Usage()
@@ -445,6 +450,12 @@ func (r *running) measureIdleConns(ctx context.Context, n int, progress func(str
 	}
 	return nil
 }
+
+// settle is how long a pair rests before its memory is read: long enough for
+// whatever a process does once a burst is over (latch returns its free heap
+// within two seconds; the C proxies' allocators do nothing on a timer), short
+// against the minutes a real idle connection lasts.
+const settle = 3 * time.Second
 
 // finish turns the accumulated samples into figures.
 func (r *running) finish(opts Options) {

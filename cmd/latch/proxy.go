@@ -126,6 +126,7 @@ func runProxy(ctx context.Context, args []string, _, stderr io.Writer) error {
 		}()
 	}
 	spawn("identity monitor", mon.Run)
+	spawn("memory release", func(ctx context.Context) error { return newReleaser().run(ctx, releaseTick) })
 
 	var xds *xdsclient.Client
 	if *xdsAddr != "" {
