@@ -71,9 +71,9 @@ type side struct {
 	// (see wasReset).
 	shut atomic.Bool
 
-	// The direction that reads this side, to start it again after it was
-	// parked (see parker): its connection, destination and what it calls
-	// when it ends.
+	// The direction that reads this side (see run): its connection, where
+	// the bytes go and which way that is, and what the direction that ends
+	// last calls. Set by pipe, so the parker can start it again.
 	c              *conn
 	dst            *side
 	fromDownstream bool
@@ -91,9 +91,6 @@ func (s *side) init(rw, raw net.Conn, sock *socket) {
 		sock.setNonblocking()
 	}
 }
-
-// resume runs the direction reading s again, after it was parked.
-func (s *side) resume() { s.c.direction(s.dst, s, s.fromDownstream, s.then) }
 
 // parkAfter is how long a direction waits for data on its goroutine before
 // the parker takes it over and the goroutine ends. Long enough that a
@@ -131,21 +128,22 @@ func (c *conn) pipe(downRW, downRaw net.Conn, downSock *socket, upRW, upRaw net.
 	c.pending.Store(2)
 	down.c, down.dst, down.fromDownstream, down.then = c, up, true, then
 	up.c, up.dst, up.fromDownstream, up.then = c, down, false, then
-	go c.direction(up, down, true, then)
-	go c.direction(down, up, false, then)
+	go down.run()
+	go up.run()
 }
 
-// direction runs one direction of a pipe to its end, or until it is parked
-// (then the parker or kill starts it again, see parker).
-func (c *conn) direction(dst, src *side, fromDownstream bool, then func()) {
-	r := c.copyHalf(dst, src, fromDownstream)
+// run runs the direction that reads s to its end, or until it is parked
+// (then the parker or kill runs it again, see parker).
+func (s *side) run() {
+	c := s.c
+	r := c.copyHalf(s.dst, s, s.fromDownstream)
 	if r.parked {
 		return
 	}
 	c.ended(r)
 	if c.pending.Add(-1) == 0 {
 		c.reason.CompareAndSwap(nil, &eofReason)
-		then()
+		s.then()
 	}
 }
 

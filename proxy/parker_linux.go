@@ -96,19 +96,29 @@ func (p *parker) wake(c *conn) {
 		if s.token == 0 {
 			continue
 		}
-		if p.parked[s.token] == s {
+		if p.takeLocked(s.token) == s {
 			resume = append(resume, s)
 		}
-		delete(p.parked, s.token)
 		s.token = 0
 	}
 	p.mu.Unlock()
 	for _, s := range resume {
-		go s.resume()
+		go s.run()
 	}
 }
 
-// parked reports how many directions are parked.
+// takeLocked takes the direction parked under tok out of the parker (nil if
+// none is) and returns its side; under mu.
+func (p *parker) takeLocked(tok uint64) *side {
+	s := p.parked[tok]
+	delete(p.parked, tok)
+	if s != nil {
+		s.token = 0
+	}
+	return s
+}
+
+// count reports how many directions are parked.
 func (p *parker) count() int {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -179,14 +189,10 @@ func (p *parker) loop() {
 				return
 			}
 			p.mu.Lock()
-			s := p.parked[tok]
-			delete(p.parked, tok)
-			if s != nil {
-				s.token = 0
-			}
+			s := p.takeLocked(tok)
 			p.mu.Unlock()
 			if s != nil {
-				go s.resume()
+				go s.run()
 			}
 		}
 	}
@@ -204,7 +210,7 @@ func (p *parker) resumeAll() {
 	}
 	p.mu.Unlock()
 	for _, s := range all {
-		go s.resume()
+		go s.run()
 	}
 }
 
