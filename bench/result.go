@@ -128,11 +128,13 @@ type SidecarMemory struct {
 	// is mostly the executable's pages.
 	IdleAnonKB int64 `json:"idleAnonKB"`
 	// BeforeKB is just before the idle connections were opened (after the
-	// load tests), WithConnsKB while Conns of them were open.
-	BeforeKB    int64   `json:"beforeKB"`
-	WithConnsKB int64   `json:"withConnsKB"`
-	Conns       int     `json:"conns"`
-	PerConnKB   float64 `json:"perConnKB"`
+	// load tests, so with the code and buffers the load used), BeforeAnonKB
+	// its anonymous part, WithConnsKB while Conns of them were open.
+	BeforeKB     int64   `json:"beforeKB"`
+	BeforeAnonKB int64   `json:"beforeAnonKB"`
+	WithConnsKB  int64   `json:"withConnsKB"`
+	Conns        int     `json:"conns"`
+	PerConnKB    float64 `json:"perConnKB"`
 }
 
 func (t *TopologyResult) bulk(conns int) *BulkFigures {
@@ -331,8 +333,8 @@ func (r *Result) WriteMarkdown(w io.Writer) {
 		p("| %s |\n", strings.Join(row, " | "))
 	}
 
-	p("\n| topology | new conn/s | first byte p50 ms | p99 ms | pair CPU ms/conn | RSS idle MB (out / in) | of which anon MB | RSS with %d conns MB | KB/conn |\n", r.Options.IdleConns)
-	p("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+	p("\n| topology | new conn/s | first byte p50 ms | p99 ms | pair CPU ms/conn | RSS idle MB (out / in) | of which anon MB | RSS after load MB | RSS with %d conns MB | KB/conn |\n", r.Options.IdleConns)
+	p("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 	for i := range r.Topologies {
 		t := &r.Topologies[i]
 		row := []string{t.Name}
@@ -347,6 +349,12 @@ func (r *Result) WriteMarkdown(w io.Writer) {
 		}
 		row = append(row, memCol(t, func(m SidecarMemory) string { return fmt.Sprintf("%.1f", float64(m.IdleKB)/1024) }),
 			memCol(t, func(m SidecarMemory) string { return fmt.Sprintf("%.1f", float64(m.IdleAnonKB)/1024) }),
+			memCol(t, func(m SidecarMemory) string {
+				if m.Conns == 0 {
+					return "–"
+				}
+				return fmt.Sprintf("%.1f", float64(m.BeforeKB)/1024)
+			}),
 			memCol(t, func(m SidecarMemory) string {
 				if m.Conns == 0 {
 					return "–"

@@ -443,10 +443,11 @@ func (r *running) measureIdleConns(ctx context.Context, n int, progress func(str
 		m := &r.res.Memory[i]
 		m.Conns = n
 		m.BeforeKB = before[i].RSSKB
+		m.BeforeAnonKB = before[i].AnonKB
 		m.WithConnsKB = with[i].RSSKB
 		m.PerConnKB = float64(with[i].RSSKB-before[i].RSSKB) / float64(n)
-		progress("idle     %-8s %-3s %6.1f MB idle, %6.1f MB with %d connections, %5.1f KB/connection",
-			r.topo.Name(), m.Sidecar, float64(m.IdleKB)/1024, float64(m.WithConnsKB)/1024, n, m.PerConnKB)
+		progress("idle     %-8s %-3s %6.1f MB idle, %6.1f MB after load (%.1f anon), %6.1f MB with %d connections, %5.1f KB/connection",
+			r.topo.Name(), m.Sidecar, float64(m.IdleKB)/1024, float64(m.BeforeKB)/1024, float64(m.BeforeAnonKB)/1024, float64(m.WithConnsKB)/1024, n, m.PerConnKB)
 	}
 	return nil
 }

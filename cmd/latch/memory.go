@@ -18,6 +18,10 @@ import (
 // It costs one forced collection per burst, never more than one per tick,
 // and none while traffic allocates steadily (then the heap is in use) or
 // while nothing has been allocated since the last release.
+//
+// Start-up is the first burst, whatever its size: the first quiet tick
+// releases, and also runs settle once (unmapping the start-up code, see
+// unmapStartupCode).
 type releaser struct {
 	// burst is how much must have been allocated since the last release
 	// for another to be worth a collection.
@@ -28,6 +32,9 @@ type releaser struct {
 
 	allocated func() uint64 // bytes allocated since the process started
 	release   func()
+	settle    func() // once, with the first release; nil for none
+
+	settled bool
 
 	last      uint64 // allocated at the previous step
 	atRelease uint64 // allocated right after the last release
@@ -39,8 +46,8 @@ const (
 	releaseQuiet = 256 << 10
 )
 
-func newReleaser() *releaser {
-	r := &releaser{burst: releaseBurst, quiet: releaseQuiet, allocated: heapAllocated, release: debug.FreeOSMemory}
+func newReleaser(settle func()) *releaser {
+	r := &releaser{burst: releaseBurst, quiet: releaseQuiet, allocated: heapAllocated, release: debug.FreeOSMemory, settle: settle}
 	r.last = r.allocated()
 	return r
 }
@@ -51,10 +58,16 @@ func (r *releaser) step() bool {
 	now := r.allocated()
 	tick := now - r.last
 	r.last = now
-	if now-r.atRelease < r.burst || tick > r.quiet {
+	if tick > r.quiet || (r.settled && now-r.atRelease < r.burst) {
 		return false
 	}
 	r.release()
+	if !r.settled {
+		r.settled = true
+		if r.settle != nil {
+			r.settle()
+		}
+	}
 	r.atRelease = r.allocated()
 	r.last = r.atRelease
 	return true

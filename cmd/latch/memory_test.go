@@ -11,10 +11,11 @@ import (
 func TestReleaserReleasesOnceABurstIsOver(t *testing.T) {
 	const MB = 1 << 20
 	var total uint64
-	releases := 0
+	releases, settles := 0, 0
 	r := &releaser{burst: 4 * MB, quiet: MB / 4,
 		allocated: func() uint64 { return total },
 		release:   func() { releases++; total += 1024 }, // the collection allocates a little itself
+		settle:    func() { settles++ },
 	}
 	r.last = r.allocated()
 
@@ -45,6 +46,9 @@ func TestReleaserReleasesOnceABurstIsOver(t *testing.T) {
 		if got != s.release || releases-before != map[bool]int{false: 0, true: 1}[s.release] {
 			t.Fatalf("tick %d (%s): released %v (%d calls), want %v", i, s.name, got, releases-before, s.release)
 		}
+		if want := min(releases, 1); settles != want {
+			t.Fatalf("tick %d (%s): settled %d times, want %d (once, with the first release)", i, s.name, settles, want)
+		}
 	}
 
 	// A trickle that stays below quiet adds up to a burst and is released
@@ -74,5 +78,40 @@ func TestHeapAllocatedCounts(t *testing.T) {
 	runtime.KeepAlive(sink)
 	if got := heapAllocated() - before; got < 4<<20 {
 		t.Fatalf("heapAllocated grew by %d bytes after allocating 4 MiB", got)
+	}
+}
+
+// TestReleaserStartupIsABurstOfAnySize: the first quiet tick after start
+// releases and settles even when start-up allocated less than a burst (a
+// sidecar with a small config), and not before start-up has gone quiet.
+func TestReleaserStartupIsABurstOfAnySize(t *testing.T) {
+	const MB = 1 << 20
+	var total uint64
+	releases, settles := 0, 0
+	r := &releaser{burst: 4 * MB, quiet: MB / 4,
+		allocated: func() uint64 { return total },
+		release:   func() { releases++ },
+		settle:    func() { settles++ },
+	}
+	r.last = r.allocated()
+	for i, alloc := range []uint64{MB, MB / 2} { // start-up still allocating
+		total += alloc
+		if r.step() {
+			t.Fatalf("tick %d: released while start-up allocates %d bytes per tick", i, alloc)
+		}
+	}
+	total += 10 << 10 // quiet, 1.5 MiB in all: below a burst
+	if !r.step() || releases != 1 || settles != 1 {
+		t.Fatalf("first quiet tick: %d releases, %d settles; want 1 and 1", releases, settles)
+	}
+	for range 3 {
+		if r.step() {
+			t.Fatal("released again with nothing allocated")
+		}
+	}
+	total += 5 * MB
+	r.step() // the burst's own tick: not quiet
+	if !r.step() || releases != 2 || settles != 1 {
+		t.Fatalf("after a later burst: %d releases, %d settles; want 2 and still 1", releases, settles)
 	}
 }
