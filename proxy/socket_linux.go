@@ -48,6 +48,7 @@ type socket struct {
 	// callback state
 	p     []byte
 	bp    *[]byte
+	bulk  bool
 	n     int
 	err   error
 	woken bool
@@ -59,20 +60,28 @@ type socket struct {
 	// endBatch) so that the records of one tls.Conn.Write leave in one
 	// system call. wmu orders them with anything the TLS stack writes from
 	// the other direction meanwhile (its answer to a KeyUpdate).
-	wmu   sync.Mutex
-	batch bool
-	wbuf  *[]byte
+	wmu       sync.Mutex
+	batch     bool
+	batchBulk bool // the batch needs the bulk size
+	wbuf      *[]byte
 }
 
-// recordBatchSize holds the records made of one copy buffer: each 16 KiB of
-// plaintext becomes a record of 16 KiB plus at most 256 bytes of header,
+// recordBatchSize holds the records made of n bytes of plaintext: each
+// 16 KiB becomes a record of 16 KiB plus at most 256 bytes of header,
 // padding and tag.
-const recordBatchSize = copyBufferSize + (copyBufferSize/(16<<10)+1)*256
+func recordBatchSize(n int) int { return n + (n/(16<<10)+1)*256 }
 
-var recordBatchPool = sync.Pool{New: func() any {
-	b := make([]byte, 0, recordBatchSize)
-	return &b
-}}
+// The batch buffers, one pool per copy buffer size.
+var (
+	recordBatchPool = sync.Pool{New: func() any {
+		b := make([]byte, 0, recordBatchSize(copyBufferSize))
+		return &b
+	}}
+	bulkRecordBatchPool = sync.Pool{New: func() any {
+		b := make([]byte, 0, recordBatchSize(bulkBufferSize))
+		return &b
+	}}
+)
 
 // newSocket returns the socket of a TCP connection, nil for anything else
 // (the copy loop then blocks in Read holding a buffer, as io.Copy would).
@@ -104,7 +113,11 @@ func (s *socket) Write(p []byte) (int, error) {
 		return s.TCPConn.Write(p)
 	}
 	if s.wbuf == nil {
-		s.wbuf = recordBatchPool.Get().(*[]byte)
+		if s.batchBulk {
+			s.wbuf = bulkRecordBatchPool.Get().(*[]byte)
+		} else {
+			s.wbuf = recordBatchPool.Get().(*[]byte)
+		}
 	}
 	if len(*s.wbuf)+len(p) > cap(*s.wbuf) {
 		if err := s.flushLocked(); err != nil {
@@ -118,10 +131,12 @@ func (s *socket) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// beginBatch collects the TLS stack's writes until endBatch.
-func (s *socket) beginBatch() {
+// beginBatch collects the TLS stack's writes of n bytes of plaintext until
+// endBatch.
+func (s *socket) beginBatch(n int) {
 	s.wmu.Lock()
 	s.batch = true
+	s.batchBulk = n > copyBufferSize
 	s.wmu.Unlock()
 }
 
@@ -133,7 +148,11 @@ func (s *socket) endBatch() error {
 	s.batch = false
 	err := s.flushLocked()
 	if s.wbuf != nil {
-		recordBatchPool.Put(s.wbuf)
+		if cap(*s.wbuf) == recordBatchSize(bulkBufferSize) {
+			bulkRecordBatchPool.Put(s.wbuf)
+		} else {
+			recordBatchPool.Put(s.wbuf)
+		}
 		s.wbuf = nil
 	}
 	return err
@@ -212,12 +231,13 @@ func (s *socket) waitReadable(fd uintptr) bool {
 
 // readPooled reads a plain TCP side: it returns a pooled buffer holding n
 // bytes read (bp is the buffer the caller holds, nil for none, and the
-// result is the one it holds after). While it waits, no buffer is held.
-func (s *socket) readPooled(bp *[]byte) (_ *[]byte, n int, err error) {
+// result is the one it holds after; a new one is of the bulk size if bulk).
+// While it waits, no buffer is held.
+func (s *socket) readPooled(bp *[]byte, bulk bool) (_ *[]byte, n int, err error) {
 	if s.readPooledFn == nil {
 		s.readPooledFn = s.readIntoPooled
 	}
-	s.bp = bp
+	s.bp, s.bulk = bp, bulk
 	if err := s.rc.Read(s.readPooledFn); err != nil {
 		return s.bp, 0, err
 	}
@@ -226,11 +246,11 @@ func (s *socket) readPooled(bp *[]byte) (_ *[]byte, n int, err error) {
 
 func (s *socket) readIntoPooled(fd uintptr) bool {
 	if s.bp == nil {
-		s.bp = bufferPool.Get().(*[]byte)
+		s.bp = getBuffer(s.bulk)
 	}
 	s.n, s.err = readFD(fd, *s.bp)
 	if s.err == syscall.EAGAIN {
-		bufferPool.Put(s.bp)
+		putBuffer(s.bp)
 		s.bp = nil
 		s.err = errWouldBlock
 	}

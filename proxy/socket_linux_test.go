@@ -6,6 +6,7 @@ import (
 	"io"
 	"sync"
 	"testing"
+	"time"
 )
 
 // What the TLS stack writes from the other direction (its answer to a
@@ -24,7 +25,7 @@ func TestBatchedWritesStayWhole(t *testing.T) {
 	go func() { // the copy loop
 		defer wg.Done()
 		for i := range rounds {
-			s.beginBatch()
+			s.beginBatch(copyBufferSize)
 			for j := range perBatch {
 				if _, err := s.Write(record('b', i*perBatch+j)); err != nil {
 					t.Error(err)
@@ -64,5 +65,40 @@ func TestBatchedWritesStayWhole(t *testing.T) {
 	}
 	if next['b'] != rounds*perBatch || next['k'] != rounds {
 		t.Fatalf("got %d batched and %d direct records, want %d and %d", next['b'], next['k'], rounds*perBatch, rounds)
+	}
+}
+
+// The records made of one copy buffer leave in one write at endBatch, for
+// both buffer sizes: nothing reaches the peer before it, all of it after.
+// (A batch buffer too small for a bulk buffer's records would send part of
+// them early, in more system calls.)
+func TestBatchHoldsACopyBuffersRecords(t *testing.T) {
+	for _, size := range []int{copyBufferSize, bulkBufferSize} {
+		t.Run(fmt.Sprint(size>>10, "KiB"), func(t *testing.T) {
+			client, server := tcpPair(t)
+			s := newSocket(server)
+			// A full buffer's records, each 16 KiB of plaintext sealed: the
+			// largest a tls.Conn writes for it.
+			record := bytes.Repeat([]byte{'r'}, 16<<10+22)
+			s.beginBatch(size)
+			for range size / (16 << 10) {
+				if _, err := s.Write(record); err != nil {
+					t.Fatal(err)
+				}
+			}
+			client.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+			if n, err := client.Read(make([]byte, 1)); n > 0 || err == nil {
+				t.Fatalf("%d bytes reached the peer before endBatch", n)
+			}
+			if err := s.endBatch(); err != nil {
+				t.Fatal(err)
+			}
+			client.SetReadDeadline(time.Now().Add(5 * time.Second))
+			want := size / (16 << 10) * len(record)
+			got, err := io.ReadFull(client, make([]byte, want))
+			if err != nil {
+				t.Fatalf("after endBatch: %d of %d bytes: %v", got, want, err)
+			}
+		})
 	}
 }

@@ -18,8 +18,8 @@ func (s *socket) setNonblocking() {}
 
 func (s *socket) waitFor(time.Duration) (bool, error) { return true, nil }
 
-func (s *socket) readPooled(bp *[]byte) (*[]byte, int, error) { return bp, 0, nil }
+func (s *socket) readPooled(bp *[]byte, _ bool) (*[]byte, int, error) { return bp, 0, nil }
 
-func (s *socket) beginBatch() {}
+func (s *socket) beginBatch(int) {}
 
 func (s *socket) endBatch() error { return nil }
