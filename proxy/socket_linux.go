@@ -60,10 +60,10 @@ type socket struct {
 	// endBatch) so that the records of one tls.Conn.Write leave in one
 	// system call. wmu orders them with anything the TLS stack writes from
 	// the other direction meanwhile (its answer to a KeyUpdate).
-	wmu       sync.Mutex
-	batch     bool
-	batchBulk bool // the batch needs the bulk size
-	wbuf      *[]byte
+	wmu   sync.Mutex
+	batch bool
+	wpool *sync.Pool // where wbuf comes from: the pool of the batch's size
+	wbuf  *[]byte
 }
 
 // recordBatchSize holds the records made of n bytes of plaintext: each
@@ -113,11 +113,7 @@ func (s *socket) Write(p []byte) (int, error) {
 		return s.TCPConn.Write(p)
 	}
 	if s.wbuf == nil {
-		if s.batchBulk {
-			s.wbuf = bulkRecordBatchPool.Get().(*[]byte)
-		} else {
-			s.wbuf = recordBatchPool.Get().(*[]byte)
-		}
+		s.wbuf = s.wpool.Get().(*[]byte)
 	}
 	if len(*s.wbuf)+len(p) > cap(*s.wbuf) {
 		if err := s.flushLocked(); err != nil {
@@ -136,7 +132,10 @@ func (s *socket) Write(p []byte) (int, error) {
 func (s *socket) beginBatch(n int) {
 	s.wmu.Lock()
 	s.batch = true
-	s.batchBulk = n > copyBufferSize
+	s.wpool = &recordBatchPool
+	if n > copyBufferSize {
+		s.wpool = &bulkRecordBatchPool
+	}
 	s.wmu.Unlock()
 }
 
@@ -148,11 +147,7 @@ func (s *socket) endBatch() error {
 	s.batch = false
 	err := s.flushLocked()
 	if s.wbuf != nil {
-		if cap(*s.wbuf) == recordBatchSize(bulkBufferSize) {
-			bulkRecordBatchPool.Put(s.wbuf)
-		} else {
-			recordBatchPool.Put(s.wbuf)
-		}
+		s.wpool.Put(s.wbuf)
 		s.wbuf = nil
 	}
 	return err
