@@ -29,7 +29,8 @@
 // # Copying
 //
 // Each direction copies through a pooled 32 KiB buffer that it holds only
-// while data flows. Towards a TLS side, the records made of one buffer leave
+// while data flows; a direction whose read fills it is streaming and takes
+// 128 KiB buffers until it is parked. Towards a TLS side, the records made of one buffer leave
 // in one write(2); from a TLS side, the loop reads on while decrypted records
 // are at hand, so the plain side also gets one write per buffer. A direction
 // that finds its source empty gives the buffer back and waits on the
