@@ -398,12 +398,29 @@ func TestCleanStale(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { syscall.Kill(orphan, syscall.SIGKILL) })
+	// "echo $!" runs as soon as the subshell is forked, before it has
+	// exec'd sleep; in the middle of an exec the kernel shows an empty
+	// command line, which cleanStale rightly does not take for ours. Wait
+	// for the orphan to be what a killed run leaves: sleep, named for dir.
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
+		b, _ := os.ReadFile(filepath.Join("/proc", strconv.Itoa(orphan), "cmdline"))
+		if strings.HasPrefix(string(b), stale+"/orphan\x00") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("orphan %d never became %s/orphan: cmdline %q", orphan, stale, b)
+		}
+	}
 	if err := recordGroup(stale, leader.Process.Pid); err != nil {
 		t.Fatal(err)
 	}
 
 	if done := cleanStale(tmp); len(done) != 1 || !strings.Contains(done[0], "1 orphaned") {
-		t.Fatalf("cleanStale = %q, want the stale run removed with 1 orphan killed", done)
+		b, _ := os.ReadFile(filepath.Join("/proc", strconv.Itoa(orphan), "stat"))
+		c, _ := os.ReadFile(filepath.Join("/proc", strconv.Itoa(orphan), "cmdline"))
+		l, _ := os.ReadFile(filepath.Join("/proc", strconv.Itoa(leader.Process.Pid), "stat"))
+		t.Fatalf("cleanStale = %q, want the stale run removed with 1 orphan killed (leader %d stat %q; orphan stat %q, cmdline %q)",
+			done, leader.Process.Pid, l, b, c)
 	}
 	if _, err := os.Stat(stale); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("stale run directory still there: %v", err)
