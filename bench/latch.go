@@ -11,6 +11,8 @@ import (
 	"strings"
 	"text/template"
 	"time"
+
+	"latch.dev/latch/internal/freeport"
 )
 
 // latchPair runs two `latch proxy` processes, each with its own identity from
@@ -87,7 +89,7 @@ func (l *latchPair) Start(ctx context.Context, env *Env) (*Pair, error) {
 		}
 		// Each sidecar gets its own admin port (a pod's sidecar listens on
 		// a fixed one; two on one host would clash).
-		admin, err := freePort()
+		admin, err := freeport.Addr()
 		if err != nil {
 			return nil, err
 		}

@@ -4,13 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"text/template"
 	"time"
+
+	"latch.dev/latch/internal/freeport"
 )
 
 // Topology is one way of putting a proxy pair between the load client and
@@ -94,18 +95,6 @@ func (direct) Start(ctx context.Context, env *Env) (*Pair, error) {
 	return p, waitReady(ctx, p)
 }
 
-// freePort returns a loopback port nobody listened on a moment ago. The
-// proxies bind it themselves, so there is a small window for a clash; a
-// clash shows up as a start failure naming the address.
-func freePort() (string, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", fmt.Errorf("finding a free port: %w", err)
-	}
-	defer ln.Close()
-	return ln.Addr().String(), nil
-}
-
 // waitReady polls the pair with a one-byte echo until it answers, a sidecar
 // exits, or 20 s pass.
 func waitReady(ctx context.Context, p *Pair) error {
@@ -170,11 +159,11 @@ type pairPorts struct {
 }
 
 func newPairPorts(env *Env, pki *PKI) (pairPorts, error) {
-	out, err := freePort()
+	out, err := freeport.Addr()
 	if err != nil {
 		return pairPorts{}, err
 	}
-	in, err := freePort()
+	in, err := freeport.Addr()
 	if err != nil {
 		return pairPorts{}, err
 	}

@@ -27,6 +27,7 @@ import (
 	"latch.dev/latch/check"
 	"latch.dev/latch/identity"
 	"latch.dev/latch/identity/devca"
+	"latch.dev/latch/internal/freeport"
 	"latch.dev/latch/proxy"
 	xdsclient "latch.dev/latch/xds/client"
 	"latch.dev/latch/xds/policy"
@@ -599,25 +600,16 @@ func (a *echoApp) Close() error {
 	return err
 }
 
-// freeAddrs finds n free loopback ports for the declarations. They are
-// released before use, which is racy in general and fine on a demo machine.
+// freeAddrs finds n free loopback ports for the declarations, which the
+// demo's listeners bind once the control plane has pushed them.
 func freeAddrs(n int) ([]string, error) {
-	var ls []net.Listener
-	defer func() {
-		for _, l := range ls {
-			l.Close()
-		}
-	}()
-	for range n {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			return nil, fmt.Errorf("finding a free loopback port: %w", err)
-		}
-		ls = append(ls, l)
-	}
 	addrs := make([]string, n)
-	for i, l := range ls {
-		addrs[i] = l.Addr().String()
+	for i := range addrs {
+		a, err := freeport.Addr()
+		if err != nil {
+			return nil, err
+		}
+		addrs[i] = a
 	}
 	return addrs, nil
 }

@@ -23,6 +23,7 @@ import (
 
 	"latch.dev/latch/identity"
 	"latch.dev/latch/identity/devca"
+	"latch.dev/latch/internal/freeport"
 	"latch.dev/latch/proxy"
 )
 
@@ -384,12 +385,10 @@ func randomBytes(n int) []byte {
 // freeAddr returns a loopback address nothing listens on.
 func freeAddr(t testing.TB) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	addr, err := freeport.Addr()
 	if err != nil {
 		t.Fatal(err)
 	}
-	addr := ln.Addr().String()
-	ln.Close()
 	return addr
 }
 

@@ -16,6 +16,7 @@ import (
 
 	"latch.dev/latch/identity"
 	"latch.dev/latch/identity/identitytest"
+	"latch.dev/latch/internal/freeport"
 	"latch.dev/latch/proxy"
 	"latch.dev/latch/xds/client"
 )
@@ -46,12 +47,16 @@ func echoServer(t *testing.T) string {
 
 func freePort(t *testing.T) int {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	addr, err := freeport.Addr()
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
+	_, p, _ := net.SplitHostPort(addr)
+	n, err := strconv.Atoi(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
 }
 
 // peer is a workload calling the backend's sidecar directly with its SVID.
