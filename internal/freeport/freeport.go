@@ -28,43 +28,50 @@ const floor = 10000
 
 var (
 	mu   sync.Mutex
-	next int // 0 until the first call
-	low  int // the kernel's lowest ephemeral port; 0 if unknown
+	low  int // the kernel's first ephemeral port, read on first use
+	next int // the next port to try, in [floor, low)
 )
 
-// Addr returns "127.0.0.1:PORT" for a port nothing listened on at the time
-// of the call and that this process has not handed out before.
-func Addr() (string, error) {
+// Port returns a loopback port nothing listened on at the time of the call
+// and that this process has not handed out before.
+func Port() (int, error) {
 	mu.Lock()
 	defer mu.Unlock()
-	if next == 0 {
+	if low == 0 {
 		low = ephemeralLow()
 		if low > floor {
 			next = floor + rand.IntN(low-floor)
 		}
 	}
-	if low > floor {
-		for range low - floor {
-			port := next
-			if next++; next >= low {
-				next = floor
-			}
-			ln, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
-			if err != nil {
-				continue // somebody's; try the next
-			}
-			ln.Close()
-			return ln.Addr().String(), nil
+	for range max(low-floor, 0) {
+		port := next
+		if next++; next >= low {
+			next = floor
 		}
+		ln, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
+		if err != nil {
+			continue // somebody's; try the next
+		}
+		ln.Close()
+		return port, nil
 	}
-	// No room below the ephemeral range (or it is unknown): fall back to the
-	// kernel's pick, with its race.
+	// No room below the ephemeral range: fall back to the kernel's pick,
+	// with its race.
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
-		return "", fmt.Errorf("finding a free loopback port: %w", err)
+		return 0, fmt.Errorf("finding a free loopback port: %w", err)
 	}
 	defer ln.Close()
-	return ln.Addr().String(), nil
+	return ln.Addr().(*net.TCPAddr).Port, nil
+}
+
+// Addr is Port as "127.0.0.1:PORT".
+func Addr() (string, error) {
+	p, err := Port()
+	if err != nil {
+		return "", err
+	}
+	return net.JoinHostPort("127.0.0.1", strconv.Itoa(p)), nil
 }
 
 // ephemeralLow is the first port of the kernel's ephemeral range: Linux's

@@ -7,22 +7,13 @@ import (
 	"testing"
 )
 
-func port(t *testing.T, addr string) int {
-	t.Helper()
-	_, p, err := net.SplitHostPort(addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	n, err := strconv.Atoi(p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return n
+func listen(port int) (net.Listener, error) {
+	return net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
 }
 
 // Ports handed out at once are distinct, below the ephemeral range, and
 // bindable by whoever asked.
-func TestAddrDistinctBelowEphemeralAndBindable(t *testing.T) {
+func TestPortDistinctBelowEphemeralAndBindable(t *testing.T) {
 	if ephemeralLow() <= floor {
 		t.Skip("no room below this machine's ephemeral range")
 	}
@@ -34,12 +25,11 @@ func TestAddrDistinctBelowEphemeralAndBindable(t *testing.T) {
 	for range 8 {
 		wg.Go(func() {
 			for range 25 {
-				addr, err := Addr()
+				p, err := Port()
 				if err != nil {
 					t.Error(err)
 					return
 				}
-				p := port(t, addr)
 				mu.Lock()
 				dup := seen[p]
 				seen[p] = true
@@ -50,7 +40,7 @@ func TestAddrDistinctBelowEphemeralAndBindable(t *testing.T) {
 				if p < floor || p >= ephemeralLow() {
 					t.Errorf("port %d outside [%d, %d)", p, floor, ephemeralLow())
 				}
-				ln, err := net.Listen("tcp", addr)
+				ln, err := listen(p)
 				if err != nil {
 					t.Errorf("binding the port handed out: %v", err)
 					continue
@@ -63,29 +53,45 @@ func TestAddrDistinctBelowEphemeralAndBindable(t *testing.T) {
 }
 
 // A port somebody listens on is passed over.
-func TestAddrSkipsPortsInUse(t *testing.T) {
+func TestPortSkipsPortsInUse(t *testing.T) {
 	if ephemeralLow() <= floor {
 		t.Skip("no room below this machine's ephemeral range")
 	}
-	first, err := Addr()
+	first, err := Port()
 	if err != nil {
 		t.Fatal(err)
 	}
 	// Take the port that would come next, then ask.
-	busy := port(t, first) + 1
+	busy := first + 1
 	if busy >= ephemeralLow() {
 		busy = floor
 	}
-	ln, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(busy)))
+	ln, err := listen(busy)
 	if err != nil {
 		t.Skipf("port %d taken by someone else already: %v", busy, err)
 	}
 	defer ln.Close()
-	got, err := Addr()
+	got, err := Port()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if port(t, got) == busy {
-		t.Fatalf("Addr handed out %s, which is being listened on", got)
+	if got == busy {
+		t.Fatalf("Port handed out %d, which is being listened on", got)
 	}
+}
+
+// Addr is a loopback address the caller can bind.
+func TestAddrBindable(t *testing.T) {
+	addr, err := Addr()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		t.Fatalf("binding %s: %v", addr, err)
+	}
+	if got := ln.Addr().String(); got != addr {
+		t.Errorf("bound %s, Addr said %s", got, addr)
+	}
+	ln.Close()
 }

@@ -47,16 +47,11 @@ func echoServer(t *testing.T) string {
 
 func freePort(t *testing.T) int {
 	t.Helper()
-	addr, err := freeport.Addr()
+	port, err := freeport.Port()
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, p, _ := net.SplitHostPort(addr)
-	n, err := strconv.Atoi(p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return n
+	return port
 }
 
 // peer is a workload calling the backend's sidecar directly with its SVID.
