@@ -399,7 +399,7 @@ func (r *Result) WriteMarkdown(w io.Writer) {
 	}
 
 	if l := r.find("latch"); l != nil {
-		p("\nlatch against the targets of issue 6:\n\n| target | latch | reference | met |\n|---|---:|---|:---:|\n")
+		p("\nlatch against its performance targets:\n\n| target | latch | reference | met |\n|---|---:|---|:---:|\n")
 		for _, row := range r.targets(l) {
 			p("| %s | %s | %s | %s |\n", row.target, row.latch, row.ref, row.met)
 		}
@@ -423,7 +423,7 @@ func (r *Result) WriteMarkdown(w io.Writer) {
 
 type targetRow struct{ target, latch, ref, met string }
 
-// targets checks latch against issue 6's targets, each against the best
+// targets checks latch against its performance targets, each against the best
 // other proxy in the same run.
 func (r *Result) targets(l *TopologyResult) []targetRow {
 	var rows []targetRow

@@ -38,7 +38,7 @@ func soakConfig(t *testing.T) soakSettings {
 		}
 		s.duration = d
 		if d >= 2*time.Minute {
-			// The cadence: rotation every 30 s, policy every 15 s.
+			// Production-like churn, faster than a real mesh: rotation every 30 s, policy every 15 s.
 			s = soakSettings{duration: d, svidTTL: 90 * time.Second, rotate: 30 * time.Second,
 				policyEvery: 15 * time.Second, rollOverlap: 30 * time.Second}
 		}

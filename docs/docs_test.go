@@ -1,0 +1,96 @@
+// Package docs holds no code: its test keeps the repository's Markdown
+// standing alone (no references to anything outside the repository, no
+// planning vocabulary) and its relative links pointing at files that exist.
+package docs
+
+import (
+	"bufio"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+)
+
+// outside matches references to material that is not part of the
+// repository: the planners' brief and seeds, and issue numbers.
+var outside = regexp.MustCompile(`\.\./shared|shared/seeds|DESIGN\.md|[Tt]he seed (TLS )?policy|issue's cadence|\b[Ii]ssue #?[0-9]+\b`)
+
+// link matches a Markdown inline link's target.
+var link = regexp.MustCompile(`\]\(([^)\s]+)\)`)
+
+// trackedFiles lists the repository's tracked files with the given suffix.
+func trackedFiles(t *testing.T, suffix string) []string {
+	t.Helper()
+	out, err := exec.Command("git", "-C", "..", "ls-files", "-z").Output()
+	if err != nil {
+		t.Skipf("git ls-files: %v (not a git checkout)", err)
+	}
+	var files []string
+	for _, f := range strings.Split(string(out), "\x00") {
+		if strings.HasSuffix(f, suffix) {
+			files = append(files, filepath.Join("..", f))
+		}
+	}
+	return files
+}
+
+func TestDocsStandAlone(t *testing.T) {
+	var files []string
+	for _, suffix := range []string{".md", ".go", ".yaml", ".tpl", "Makefile", "Dockerfile"} {
+		files = append(files, trackedFiles(t, suffix)...)
+	}
+	if len(files) == 0 {
+		t.Fatal("no files found")
+	}
+	for _, f := range files {
+		if strings.HasSuffix(f, "docs_test.go") {
+			continue // the patterns themselves
+		}
+		fh, err := os.Open(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sc := bufio.NewScanner(fh)
+		sc.Buffer(make([]byte, 1<<20), 1<<20)
+		for n := 1; sc.Scan(); n++ {
+			if m := outside.FindString(sc.Text()); m != "" {
+				t.Errorf("%s:%d: refers to something outside the repository (%q): say it in the repository's own words", f, n, m)
+			}
+		}
+		fh.Close()
+	}
+}
+
+func TestMarkdownLinksResolve(t *testing.T) {
+	for _, f := range trackedFiles(t, ".md") {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		inFence := false
+		for n, line := range strings.Split(string(b), "\n") {
+			if strings.HasPrefix(strings.TrimSpace(line), "```") {
+				inFence = !inFence
+			}
+			if inFence {
+				continue
+			}
+			for _, m := range link.FindAllStringSubmatch(line, -1) {
+				target := m[1]
+				if strings.Contains(target, "://") || strings.HasPrefix(target, "#") || strings.HasPrefix(target, "mailto:") {
+					continue
+				}
+				target, _, _ = strings.Cut(target, "#")
+				p := filepath.Join(filepath.Dir(f), target)
+				if _, err := os.Stat(p); err != nil {
+					t.Errorf("%s:%d: link %q: %v", f, n+1, m[1], err)
+				}
+				if rel, err := filepath.Rel("..", p); err != nil || strings.HasPrefix(rel, "..") {
+					t.Errorf("%s:%d: link %q leaves the repository", f, n+1, m[1])
+				}
+			}
+		}
+	}
+}
