@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"context"
 	"crypto/tls"
 	"fmt"
 	"io"
@@ -50,6 +51,9 @@ func BenchmarkCopy(b *testing.B) {
 			if withMetrics {
 				s.metrics = NewMetrics(nil)
 			}
+			// The pipe parks its directions with the Server's parker,
+			// whose loop runs until the Server shuts down.
+			b.Cleanup(func() { s.Shutdown(context.Background()) })
 			l := &listener{s: s, name: "bench", dir: DirectionInbound, metrics: s.metrics.forListener("bench", DirectionInbound)}
 			client, down := tcpPair(b)
 			up, sink := tcpPair(b)
