@@ -46,7 +46,12 @@ import (
 //	go test ./xds/server -run '^$' -bench Propagation/sidecars=10000 -benchtime 1x -timeout 30m
 func BenchmarkPropagation(b *testing.B) {
 	for _, n := range []int{1000, 10000} {
-		b.Run(fmt.Sprintf("sidecars=%d", n), func(b *testing.B) { benchPropagation(b, n) })
+		b.Run(fmt.Sprintf("sidecars=%d", n), func(b *testing.B) {
+			if testing.Short() && n > 1000 {
+				b.Skip("a measurement, not a smoke run: skipped with -short")
+			}
+			benchPropagation(b, n)
+		})
 	}
 }
 
