@@ -152,3 +152,26 @@ func suitesFor(v uint16) []uint16 {
 	}
 	return out
 }
+
+// Err returns nil when the server accepted at least one probe, and otherwise
+// an *Error saying so: a server that accepts nothing latch could offer is a
+// failed check, whatever the table shows. Its class is why the TLS 1.3 probe
+// failed, TLS 1.3 being what latch speaks by default (a plaintext port gives
+// not_tls, a server stuck below TLS 1.2 protocol_version).
+func (r *ScanResult) Err() error {
+	var all []Probe
+	for _, ps := range [][]Probe{r.Versions, r.CipherSuites, r.Groups} {
+		all = append(all, ps...)
+	}
+	for _, p := range all {
+		if p.Accepted {
+			return nil
+		}
+	}
+	class, reason := ClassOther, "no probe was made"
+	for _, p := range r.Versions {
+		class, reason = p.Class, p.Error
+	}
+	return &Error{Class: class, Addr: r.Addr, Stage: "scan",
+		Err: fmt.Errorf("the server accepted none of the %d probes (TLS 1.3: %s)", len(all), reason)}
+}

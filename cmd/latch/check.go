@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -16,22 +17,14 @@ import (
 	"latch.dev/latch/identity"
 )
 
-// usageError is a command line latch check cannot run; exit status 2.
-type usageError struct{ err error }
-
-func (e usageError) Error() string { return e.err.Error() }
-func (e usageError) Unwrap() error { return e.err }
-func (e usageError) ExitCode() int { return check.ExitUsage }
-
 func runCheck(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("latch check", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	socket := fs.String("workload-api", "", "SPIFFE Workload API socket (default $"+identity.SocketEnv+")")
-	serverID := fs.String("server-id", "", "SPIFFE ID the server must prove (default: any workload of the local trust domain)")
+	socket := workloadAPIFlag(fs)
+	serverID := fs.String("server-id", "", "SPIFFE `ID` the server must prove (default: any workload of the local trust domain)")
 	profile := fs.String("profile", identity.ProfileModern, "TLS profile to offer: modern (TLS 1.3) or intermediate (TLS 1.2 and 1.3)")
 	timeout := fs.Duration("timeout", 5*time.Second, "time allowed for connecting, the handshake and the server's answer (per probe with --scan)")
 	asJSON := fs.Bool("json", false, "print one JSON document instead of text")
-	scan := fs.Bool("scan", false, "list which TLS versions, TLS 1.2 cipher suites and key exchange groups the server accepts")
+	scan := fs.Bool("scan", false, "list which TLS versions, TLS 1.2 cipher suites and key exchange groups the server accepts; exits non-zero when it accepts none")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), `usage: latch check [flags] HOST:PORT
 
@@ -46,36 +39,38 @@ flags:
 		fmt.Fprintf(fs.Output(), "\nexit codes:\n%s", check.ExitCodeTable())
 	}
 	// Flags may come before or after the address.
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return err
-		}
-		return usageError{err}
+	if err := parseFlags(fs, args, stdout); err != nil {
+		return err
 	}
 	var addr string
 	if fs.NArg() > 0 {
 		addr = fs.Arg(0)
-		if err := fs.Parse(fs.Args()[1:]); err != nil {
-			return usageError{err}
+		if err := parseFlags(fs, fs.Args()[1:], stdout); err != nil {
+			return err
 		}
 	}
 	if addr == "" || fs.NArg() > 0 {
-		fs.Usage()
-		return usageError{errors.New("want exactly one HOST:PORT")}
+		return usagef("want exactly one HOST:PORT, got %q", append([]string{addr}, fs.Args()...))
+	}
+	if err := checkAddr(addr); err != nil {
+		return usageError{err}
 	}
 	opts := check.Options{Addr: addr, Timeout: *timeout}
 	if *serverID != "" {
 		id, err := spiffeid.FromString(*serverID)
 		if err != nil {
-			return usageError{fmt.Errorf("--server-id %q: %w", *serverID, err)}
+			return usagef("--server-id %q: %w", *serverID, err)
 		}
 		opts.ServerID = id
 	}
 	p, err := identity.ProfileByName(*profile)
 	if err != nil {
-		return usageError{fmt.Errorf("--profile: %w", err)}
+		return usagef("--profile: %w", err)
 	}
 	opts.Profile = p
+	if *timeout <= 0 {
+		return usagef("--timeout %s: must be positive", *timeout)
+	}
 
 	sctx, cancel := context.WithTimeout(ctx, *timeout)
 	src, err := identity.NewWorkloadSource(sctx, *socket, slog.New(slog.DiscardHandler))
@@ -91,7 +86,15 @@ flags:
 		if err != nil {
 			return report(stdout, *asJSON, nil, err)
 		}
-		return printScan(stdout, *asJSON, res)
+		if err := printScan(stdout, *asJSON, res); err != nil {
+			return err
+		}
+		if err := res.Err(); err != nil {
+			// The table says what was refused and why; the summary line
+			// goes to stderr, where a script piping the JSON still sees it.
+			return err
+		}
+		return nil
 	}
 	res, err := check.Run(ctx, opts)
 	return report(stdout, *asJSON, res, err)
@@ -111,7 +114,7 @@ type checkJSON struct {
 }
 
 // report prints the outcome and returns err (whose ExitCode sets the
-// status; main prints its one-line text on stderr).
+// status) marked as reported, so main does not print it a second time.
 func report(w io.Writer, asJSON bool, res *check.Result, err error) error {
 	var ce *check.Error
 	if err != nil && !errors.As(err, &ce) {
@@ -132,7 +135,10 @@ func report(w io.Writer, asJSON bool, res *check.Result, err error) error {
 		if jerr := enc.Encode(doc); jerr != nil {
 			return fmt.Errorf("writing the result: %w", jerr)
 		}
-		return err
+		if err != nil {
+			return reportedError{err}
+		}
+		return nil
 	}
 	if ce != nil {
 		fmt.Fprintf(w, "FAIL %s: %s\n  class:  %s (exit %d)\n  stage:  %s\n  error:  %v\n", ce.Addr, ce.Class.Summary(), ce.Class, ce.ExitCode(), ce.Stage, ce.Err)
@@ -141,7 +147,7 @@ func report(w io.Writer, asJSON bool, res *check.Result, err error) error {
 			printInfo(w, "    ", *ce.Seen)
 		}
 		fmt.Fprintf(w, "  fix:    %s\n", ce.Fix())
-		return err
+		return reportedError{err}
 	}
 	from := "as seen from this side"
 	if res.Source == check.SourceTestEndpoint {
@@ -151,6 +157,19 @@ func report(w io.Writer, asJSON bool, res *check.Result, err error) error {
 	printInfo(w, "  ", res.Connection)
 	for _, n := range res.Notes {
 		fmt.Fprintf(w, "  note: %s\n", n)
+	}
+	return nil
+}
+
+// checkAddr refuses an address latch check cannot dial as meant: without a
+// port, a bare host would only fail later as "unreachable".
+func checkAddr(addr string) error {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("%q: want HOST:PORT (%w)", addr, err)
+	}
+	if host == "" || port == "" {
+		return fmt.Errorf("%q: want HOST:PORT with both parts", addr)
 	}
 	return nil
 }

@@ -146,16 +146,24 @@ func TestCheckCommand(t *testing.T) {
 		}
 	})
 
-	t.Run("usage", func(t *testing.T) {
-		if code, _, _ := latch(api); code != check.ExitUsage {
-			t.Errorf("no address: exit %d", code)
+	t.Run("scan of a server that accepts nothing", func(t *testing.T) {
+		code, out, errOut := latch(api, "--scan", "--json", plain.Listener.Addr().String())
+		if code != check.ClassNotTLS.ExitCode() {
+			t.Fatalf("exit %d, want %d (not_tls)\n%s%s", code, check.ClassNotTLS.ExitCode(), out, errOut)
 		}
-		if code, _, _ := latch("--profile=old", "127.0.0.1:1"); code != check.ExitUsage {
-			t.Errorf("bad profile: exit %d", code)
+		var res check.ScanResult
+		if err := json.Unmarshal([]byte(out), &res); err != nil || len(res.Versions) == 0 {
+			t.Fatalf("the scan table is not printed: %v\n%s", err, out)
 		}
-		code, _, errOut := latch("-h")
-		if code != 0 || !strings.Contains(errOut, "exit codes:") || !strings.Contains(errOut, "client_refused") {
-			t.Errorf("-h: exit %d\n%s", code, errOut)
+		if strings.Count(errOut, "accepted none of the") != 1 {
+			t.Errorf("stderr does not say once that nothing was accepted: %q", errOut)
+		}
+	})
+
+	t.Run("a failure is printed once", func(t *testing.T) {
+		code, out, errOut := latch(api, "--timeout=3s", closedAddr)
+		if code != check.ClassUnreachable.ExitCode() || !strings.Contains(out, "FAIL") || errOut != "" {
+			t.Errorf("exit %d\nstdout: %s\nstderr: %s", code, out, errOut)
 		}
 	})
 }

@@ -6,7 +6,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"strings"
 	"sync"
@@ -29,56 +28,75 @@ type controlPlaneFlags struct {
 	listen       string
 	adminAddr    string
 	socket       string
-	trustDomains string
+	trustDomains []spiffeid.TrustDomain // nil: the control plane's own
 	inboundHost  string
 	profile      string
 	debounce     time.Duration
-	logFormat    string
-	logLevel     string
+	logs         logFlags
+	// oldSocketFlag is set when the socket was given under the flag's
+	// former name, --workload-api-socket.
+	oldSocketFlag bool
 }
 
-func parseControlPlaneFlags(args []string, stderr io.Writer) (controlPlaneFlags, error) {
+func parseControlPlaneFlags(args []string, stdout io.Writer) (controlPlaneFlags, error) {
 	var f controlPlaneFlags
 	fs := flag.NewFlagSet("latch control-plane", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	fs.StringVar(&f.declarations, "declarations", "", "directory of ServicePolicy declarations (YAML, watched); required")
-	fs.StringVar(&f.listen, "listen", ":15010", "host:port of the xDS (ADS) gRPC server; mTLS only")
-	fs.StringVar(&f.adminAddr, "admin-address", "127.0.0.1:15011", "host:port of the admin HTTP server (/healthz, /readyz, /metrics, /status)")
-	fs.StringVar(&f.socket, "workload-api-socket", "", "SPIFFE Workload API address (default $SPIFFE_ENDPOINT_SOCKET)")
-	fs.StringVar(&f.trustDomains, "trust-domains", "", "comma-separated trust domains declarations may name (default: the control plane's own)")
+	fs.StringVar(&f.declarations, "declarations", "", "`directory` of ServicePolicy declarations (YAML, watched); required")
+	fs.StringVar(&f.listen, "listen", ":15010", "`host:port` of the xDS (ADS) gRPC server; mTLS only")
+	fs.StringVar(&f.adminAddr, "admin-address", "127.0.0.1:15011", "`host:port` of the admin HTTP server (/healthz, /readyz, /metrics, /status)")
+	socket := workloadAPIFlag(fs)
+	// The flag's name before every subcommand used --workload-api.
+	oldSocket := fs.String("workload-api-socket", "", "deprecated: use --workload-api")
+	trustDomains := fs.String("trust-domains", "", "comma-separated trust domains declarations may name (default: the control plane's own)")
 	fs.StringVar(&f.inboundHost, "inbound-host", "0.0.0.0", "address sidecars bind inbound listeners on")
 	fs.StringVar(&f.profile, "tls-profile", identity.ProfileModern, "TLS profile of the xDS server: modern or intermediate")
 	fs.DurationVar(&f.debounce, "debounce", policy.DefaultDebounce, "wait this long after the last change in the declarations directory before reloading")
-	fs.StringVar(&f.logFormat, "log-format", "json", "log format: json or text")
-	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	f.logs = defineLogFlags(fs)
 	fs.Usage = func() {
-		fmt.Fprintln(stderr, "usage: latch control-plane --declarations DIR [flags]\n\nServes each sidecar, over mTLS ADS, the Envoy resources of the declaration for the SPIFFE ID it proves.\n\nflags:")
+		fmt.Fprintln(fs.Output(), "usage: latch control-plane --declarations DIR [flags]\n\nServes each sidecar, over mTLS ADS, the Envoy resources of the declaration for the SPIFFE ID it proves.\n\nflags:")
 		fs.PrintDefaults()
 	}
-	if err := fs.Parse(args); err != nil {
+	if err := parseFlags(fs, args, stdout); err != nil {
 		return f, err
 	}
-	if fs.NArg() > 0 {
-		return f, usageError{fmt.Errorf("unexpected arguments: %s", strings.Join(fs.Args(), " "))}
+	if err := noArgs(fs); err != nil {
+		return f, err
+	}
+	f.socket = *socket
+	if *oldSocket != "" {
+		if f.socket != "" && f.socket != *oldSocket {
+			return f, usagef("--workload-api %q and its deprecated name --workload-api-socket %q disagree", f.socket, *oldSocket)
+		}
+		f.socket, f.oldSocketFlag = *oldSocket, true
 	}
 	if f.declarations == "" {
-		return f, usageError{errors.New("--declarations is required")}
+		return f, usagef("--declarations is required")
+	}
+	var err error
+	if f.trustDomains, err = parseTrustDomains(*trustDomains); err != nil {
+		return f, usageError{err}
+	}
+	if f.debounce < 0 {
+		return f, usagef("--debounce %s: must not be negative", f.debounce)
 	}
 	return f, nil
 }
 
-func runControlPlane(ctx context.Context, args []string, _, stderr io.Writer) error {
-	f, err := parseControlPlaneFlags(args, stderr)
+func runControlPlane(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	f, err := parseControlPlaneFlags(args, stdout)
 	if err != nil {
 		return err
 	}
-	log, err := controlPlaneLogger(stderr, f.logFormat, f.logLevel)
+	log, err := f.logs.logger(stderr)
 	if err != nil {
-		return usageError{err}
+		return err
+	}
+	if f.oldSocketFlag {
+		log.Warn("--workload-api-socket is deprecated and will be removed: use --workload-api, as every latch command does")
 	}
 	profile, err := identity.ProfileByName(f.profile)
 	if err != nil {
-		return usageError{err}
+		return usagef("--tls-profile: %w", err)
 	}
 
 	src, err := identity.NewWorkloadSource(ctx, f.socket, log)
@@ -90,9 +108,9 @@ func runControlPlane(ctx context.Context, args []string, _, stderr io.Writer) er
 	if err != nil {
 		return fmt.Errorf("reading the control plane's SVID: %w", err)
 	}
-	tds, err := parseTrustDomains(f.trustDomains, svid.ID.TrustDomain())
-	if err != nil {
-		return usageError{err}
+	tds := f.trustDomains
+	if len(tds) == 0 {
+		tds = []spiffeid.TrustDomain{svid.ID.TrustDomain()}
 	}
 
 	store, err := policy.NewStore(f.declarations, policy.Options{TrustDomains: tds}, log.With("component", "declarations"))
@@ -101,7 +119,7 @@ func runControlPlane(ctx context.Context, args []string, _, stderr io.Writer) er
 	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	if err := admin.RegisterBuildInfo(reg, version); err != nil {
+	if err := admin.RegisterBuildInfo(reg, buildVersion()); err != nil {
 		return err
 	}
 	ctx, cancel := context.WithCancel(ctx)
@@ -210,9 +228,11 @@ func runControlPlane(ctx context.Context, args []string, _, stderr io.Writer) er
 	return runErr
 }
 
-func parseTrustDomains(list string, own spiffeid.TrustDomain) ([]spiffeid.TrustDomain, error) {
+// parseTrustDomains reads --trust-domains; "" is nil (the control plane's
+// own trust domain, known once it holds its SVID).
+func parseTrustDomains(list string) ([]spiffeid.TrustDomain, error) {
 	if strings.TrimSpace(list) == "" {
-		return []spiffeid.TrustDomain{own}, nil
+		return nil, nil
 	}
 	var out []spiffeid.TrustDomain
 	for _, s := range strings.Split(list, ",") {
@@ -261,19 +281,4 @@ func controlPlaneStatus(id spiffeid.ID, tds []spiffeid.TrustDomain, dir string, 
 		"declaration_errors": errs,
 		"connected_streams":  srv.Connected(),
 	}
-}
-
-func controlPlaneLogger(w io.Writer, format, level string) (*slog.Logger, error) {
-	var lvl slog.Level
-	if err := lvl.UnmarshalText([]byte(level)); err != nil {
-		return nil, fmt.Errorf("--log-level: %w", err)
-	}
-	opts := &slog.HandlerOptions{Level: lvl}
-	switch format {
-	case "json":
-		return slog.New(slog.NewJSONHandler(w, opts)), nil
-	case "text":
-		return slog.New(slog.NewTextHandler(w, opts)), nil
-	}
-	return nil, fmt.Errorf("--log-format %q: want json or text", format)
 }

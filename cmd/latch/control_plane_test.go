@@ -63,7 +63,7 @@ func TestControlPlaneCommand(t *testing.T) {
 	go func() {
 		done <- runControlPlane(ctx, []string{
 			"--declarations", dir, "--listen", "127.0.0.1:0", "--admin-address", "127.0.0.1:0",
-			"--workload-api-socket", cpSocket, "--debounce", "10ms",
+			"--workload-api", cpSocket, "--debounce", "10ms",
 		}, io.Discard, logW)
 		logW.Close()
 	}()
@@ -170,5 +170,21 @@ func TestControlPlaneCommand(t *testing.T) {
 	defer logMu.Unlock()
 	if !strings.Contains(logText.String(), `"msg":"declaration refused"`) || !strings.Contains(logText.String(), "backend.yaml") {
 		t.Errorf("refusal not logged:\n%s", logText.String())
+	}
+}
+
+// TestControlPlaneDeprecatedSocketFlag: the Workload API flag's former name
+// still works, and says it is deprecated.
+func TestControlPlaneDeprecatedSocketFlag(t *testing.T) {
+	ctx, cancel := context.WithTimeout(t.Context(), 300*time.Millisecond)
+	defer cancel()
+	var logs strings.Builder
+	err := runControlPlane(ctx, []string{"--declarations", t.TempDir(), "--workload-api-socket", "unix:///nonexistent/latch-test.sock",
+		"--listen", "127.0.0.1:0", "--admin-address", "127.0.0.1:0"}, io.Discard, &logs)
+	if err == nil || !strings.Contains(err.Error(), "unix:///nonexistent/latch-test.sock") {
+		t.Errorf("the old flag's socket was not used: %v", err)
+	}
+	if !strings.Contains(logs.String(), `"level":"WARN","msg":"--workload-api-socket is deprecated`) {
+		t.Errorf("no deprecation warning:\n%s", logs.String())
 	}
 }

@@ -26,11 +26,10 @@ import (
 // static config file (re-read on SIGHUP) and/or from the control plane over
 // xDS; the admin endpoint and an optional TLS test endpoint; graceful drain
 // on SIGTERM/SIGINT.
-func runProxy(ctx context.Context, args []string, _, stderr io.Writer) error {
+func runProxy(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("latch proxy", flag.ContinueOnError)
-	fs.SetOutput(stderr)
 	configPath := fs.String("config", "", "static proxy configuration `file` (YAML); re-read on SIGHUP. With --xds-address it is the bootstrap served until the control plane answers")
-	socket := fs.String("workload-api", os.Getenv(identity.SocketEnv), "SPIFFE Workload API socket `address` (default $"+identity.SocketEnv+")")
+	socket := workloadAPIFlag(fs)
 	xdsAddr := fs.String("xds-address", "", "control plane `host:port`: take listeners and policy from it over ADS (mTLS)")
 	xdsID := fs.String("xds-server-id", "", "SPIFFE `ID` the control plane must prove (required with --xds-address)")
 	stateDir := fs.String("state-dir", "", "`directory` keeping the last good xDS resources across restarts")
@@ -39,29 +38,34 @@ func runProxy(ctx context.Context, args []string, _, stderr io.Writer) error {
 	testEndpoint := fs.String("test-endpoint", "", "serve the TLS test endpoint (one JSON document about the negotiated connection) on `host:port`")
 	pprof := fs.Bool("pprof", false, "expose /debug/pprof on the admin endpoint")
 	drainTimeout := fs.Duration("drain-timeout", proxy.DefaultDrainTimeout, "how long live connections may finish after SIGTERM/SIGINT or the removal of their listener")
-	logFormat := fs.String("log-format", "json", "log format: json or text")
-	logLevel := fs.String("log-level", "info", "log level: debug, info, warn or error")
-	if err := fs.Parse(args); err != nil {
+	logs := defineLogFlags(fs)
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), "usage: latch proxy (--config FILE | --xds-address HOST:PORT --xds-server-id ID) [flags]\n\n"+
+			"Runs the sidecar: terminates mTLS from peers for the local app (inbound) and originates mTLS\n"+
+			"for it (outbound), with the identity from the SPIFFE Workload API.\n\nflags:\n")
+		fs.PrintDefaults()
+	}
+	if err := parseFlags(fs, args, stdout); err != nil {
 		return err
 	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("unexpected arguments %q", fs.Args())
+	if err := noArgs(fs); err != nil {
+		return err
 	}
-	log, err := newProxyLogger(stderr, *logFormat, *logLevel)
+	log, err := logs.logger(stderr)
 	if err != nil {
 		return err
 	}
 	if *configPath == "" && *xdsAddr == "" {
-		return errors.New("--config or --xds-address is required: the proxy serves nothing without a configuration")
+		return usagef("--config or --xds-address is required: the proxy serves nothing without a configuration")
 	}
 	profile, err := identity.ProfileByName(*profileName)
 	if err != nil {
-		return fmt.Errorf("--tls-profile: %w", err)
+		return usagef("--tls-profile: %w", err)
 	}
 	var cpID spiffeid.ID
 	if *xdsAddr != "" {
 		if cpID, err = spiffeid.FromString(*xdsID); err != nil {
-			return fmt.Errorf("--xds-server-id %q: %w", *xdsID, err)
+			return usagef("--xds-server-id %q: %w", *xdsID, err)
 		}
 	}
 	// Read the file before waiting on the Workload API, so a broken file
@@ -85,7 +89,7 @@ func runProxy(ctx context.Context, args []string, _, stderr io.Writer) error {
 	tlsc := identity.NewTLS(src)
 
 	reg := prometheus.NewRegistry()
-	if err := admin.RegisterBuildInfo(reg, version); err != nil {
+	if err := admin.RegisterBuildInfo(reg, buildVersion()); err != nil {
 		return err
 	}
 	mon := admin.NewIdentityMonitor(src, admin.MonitorOptions{TrustDomain: svid.ID.TrustDomain(), Logger: log})
@@ -242,7 +246,7 @@ type policyStatus struct {
 }
 
 func newProxyStatus(mon *admin.IdentityMonitor, srv *proxy.Server, xds *xdsclient.Client) proxyStatus {
-	st := proxyStatus{Version: version, Identity: mon.Status(), Listeners: srv.Listeners()}
+	st := proxyStatus{Version: buildVersion(), Identity: mon.Status(), Listeners: srv.Listeners()}
 	if cfg := srv.Current(); cfg != nil {
 		st.Policy = &policyStatus{Version: cfg.Version, Source: cfg.Source}
 	}
@@ -266,19 +270,4 @@ func shutdownProxy(srv *proxy.Server, drain time.Duration, log *slog.Logger) {
 	if err := srv.Shutdown(ctx); err != nil {
 		log.Warn("drain deadline reached; remaining connections closed", "drain_timeout", drain)
 	}
-}
-
-func newProxyLogger(w io.Writer, format, level string) (*slog.Logger, error) {
-	var lvl slog.Level
-	if err := lvl.UnmarshalText([]byte(level)); err != nil {
-		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", level)
-	}
-	opts := &slog.HandlerOptions{Level: lvl}
-	switch format {
-	case "json":
-		return slog.New(slog.NewJSONHandler(w, opts)), nil
-	case "text":
-		return slog.New(slog.NewTextHandler(w, opts)), nil
-	}
-	return nil, fmt.Errorf("--log-format %q: want json or text", format)
 }

@@ -113,7 +113,7 @@ spec:
 	go func() {
 		cpDone <- runControlPlane(cpCtx, []string{
 			"--declarations", dir, "--listen", ports[0], "--admin-address", "127.0.0.1:0",
-			"--workload-api-socket", cpSocket, "--inbound-host", "127.0.0.1",
+			"--workload-api", cpSocket, "--inbound-host", "127.0.0.1",
 		}, io.Discard, io.Discard)
 	}()
 	defer func() { cpCancel(); <-cpDone }()

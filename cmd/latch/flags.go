@@ -1,0 +1,57 @@
+package main
+
+import (
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+
+	"latch.dev/latch/identity"
+)
+
+// The flags below are shared by the subcommands, so each concept has one
+// name and one meaning everywhere.
+
+// workloadAPIFlag defines --workload-api, the SPIFFE Workload API socket.
+// The empty default means $SPIFFE_ENDPOINT_SOCKET, read when the socket is
+// dialled (identity.NewWorkloadSource).
+func workloadAPIFlag(fs *flag.FlagSet) *string {
+	return fs.String("workload-api", "", "SPIFFE Workload API socket `address`, e.g. unix:///run/spire/agent.sock (default $"+identity.SocketEnv+")")
+}
+
+// logFlags defines --log-format and --log-level.
+type logFlags struct{ format, level *string }
+
+func defineLogFlags(fs *flag.FlagSet) logFlags {
+	return logFlags{
+		format: fs.String("log-format", "json", "log `format`: json or text"),
+		level:  fs.String("log-level", "info", "log `level`: debug, info, warn or error"),
+	}
+}
+
+// logger builds the daemon's logger from the flags; a bad value is a usage
+// error.
+func (f logFlags) logger(w io.Writer) (*slog.Logger, error) {
+	log, err := newLogger(w, *f.format, *f.level)
+	if err != nil {
+		return nil, usageError{err}
+	}
+	return log, nil
+}
+
+// newLogger is the one logger constructor of every latch daemon: JSON (the
+// default, for log collectors) or text, at the given level.
+func newLogger(w io.Writer, format, level string) (*slog.Logger, error) {
+	var lvl slog.Level
+	if err := lvl.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", level)
+	}
+	opts := &slog.HandlerOptions{Level: lvl}
+	switch format {
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	case "text":
+		return slog.New(slog.NewTextHandler(w, opts)), nil
+	}
+	return nil, fmt.Errorf("--log-format %q: want json or text", format)
+}
