@@ -68,12 +68,16 @@ func ParseRule(kind, value string) (Rule, error) {
 		}
 		return AllowID(id), nil
 	case "trustDomain":
+		// Only a bare name. spiffeid.TrustDomainFromString also takes a whole
+		// SPIFFE ID and keeps its trust domain, so "trustDomain:
+		// spiffe://td/ns/prod/sa/db" would quietly admit all of td: the
+		// opposite of what whoever wrote the path meant.
+		if strings.ContainsAny(value, ":/") {
+			return Rule{}, trustDomainNotBare(value)
+		}
 		td, err := spiffeid.TrustDomainFromString(value)
 		if err != nil {
 			return Rule{}, fmt.Errorf("trustDomain %q: %w", value, err)
-		}
-		if strings.Contains(value, "/") && !strings.HasPrefix(value, "spiffe://") {
-			return Rule{}, fmt.Errorf("trustDomain %q: must be a bare trust domain name", value)
 		}
 		return AllowTrustDomain(td), nil
 	case "pathPrefix":
@@ -87,6 +91,19 @@ func ParseRule(kind, value string) (Rule, error) {
 		return AllowPathPrefix(id), nil
 	}
 	return Rule{}, fmt.Errorf("unknown allow rule kind %q (want id, trustDomain or pathPrefix)", kind)
+}
+
+// trustDomainNotBare explains the refusal of a trustDomain rule written as a
+// SPIFFE ID or a path, and names the rule that was probably meant.
+func trustDomainNotBare(value string) error {
+	id, err := spiffeid.FromString(value)
+	switch {
+	case err != nil:
+		return fmt.Errorf("trustDomain %q: must be a bare trust domain name such as example.org; to allow one workload use id, to allow the IDs below a path use pathPrefix", value)
+	case id.Path() == "":
+		return fmt.Errorf("trustDomain %q: must be a bare trust domain name: write %s", value, id.TrustDomain().Name())
+	}
+	return fmt.Errorf("trustDomain %q: must be a bare trust domain name, not a SPIFFE ID: use id for exactly %s, pathPrefix for it and the IDs below it, or trustDomain: %s for every ID of the trust domain", value, id, id.TrustDomain().Name())
 }
 
 // Kind reports how the rule matches.

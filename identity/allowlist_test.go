@@ -45,6 +45,17 @@ func TestParseRuleRefusals(t *testing.T) {
 		{"id", "https://mesh.test/a", "id \"https://mesh.test/a\""},
 		{"id", "spiffe://mesh.test/a/../b", "id"},
 		{"trustDomain", "mesh.test/ns", `trustDomain "mesh.test/ns"`},
+		// A trustDomain rule takes a bare name and nothing else: written as an
+		// ID it used to keep only the ID's trust domain and admit all of it.
+		{"trustDomain", "spiffe://example.org/ns/prod/sa/db-admin", `trustDomain "spiffe://example.org/ns/prod/sa/db-admin": must be a bare trust domain name, not a SPIFFE ID: use id for exactly spiffe://example.org/ns/prod/sa/db-admin, pathPrefix for it`},
+		{"trustDomain", "spiffe://mesh.test", `trustDomain "spiffe://mesh.test": must be a bare trust domain name: write mesh.test`},
+		{"trustDomain", "spiffe://mesh.test/", "use pathPrefix"},
+		{"trustDomain", "SPIFFE://mesh.test/x", "bare trust domain name"},
+		{"trustDomain", "spiffe:/mesh.test", "bare trust domain name"},
+		{"trustDomain", "//mesh.test", "bare trust domain name"},
+		{"trustDomain", "mesh.test:8443", "bare trust domain name"},
+		{"trustDomain", "Mesh.test", `trustDomain "Mesh.test"`},
+		{"trustDomain", "", `trustDomain ""`},
 		{"pathPrefix", "spiffe://mesh.test", "use trustDomain"},
 		{"regex", ".*", "unknown allow rule kind \"regex\""},
 	} {

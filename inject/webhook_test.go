@@ -339,6 +339,7 @@ func TestMalformedAnnotationsRefused(t *testing.T) {
 		{"allow without inbound", map[string]string{"latch.dev/allow": allow, "latch.dev/outbound": "15001=b:1" + sid}, []string{"latch.dev/allow", "latch.dev/inbound is not set"}},
 		{"allow malformed id", map[string]string{"latch.dev/inbound": "8443:8080", "latch.dev/allow": "spiffe://"}, []string{"latch.dev/allow", `entry "spiffe://"`}},
 		{"allow unknown kind", map[string]string{"latch.dev/inbound": "8443:8080", "latch.dev/allow": "prefix=spiffe://td/x"}, []string{"latch.dev/allow", "unknown allow rule kind"}},
+		{"allow trustDomain written as an ID", map[string]string{"latch.dev/inbound": "8443:8080", "latch.dev/allow": "trustDomain=spiffe://mesh.test/ns/prod/sa/db-admin"}, []string{"latch.dev/allow", "bare trust domain name", "use id for exactly spiffe://mesh.test/ns/prod/sa/db-admin"}},
 		{"allow pathPrefix without path", map[string]string{"latch.dev/inbound": "8443:8080", "latch.dev/allow": "pathPrefix=spiffe://mesh.test"}, []string{"has no path"}},
 		{"allow not a spiffe id", map[string]string{"latch.dev/inbound": "8443:8080", "latch.dev/allow": "frontend"}, []string{"latch.dev/allow", `"frontend"`}},
 		{"outbound shape", map[string]string{"latch.dev/outbound": "15001:backend:8443"}, []string{"latch.dev/outbound", "LOCAL_PORT=HOST:PORT@SPIFFE_ID"}},

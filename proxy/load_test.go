@@ -107,6 +107,7 @@ func TestParseErrors(t *testing.T) {
 		{"bad SPIFFE ID", in("    allow:\n      - id: spiffe://mesh.test/ns/Bad Path\n"), []string{"t.yaml:6:13:", "inbound[0].allow[0].id"}},
 		{"not a SPIFFE URI", in("    allow:\n      - id: https://mesh.test/x\n"), []string{"t.yaml:6:13:", "scheme"}},
 		{"two kinds in one rule", in("    allow:\n      - id: spiffe://mesh.test/a\n        trustDomain: mesh.test\n"), []string{"t.yaml:7:22:", "exactly one"}},
+		{"trustDomain written as a SPIFFE ID", in("    allow:\n      - trustDomain: spiffe://mesh.test/ns/prod/sa/db-admin\n"), []string{"t.yaml:6:22:", "inbound[0].allow[0]", "bare trust domain name", "use id for exactly spiffe://mesh.test/ns/prod/sa/db-admin"}},
 		{"empty rule", in("    allow:\n      - {}\n"), []string{"t.yaml:6:9:", "exactly one"}},
 		{"unknown rule kind", in("    allow:\n      - prefix: spiffe://mesh.test/a\n"), []string{"t.yaml:6:9:", `unknown key "prefix"`}},
 		{"bad duration", in("    idleTimeout: 5 minutes\n"), []string{"t.yaml:5:18:", "inbound[0].idleTimeout", "not a duration"}},

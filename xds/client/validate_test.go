@@ -308,6 +308,21 @@ var hostileCases = []struct {
 			*principals(x) = []*rbacconfig.Principal{authPrincipal(&matcher.StringMatcher{MatchPattern: &matcher.StringMatcher_Prefix{Prefix: "spiffe://mesh.test/ns/ops/"}})}
 		})
 	}, `listener "inbound|8443"`, "cannot be expressed"},
+	// The only xDS spelling of a trust-domain rule is the prefix
+	// "spiffe://td/"; nothing else may come out as one.
+	{"RBAC trust-domain prefix with a path and a doubled slash", func(r *translate.Resources) {
+		editRBAC(listenerNamed(*r, in), func(x *rbac.RBAC) {
+			*principals(x) = []*rbacconfig.Principal{
+				authPrincipal(&matcher.StringMatcher{MatchPattern: &matcher.StringMatcher_Exact{Exact: "spiffe://mesh.test/ns/prod/sa/db-admin"}}),
+				authPrincipal(&matcher.StringMatcher{MatchPattern: &matcher.StringMatcher_Prefix{Prefix: "spiffe://mesh.test/ns/prod/sa/db-admin//"}}),
+			}
+		})
+	}, `listener "inbound|8443"`, "principal_name.prefix"},
+	{"RBAC trust-domain prefix with an upper-case scheme", func(r *translate.Resources) {
+		editRBAC(listenerNamed(*r, in), func(x *rbac.RBAC) {
+			*principals(x) = []*rbacconfig.Principal{authPrincipal(&matcher.StringMatcher{MatchPattern: &matcher.StringMatcher_Prefix{Prefix: "SPIFFE://mesh.test/"}})}
+		})
+	}, `listener "inbound|8443"`, "principal_name.prefix"},
 	{"client certificate not required", func(r *translate.Resources) {
 		editDownstream(listenerNamed(*r, in), func(d *tlsv3.DownstreamTlsContext) { d.RequireClientCertificate = wrapperspb.Bool(false) })
 	}, `listener "inbound|8443"`, "require_client_certificate: must be true"},
@@ -563,5 +578,30 @@ func TestListenerErrorNamesTheListener(t *testing.T) {
 		if _, ok := errors.AsType[*ValidationError](err); !ok || err.Error() != tc.want {
 			t.Errorf("listenerError(%v) = %v (%T), want %s", tc.err, err, err, tc.want)
 		}
+	}
+}
+
+// TestRBACWorkloadPrefixStaysAPathPrefix: a principal prefix below a
+// workload's ID (with its exact principal) becomes a pathPrefix rule, and
+// never one that admits the rest of the trust domain.
+func TestRBACWorkloadPrefixStaysAPathPrefix(t *testing.T) {
+	r := goodResources(t)
+	editRBAC(listenerNamed(r, translate.InboundName(8443)), func(x *rbac.RBAC) {
+		*principals(x) = []*rbacconfig.Principal{
+			authPrincipal(&matcher.StringMatcher{MatchPattern: &matcher.StringMatcher_Exact{Exact: "spiffe://mesh.test/ns/prod/sa/db-admin"}}),
+			authPrincipal(&matcher.StringMatcher{MatchPattern: &matcher.StringMatcher_Prefix{Prefix: "spiffe://mesh.test/ns/prod/sa/db-admin/"}}),
+		}
+	})
+	cfg, err := build(validator(), r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	allow := cfg.Inbound[0].Allow
+	want := identity.NewAllowList(identity.AllowPathPrefix(spiffeid.RequireFromString("spiffe://mesh.test/ns/prod/sa/db-admin")))
+	if !allow.Equal(want) {
+		t.Fatalf("allow = %v, want %v", allow, want)
+	}
+	if allow.Allows(spiffeid.RequireFromString("spiffe://mesh.test/ns/dev/sa/web")) {
+		t.Error("a workload outside the prefix is admitted")
 	}
 }

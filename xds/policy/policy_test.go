@@ -116,6 +116,9 @@ func TestParseHostile(t *testing.T) {
 		{"server ID in wrong trust domain", func(s string) string {
 			return strings.Replace(s, "serverID: spiffe://mesh.test/", "serverID: spiffe://evil.test/", 1)
 		}, 19, `trust domain "evil.test"`},
+		{"trust domain written as a SPIFFE ID", func(s string) string {
+			return strings.Replace(s, "trustDomain: partner.test", "trustDomain: spiffe://partner.test/ns/prod/sa/db-admin", 1)
+		}, 15, "bare trust domain name, not a SPIFFE ID: use id for exactly spiffe://partner.test/ns/prod/sa/db-admin"},
 		{"path prefix without path", func(s string) string {
 			return strings.Replace(s, "pathPrefix: spiffe://mesh.test/ns/ops", "pathPrefix: spiffe://mesh.test", 1)
 		}, 14, "has no path"},
