@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -429,4 +430,17 @@ func FuzzParse(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestTrustDomainPatternAgreesWithDecoder: what the CRD's trustDomain pattern
+// lets through the API server, the decoder accepts, and a trustDomain written
+// as a SPIFFE ID is refused by both.
+func TestTrustDomainPatternAgreesWithDecoder(t *testing.T) {
+	re := regexp.MustCompile(trustDomainPattern)
+	for _, v := range []string{"example.org", "mesh.test", "a_b-c.d", "spiffe://example.org/ns/prod/sa/db-admin", "spiffe://example.org", "example.org/ns", "Example.org", "example.org:443", ""} {
+		_, err := identity.ParseRule("trustDomain", v)
+		if re.MatchString(v) != (err == nil) {
+			t.Errorf("trustDomain %q: pattern match %v, decoder error %v", v, re.MatchString(v), err)
+		}
+	}
 }

@@ -58,6 +58,11 @@ func i64(v int64) *int64 { return &v }
 // timeout is never negative.
 const durationPattern = `^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$`
 
+// trustDomainPattern is a bare trust domain name (SPIFFE-ID section 2.1), so
+// the API server refuses a trustDomain written as a SPIFFE ID before the
+// decoder has to.
+const trustDomainPattern = `^[a-z0-9._-]+$`
+
 func portSchema(desc string) *schema {
 	return &schema{typ: "integer", description: desc, min: i64(1), max: i64(65535)}
 }
@@ -68,7 +73,7 @@ var (
 		description: "One allowed peer: exactly one of id, trustDomain or pathPrefix.",
 		props: []field{
 			{"id", &schema{typ: "string", description: "Exactly this SPIFFE ID.", pattern: `^spiffe://`}},
-			{"trustDomain", &schema{typ: "string", description: "Every SPIFFE ID of this trust domain (a bare name such as example.org)."}},
+			{"trustDomain", &schema{typ: "string", description: "Every SPIFFE ID of this trust domain: a bare name such as example.org, never a SPIFFE ID (use id or pathPrefix for those).", pattern: trustDomainPattern}},
 			{"pathPrefix", &schema{typ: "string", description: "This SPIFFE ID and every ID below it, segment by segment (spiffe://td/ns/prod allows spiffe://td/ns/prod/sa/x, not spiffe://td/ns/production).", pattern: `^spiffe://`}},
 		},
 		minProps: i64(1),
