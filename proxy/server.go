@@ -52,14 +52,15 @@ type Options struct {
 	DrainTimeout time.Duration
 }
 
-// ListenerStatus describes one running listener.
+// ListenerStatus describes one running listener. Its JSON keys follow the
+// snake_case of every latch JSON document (admin /status).
 type ListenerStatus struct {
-	Name      string
-	Direction Direction
+	Name      string    `json:"name"`
+	Direction Direction `json:"direction"`
 	// Addr is the bound address (with the real port when Listen asked for 0).
-	Addr string
+	Addr string `json:"addr"`
 	// Active counts open connections, handshaking ones included.
-	Active int
+	Active int `json:"active"`
 }
 
 // Server runs the listeners of the Config it was last given. It starts empty:

@@ -89,6 +89,7 @@ func TestCheckCommand(t *testing.T) {
 		if err := json.Unmarshal([]byte(out), &doc); err != nil {
 			t.Fatalf("not JSON: %v\n%s", err, out)
 		}
+		requireSnakeCaseKeys(t, "latch check --json", []byte(out))
 		svid, err := srvSrc.GetX509SVID()
 		if err != nil {
 			t.Fatal(err)
@@ -138,6 +139,7 @@ func TestCheckCommand(t *testing.T) {
 		if err := json.Unmarshal([]byte(out), &res); err != nil {
 			t.Fatal(err)
 		}
+		requireSnakeCaseKeys(t, "latch check --scan --json", []byte(out))
 		// The test endpoint runs the modern profile: TLS 1.3 only.
 		for _, v := range res.Versions {
 			if v.Accepted != (v.Name == "TLS 1.3") {

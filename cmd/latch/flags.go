@@ -40,13 +40,16 @@ func (f logFlags) logger(w io.Writer) (*slog.Logger, error) {
 }
 
 // newLogger is the one logger constructor of every latch daemon: JSON (the
-// default, for log collectors) or text, at the given level.
+// default, for log collectors) or text, at the given level. A duration is
+// written one way in both formats and by every daemon: as Go's duration
+// string ("30s", "1.5ms"), which a person reads at a glance, where slog's
+// JSON handler would write integer nanoseconds (30000000000).
 func newLogger(w io.Writer, format, level string) (*slog.Logger, error) {
 	var lvl slog.Level
 	if err := lvl.UnmarshalText([]byte(level)); err != nil {
 		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", level)
 	}
-	opts := &slog.HandlerOptions{Level: lvl}
+	opts := &slog.HandlerOptions{Level: lvl, ReplaceAttr: durationsAsStrings}
 	switch format {
 	case "json":
 		return slog.New(slog.NewJSONHandler(w, opts)), nil
@@ -54,4 +57,13 @@ func newLogger(w io.Writer, format, level string) (*slog.Logger, error) {
 		return slog.New(slog.NewTextHandler(w, opts)), nil
 	}
 	return nil, fmt.Errorf("--log-format %q: want json or text", format)
+}
+
+// durationsAsStrings is the loggers' ReplaceAttr: it applies to every
+// attribute, those bound with With and inside groups included.
+func durationsAsStrings(_ []string, a slog.Attr) slog.Attr {
+	if a.Value.Kind() == slog.KindDuration {
+		a.Value = slog.StringValue(a.Value.Duration().String())
+	}
+	return a
 }

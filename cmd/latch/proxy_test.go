@@ -181,6 +181,8 @@ func TestProxyCommand(t *testing.T) {
 	logs.wait(t, "connection closed", func(l map[string]any) bool { return l["reason"] == "policy_revoked" && l["peer_id"] == frontend })
 
 	cancel()
+	// Durations are logged as strings, like every daemon's.
+	logs.wait(t, "shutting down: draining connections", func(l map[string]any) bool { return l["drain_timeout"] == "2s" })
 	select {
 	case err := <-exited:
 		if err != nil {

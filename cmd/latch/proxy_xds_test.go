@@ -110,13 +110,15 @@ spec:
 
 	cpCtx, cpCancel := context.WithCancel(ctx)
 	cpDone := make(chan error, 1)
+	cpLogs := newJSONLines()
 	go func() {
 		cpDone <- runControlPlane(cpCtx, []string{
 			"--declarations", dir, "--listen", ports[0], "--admin-address", "127.0.0.1:0",
 			"--workload-api", cpSocket, "--inbound-host", "127.0.0.1",
-		}, io.Discard, io.Discard)
+		}, io.Discard, cpLogs.w)
 	}()
-	defer func() { cpCancel(); <-cpDone }()
+	defer func() { cpCancel(); <-cpDone; cpLogs.w.Close(); <-cpLogs.done }()
+	cpAdmin := cpLogs.wait(t, "control plane serving", nil)["admin_address"].(string)
 
 	deadline := time.Now().Add(20 * time.Second)
 	for {
@@ -131,19 +133,35 @@ spec:
 	}
 	_, body := get("/status")
 	var st struct {
-		Policy       struct{ Version, Source string }
+		Policy struct {
+			Version string `json:"version"`
+			Source  string `json:"source"`
+		} `json:"policy"`
 		ControlPlane struct {
-			Connected      bool
-			AppliedVersion string
+			Connected      bool   `json:"connected"`
+			AppliedVersion string `json:"applied_version"`
 		} `json:"control_plane"`
-		Listeners []struct{ Name, Addr string }
+		Listeners []struct {
+			Name string `json:"name"`
+			Addr string `json:"addr"`
+		} `json:"listeners"`
 	}
 	if err := json.Unmarshal([]byte(body), &st); err != nil {
 		t.Fatalf("/status: %v: %s", err, body)
 	}
-	if st.Policy.Source != "xds" || st.Policy.Version == "" || !st.ControlPlane.Connected || len(st.Listeners) != 1 || st.Listeners[0].Addr != ports[1] {
+	if st.Policy.Source != "xds" || st.Policy.Version == "" || !st.ControlPlane.Connected || st.ControlPlane.AppliedVersion != st.Policy.Version ||
+		len(st.Listeners) != 1 || st.Listeners[0].Addr != ports[1] {
 		t.Fatalf("/status = %s", body)
 	}
+	// One key style in every daemon's /status.
+	requireSnakeCaseKeys(t, "latch proxy /status", []byte(body))
+	cpStatus, err := http.Get("http://" + cpAdmin + "/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cpBody, _ := io.ReadAll(cpStatus.Body)
+	cpStatus.Body.Close()
+	requireSnakeCaseKeys(t, "latch control-plane /status", cpBody)
 
 	// Traffic through the declared listener, as a peer in the trust domain.
 	feSocket, _ := ca.AddWorkload("spiffe://" + td + "/frontend")

@@ -76,11 +76,12 @@ type Client struct {
 	status Status
 }
 
-// Status is what the client reports about itself.
+// Status is what the client reports about itself (in the sidecar's
+// /status, with the snake_case keys of every latch JSON document).
 type Status struct {
-	Connected      bool
-	AppliedVersion string
-	LastError      string // last NACK or connection error
+	Connected      bool   `json:"connected"`
+	AppliedVersion string `json:"applied_version"`
+	LastError      string `json:"last_error"` // last NACK or connection error
 }
 
 // resources holds, per type URL, the raw resources (for the state file) and
