@@ -184,6 +184,9 @@ func (t *TLS) verifyPeer(cs tls.ConnectionState, eku x509.ExtKeyUsage) (spiffeid
 	if err != nil {
 		return spiffeid.ID{}, fail(ClassBadSVID, spiffeid.ID{}, "peer certificate: URI SAN %q is not a SPIFFE ID: %w", leaf.URIs[0].String(), err)
 	}
+	if err := checkSANSpelling(leaf, id); err != nil {
+		return spiffeid.ID{}, fail(ClassBadSVID, spiffeid.ID{}, "peer certificate: %w", err)
+	}
 	if id.Path() == "" {
 		return id, fail(ClassBadSVID, id, "peer %s: the ID of a trust domain, not of a workload", id)
 	}

@@ -4,6 +4,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
+	"strings"
 	"testing"
 	"time"
 
@@ -56,6 +57,14 @@ func hostilePeers(t *testing.T, w *world, id string, role, other x509.ExtKeyUsag
 		{"no URI SAN", ca.TLSCertificate(t, "", identitytest.DNSNames("server.mesh.test")), identity.ClassBadSVID, "no URI SAN"},
 		{"two URI SANs", ca.TLSCertificate(t, id, identitytest.URIs(id, "spiffe://mesh.test/ns/admin")), identity.ClassBadSVID, "2 URI SANs"},
 		{"non-SPIFFE URI SAN", ca.TLSCertificate(t, "", identitytest.URIs("https://x")), identity.ClassBadSVID, `URI SAN "https://x" is not a SPIFFE ID`},
+		// A URI SAN counts only as spelt by an issuer: byte for byte the
+		// SPIFFE ID it parses to (docs/security.md, "How a peer's SPIFFE
+		// ID is read"). Each of these parses, through net/url, to id.
+		{"upper-case scheme", ca.TLSCertificate(t, "", identitytest.URIs("SPIFFE"+strings.TrimPrefix(id, "spiffe"))), identity.ClassBadSVID, `URI SAN "SPIFFE://mesh.test/`},
+		{"mixed-case scheme", ca.TLSCertificate(t, "", identitytest.URIs("Spiffe"+strings.TrimPrefix(id, "spiffe"))), identity.ClassBadSVID, "scheme must be spiffe in lower case"},
+		{"empty fragment", ca.TLSCertificate(t, "", identitytest.URIs(id+"#")), identity.ClassBadSVID, `URI SAN "` + id + `#" is not a SPIFFE ID`},
+		{"upper-case trust domain", ca.TLSCertificate(t, "", identitytest.URIs(strings.Replace(id, "mesh.test", "MESH.test", 1))), identity.ClassBadSVID, "is not a SPIFFE ID"},
+		{"percent-encoded path", ca.TLSCertificate(t, "", identitytest.URIs(strings.Replace(id, "/ns/", "/n%73/", 1))), identity.ClassBadSVID, "is not a SPIFFE ID"},
 		{"trust domain ID, no workload path", ca.TLSCertificate(t, "spiffe://mesh.test"), identity.ClassBadSVID, "not of a workload"},
 		{"CA certificate used as leaf", ca.TLSCertificate(t, id, identitytest.AsCA()), identity.ClassBadSVID, "CA certificate"},
 		{"no digitalSignature", ca.TLSCertificate(t, id, identitytest.KeyUsage(x509.KeyUsageKeyEncipherment)), identity.ClassBadKeyUsage, "lacks digitalSignature"},

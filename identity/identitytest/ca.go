@@ -11,6 +11,7 @@ import (
 	"crypto/x509/pkix"
 	"math/big"
 	"net/url"
+	"strings"
 	"testing"
 	"time"
 
@@ -176,11 +177,14 @@ func (ca *CA) issue(t testing.TB, id string, opts []LeafOption) ([]*x509.Certifi
 		IsCA:                  l.isCA,
 	}
 	for _, s := range l.uris {
-		u, err := url.Parse(s)
-		if err != nil {
-			t.Fatalf("identitytest: URI SAN %q: %v", s, err)
+		// Written into the certificate byte for byte: url.Parse and String
+		// would lower-case the scheme and undo percent-encoding in the host,
+		// and a test of how a peer's SAN is read needs the spelling it gave.
+		scheme, rest, ok := strings.Cut(s, ":")
+		if !ok || scheme == "" {
+			t.Fatalf("identitytest: URI SAN %q: no scheme", s)
 		}
-		tmpl.URIs = append(tmpl.URIs, u)
+		tmpl.URIs = append(tmpl.URIs, &url.URL{Scheme: scheme, Opaque: rest})
 	}
 	var key crypto.Signer = newKey(t)
 	if l.rsaBits > 0 {
@@ -236,7 +240,8 @@ func NotYetValid() LeafOption {
 
 // URIs replaces the URI SANs (default: the id given to SVID). URIs() with no
 // argument leaves the leaf without any URI SAN; non-SPIFFE URIs such as
-// "https://x" are allowed.
+// "https://x" are allowed. Each is written exactly as given, upper-case
+// scheme or percent-encoding included.
 func URIs(uris ...string) LeafOption {
 	return func(l *leaf) { l.uris = append([]string(nil), uris...) }
 }
