@@ -42,8 +42,10 @@ type WorkloadAPI struct {
 	Source string `json:"source,omitempty"`
 	// CSIDriver is the CSI driver name; default csi.spiffe.io.
 	CSIDriver string `json:"csiDriver,omitempty"`
-	// HostPath is the node directory holding the agent socket when Source
-	// is hostPath; default /run/spire/agent-sockets.
+	// HostPath is the node directory holding the agent socket, mounted into
+	// the sidecar when Source is hostPath; default /run/spire/agent-sockets.
+	// In both modes a pod with a hostPath volume of its own reaching it is
+	// refused (the SPIFFE CSI driver serves the same directory).
 	HostPath string `json:"hostPath,omitempty"`
 	// SocketName is the socket's file name in that directory; default
 	// spire-agent.sock.

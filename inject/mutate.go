@@ -81,6 +81,9 @@ func (c Config) Mutate(pod *corev1.Pod, how OptIn) (Result, error) {
 			}
 		}
 	}
+	if err := checkSidecarVolumesPrivate(pod, d.WorkloadAPI.HostPath); err != nil {
+		return Result{}, err
+	}
 	for _, cs := range [][]corev1.Container{pod.Spec.InitContainers, pod.Spec.Containers} {
 		for _, ct := range cs {
 			for _, p := range ct.Ports {

@@ -549,3 +549,115 @@ func mustMarshal(t *testing.T, v any) []byte {
 	}
 	return b
 }
+
+// TestSidecarVolumesStayPrivate: no container but the sidecar may reach what
+// the sidecar's volumes hold, above all the Workload API socket, whatever the
+// mount's mode, subPath, container kind, or the volume's name.
+func TestSidecarVolumesStayPrivate(t *testing.T) {
+	hostPathMode := startServer(t, cpConfig()) // agent sockets in /run/spire/sockets
+	csiMode := startServer(t, baseConfig())    // CSI; the agent's node directory is the default /run/spire/agent-sockets
+	outbound := map[string]string{"latch.dev/outbound": "15001=b:1@spiffe://mesh.test/ns/a/sa/backend"}
+	mount := func(name string, m corev1.VolumeMount) func(*corev1.Pod) {
+		return func(p *corev1.Pod) {
+			m.Name = name
+			p.Spec.Containers[0].VolumeMounts = append(p.Spec.Containers[0].VolumeMounts, m)
+		}
+	}
+	hostVolume := func(hostPath, subPath string) func(*corev1.Pod) {
+		return func(p *corev1.Pod) {
+			p.Spec.Volumes = append(p.Spec.Volumes, corev1.Volume{Name: "node", VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: hostPath}}})
+			p.Spec.Containers[0].VolumeMounts = append(p.Spec.Containers[0].VolumeMounts, corev1.VolumeMount{Name: "node", MountPath: "/node", SubPath: subPath})
+		}
+	}
+	refused := func(want ...string) []string { return want }
+	tests := []struct {
+		name string
+		srv  *testServer
+		ann  map[string]string
+		mod  func(*corev1.Pod)
+		want []string // substrings of the refusal; nil = admitted with the sidecar
+	}{
+		{"app mounts the Workload API volume read-write (hostPath mode)", hostPathMode, nil,
+			mount(inject.VolumeWorkloadAPI, corev1.VolumeMount{MountPath: "/spire"}),
+			refused(`container "app" mounts volume "latch-spiffe-workload-api" at /spire`, "for the sidecar alone", "SVID", `latch.dev/inject: "false"`)},
+		{"app mounts it read-only", hostPathMode, nil,
+			mount(inject.VolumeWorkloadAPI, corev1.VolumeMount{MountPath: "/spire", ReadOnly: true}),
+			refused(`mounts volume "latch-spiffe-workload-api"`)},
+		{"app mounts only the socket through subPath", hostPathMode, nil,
+			mount(inject.VolumeWorkloadAPI, corev1.VolumeMount{MountPath: "/run/agent.sock", SubPath: "agent.sock"}),
+			refused(`mounts volume "latch-spiffe-workload-api" at /run/agent.sock`)},
+		{"app mounts it through subPathExpr", hostPathMode, nil,
+			mount(inject.VolumeWorkloadAPI, corev1.VolumeMount{MountPath: "/spire", SubPathExpr: "$(POD_NAME)"}),
+			refused(`mounts volume "latch-spiffe-workload-api"`)},
+		{"init container mounts it", hostPathMode, nil, func(p *corev1.Pod) {
+			p.Spec.InitContainers = []corev1.Container{{Name: "setup", Image: "x", VolumeMounts: []corev1.VolumeMount{{Name: inject.VolumeWorkloadAPI, MountPath: "/spire"}}}}
+		}, refused(`init container "setup" mounts volume "latch-spiffe-workload-api"`)},
+		{"second app container mounts it", hostPathMode, nil, func(p *corev1.Pod) {
+			p.Spec.Containers = append(p.Spec.Containers, corev1.Container{Name: "helper", Image: "x", VolumeMounts: []corev1.VolumeMount{{Name: inject.VolumeWorkloadAPI, MountPath: "/spire"}}})
+		}, refused(`container "helper" mounts volume "latch-spiffe-workload-api"`)},
+		{"app mounts the sidecar's state", hostPathMode, nil,
+			mount(inject.VolumeState, corev1.VolumeMount{MountPath: "/state"}),
+			refused(`mounts volume "latch-state"`, "last good policy")},
+		{"app mounts the Workload API volume (CSI mode)", csiMode, outbound,
+			mount(inject.VolumeWorkloadAPI, corev1.VolumeMount{MountPath: "/spire", ReadOnly: true}),
+			refused(`mounts volume "latch-spiffe-workload-api"`)},
+		{"app mounts the sidecar's config", csiMode, outbound,
+			mount(inject.VolumeConfig, corev1.VolumeMount{MountPath: "/etc/latch"}),
+			refused(`mounts volume "latch-config"`)},
+
+		{"own hostPath volume on the agent directory", hostPathMode, nil, hostVolume("/run/spire/sockets", ""),
+			refused(`volume "node" is hostPath /run/spire/sockets`, "SPIRE agent socket (/run/spire/sockets)")},
+		{"own hostPath volume on a parent, subPath down to it", hostPathMode, nil, hostVolume("/run/spire", "sockets"),
+			refused(`volume "node" is hostPath /run/spire,`)},
+		{"own hostPath volume on the node's root", hostPathMode, nil, hostVolume("/", "run/spire/sockets"),
+			refused(`volume "node" is hostPath /,`)},
+		{"own hostPath volume on the socket itself", hostPathMode, nil, hostVolume("/run/spire/sockets/agent.sock", ""),
+			refused(`volume "node" is hostPath /run/spire/sockets/agent.sock`)},
+		{"own hostPath volume through /var/run", hostPathMode, nil, hostVolume("/var/run/spire/sockets", ""),
+			refused(`volume "node" is hostPath /var/run/spire/sockets`)},
+		{"own hostPath volume spelt unclean", hostPathMode, nil, hostVolume("/run//spire/./sockets/", ""),
+			refused(`volume "node" is hostPath /run//spire/./sockets/`)},
+		{"own hostPath volume, relative", hostPathMode, nil, hostVolume("run/spire/sockets", ""),
+			refused(`volume "node" is hostPath run/spire/sockets`)},
+		{"own hostPath volume declared but not mounted", hostPathMode, nil, func(p *corev1.Pod) {
+			p.Spec.Volumes = append(p.Spec.Volumes, corev1.Volume{Name: "node", VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: "/run/spire/sockets"}}})
+		}, refused(`volume "node" is hostPath /run/spire/sockets`)},
+		{"own hostPath volume on the agent directory (CSI mode)", csiMode, outbound, hostVolume("/run/spire/agent-sockets", ""),
+			refused(`volume "node" is hostPath /run/spire/agent-sockets`)},
+
+		// Controls: what does not reach the sidecar's volumes is admitted.
+		{"own hostPath volume next to the agent directory", hostPathMode, nil, hostVolume("/run/spire/sockets-other", ""), nil},
+		{"own hostPath volume on /var (its run link resolves in the container)", hostPathMode, nil, hostVolume("/var", ""), nil},
+		{"own emptyDir volume", hostPathMode, nil, func(p *corev1.Pod) {
+			p.Spec.Volumes = append(p.Spec.Volumes, corev1.Volume{Name: "scratch", VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{}}})
+			p.Spec.Containers[0].VolumeMounts = []corev1.VolumeMount{{Name: "scratch", MountPath: "/scratch"}}
+		}, nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			pod := &corev1.Pod{}
+			pod.Name, pod.Annotations = "p", tt.ann
+			pod.Spec.Containers = []corev1.Container{{Name: "app", Image: "app"}}
+			tt.mod(pod)
+			resp := tt.srv.review(t, inject.PathNamespace, podReview(t, pod)).Response
+			if tt.want == nil {
+				if !resp.Allowed {
+					t.Fatalf("refused: %+v", resp.Result)
+				}
+				sidecarOf(t, applyPatch(t, pod, resp))
+				return
+			}
+			if resp.Allowed || len(resp.Patch) != 0 {
+				t.Fatalf("allowed=%v patch=%s, want refused", resp.Allowed, resp.Patch)
+			}
+			if resp.Result == nil || resp.Result.Code != http.StatusBadRequest {
+				t.Fatalf("result = %+v, want Failure 400", resp.Result)
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(resp.Result.Message, w) {
+					t.Errorf("message %q does not contain %q", resp.Result.Message, w)
+				}
+			}
+		})
+	}
+}
