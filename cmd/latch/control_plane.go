@@ -9,11 +9,13 @@ import (
 	"net"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/workloadapi"
 
 	"latch.dev/latch/admin"
 	"latch.dev/latch/identity"
@@ -99,21 +101,7 @@ func runControlPlane(ctx context.Context, args []string, stdout, stderr io.Write
 		return usagef("--tls-profile: %w", err)
 	}
 
-	src, err := identity.NewWorkloadSource(ctx, f.socket, log)
-	if err != nil {
-		return fmt.Errorf("getting the control plane's SVID from the Workload API: %w", err)
-	}
-	defer src.Close()
-	svid, err := src.GetX509SVID()
-	if err != nil {
-		return fmt.Errorf("reading the control plane's SVID: %w", err)
-	}
-	tds := f.trustDomains
-	if len(tds) == 0 {
-		tds = []spiffeid.TrustDomain{svid.ID.TrustDomain()}
-	}
-
-	store, err := policy.NewStore(f.declarations, policy.Options{TrustDomains: tds}, log.With("component", "declarations"))
+	wait, err := newIdentityWait(f.socket, log)
 	if err != nil {
 		return err
 	}
@@ -123,31 +111,100 @@ func runControlPlane(ctx context.Context, args []string, stdout, stderr io.Write
 		return err
 	}
 	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
+	errc := make(chan error, 4)
+	var (
+		wg  sync.WaitGroup
+		src *workloadapi.X509Source
+	)
+	defer func() {
+		cancel()
+		wg.Wait()
+		// Last: the identity monitor reads the source until it stops.
+		if src != nil {
+			src.Close()
+		}
+	}()
+	spawn := func(run func() error) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := run(); err != nil && ctx.Err() == nil {
+				errc <- err
+			}
+		}()
+	}
+
+	// The admin endpoint comes first, so probes are answered (and /readyz
+	// says what is missing) while the Workload API is still silent.
+	var parts atomic.Pointer[controlPlaneParts]
+	adm, err := admin.New(admin.Options{
+		Addr:     f.adminAddr,
+		Gatherer: reg,
+		Logger:   log.With("component", "admin"),
+		Ready: admin.Readiness(
+			admin.ReadyCheck{Name: "svid", Check: func() error {
+				if p := parts.Load(); p != nil {
+					return p.mon.SVIDReady()
+				}
+				return wait.Problem()
+			}},
+			admin.ReadyCheck{Name: "declarations", Check: func() error {
+				if p := parts.Load(); p == nil || !p.srv.Ready() {
+					return errors.New("not loaded yet")
+				}
+				return nil
+			}}),
+		Status: func() any { return controlPlaneStatus(parts.Load(), wait, f.declarations) },
+	})
+	if err != nil {
+		return err
+	}
+	spawn(func() error { return adm.Serve(ctx) })
+
+	src, err = wait.run(ctx)
+	if err != nil {
+		if ctx.Err() != nil {
+			log.Info("shutting down before the first X.509-SVID arrived")
+			return nil
+		}
+		return fmt.Errorf("getting the control plane's SVID from the Workload API: %w", err)
+	}
+	svid, err := src.GetX509SVID()
+	if err != nil {
+		return fmt.Errorf("reading the control plane's SVID: %w", err)
+	}
+	tds := f.trustDomains
+	if len(tds) == 0 {
+		tds = []spiffeid.TrustDomain{svid.ID.TrustDomain()}
+	}
+	// The control plane's own identity is watched like a sidecar's: expiry
+	// and bundle metrics, rotation and near-expiry logs, /status.
+	mon := admin.NewIdentityMonitor(src, admin.MonitorOptions{TrustDomain: svid.ID.TrustDomain(), Logger: log})
+	if err := reg.Register(mon); err != nil {
+		return fmt.Errorf("registering identity metrics: %w", err)
+	}
+	spawn(func() error { return mon.Run(ctx) })
+
+	store, err := policy.NewStore(f.declarations, policy.Options{TrustDomains: tds}, log.With("component", "declarations"))
+	if err != nil {
+		return err
+	}
 	srv := server.New(ctx, server.Options{
 		Logger:    log.With("component", "xds-server"),
 		Metrics:   server.NewMetrics(reg),
 		Translate: translate.Options{InboundHost: f.inboundHost},
 	})
+	cp := &controlPlaneParts{tds: tds, mon: mon, srv: srv}
 
 	// Load before serving: a sidecar connecting to a control plane that has
 	// not read its declarations must wait, not be told it has no policy.
-	var (
-		mu   sync.Mutex
-		last policy.Snapshot
-	)
-	update := func(s policy.Snapshot) {
-		mu.Lock()
-		last = s
-		mu.Unlock()
-		srv.Update(s)
-	}
 	snap, err := store.Reload()
 	if err != nil {
 		return fmt.Errorf("reading declarations: %w", err)
 	}
-	update(snap)
+	cp.update(snap)
 	log.Info("declarations loaded", "dir", f.declarations, "declarations", len(snap.Declarations), "errors", len(snap.Errors))
+	parts.Store(cp)
 
 	// Any workload of the configured trust domains may connect; which policy
 	// it gets is decided per stream from the ID it proved.
@@ -164,48 +221,13 @@ func runControlPlane(ctx context.Context, args []string, stdout, stderr io.Write
 	if err != nil {
 		return fmt.Errorf("xDS listener: %w", err)
 	}
-	adm, err := admin.New(admin.Options{
-		Addr:     f.adminAddr,
-		Gatherer: reg,
-		Logger:   log.With("component", "admin"),
-		Ready: admin.Readiness(admin.ReadyCheck{Name: "declarations", Check: func() error {
-			if !srv.Ready() {
-				return errors.New("not loaded yet")
-			}
-			return nil
-		}}),
-		Status: func() any {
-			mu.Lock()
-			defer mu.Unlock()
-			return controlPlaneStatus(svid.ID, tds, f.declarations, last, srv)
-		},
-	})
-	if err != nil {
-		lis.Close()
-		return err
-	}
-
-	errc := make(chan error, 3)
-	var wg sync.WaitGroup
-	wg.Add(3)
-	go func() {
-		defer wg.Done()
+	spawn(func() error {
 		if err := grpcServer.Serve(lis); err != nil {
-			errc <- fmt.Errorf("xDS server: %w", err)
+			return fmt.Errorf("xDS server: %w", err)
 		}
-	}()
-	go func() {
-		defer wg.Done()
-		if err := store.Watch(ctx, f.debounce, update); err != nil {
-			errc <- err
-		}
-	}()
-	go func() {
-		defer wg.Done()
-		if err := adm.Serve(ctx); err != nil {
-			errc <- err
-		}
-	}()
+		return nil
+	})
+	spawn(func() error { return store.Watch(ctx, f.debounce, cp.update) })
 	log.Info("control plane serving", "xds_address", lis.Addr().String(), "admin_address", adm.Addr().String(),
 		"spiffe_id", svid.ID.String(), "trust_domains", fmt.Sprint(tds))
 
@@ -226,6 +248,26 @@ func runControlPlane(ctx context.Context, args []string, stdout, stderr io.Write
 	wg.Wait()
 	log.Info("control plane stopped")
 	return runErr
+}
+
+// controlPlaneParts are the parts of a running control plane that /readyz
+// and /status read; they exist once the first SVID has arrived and the
+// declarations have been read.
+type controlPlaneParts struct {
+	tds []spiffeid.TrustDomain
+	mon *admin.IdentityMonitor
+	srv *server.Server
+
+	mu   sync.Mutex
+	last policy.Snapshot
+}
+
+// update serves a new snapshot of the declarations and keeps it for /status.
+func (p *controlPlaneParts) update(s policy.Snapshot) {
+	p.mu.Lock()
+	p.last = s
+	p.mu.Unlock()
+	p.srv.Update(s)
 }
 
 // parseTrustDomains reads --trust-domains; "" is nil (the control plane's
@@ -256,29 +298,45 @@ type declarationStatus struct {
 	Namespace string `json:"namespace,omitempty"`
 }
 
-func controlPlaneStatus(id spiffeid.ID, tds []spiffeid.TrustDomain, dir string, snap policy.Snapshot, srv *server.Server) any {
-	var decls []declarationStatus
+// controlPlaneDoc is what the control plane's /status serves.
+type controlPlaneDoc struct {
+	Version           string               `json:"version"`
+	Identity          admin.IdentityStatus `json:"identity"`
+	TrustDomains      []string             `json:"trust_domains"`
+	DeclarationsDir   string               `json:"declarations_dir"`
+	Declarations      []declarationStatus  `json:"declarations"`
+	DeclarationErrors []string             `json:"declaration_errors"`
+	ConnectedStreams  int                  `json:"connected_streams"`
+}
+
+func controlPlaneStatus(p *controlPlaneParts, wait *identityWait, dir string) controlPlaneDoc {
+	doc := controlPlaneDoc{Version: buildVersion(), DeclarationsDir: dir,
+		TrustDomains: []string{}, Declarations: []declarationStatus{}, DeclarationErrors: []string{}}
+	if p == nil {
+		problem := "starting"
+		if err := wait.Problem(); err != nil {
+			problem = err.Error()
+		}
+		doc.Identity = admin.IdentityStatus{SVIDError: problem, Bundles: []admin.BundleStatus{}}
+		return doc
+	}
+	doc.Identity = p.mon.Status()
+	p.mu.Lock()
+	snap := p.last
+	p.mu.Unlock()
 	for _, d := range snap.Declarations {
-		decls = append(decls, declarationStatus{
+		doc.Declarations = append(doc.Declarations, declarationStatus{
 			Name: d.Name, Namespace: d.Namespace, SPIFFEID: d.ID.String(), File: d.File,
-			Version: srv.Version(d.ID.String()), LastNACK: srv.LastNACK(d.ID.String()),
+			Version: p.srv.Version(d.ID.String()), LastNACK: p.srv.LastNACK(d.ID.String()),
 			Inbound: len(d.Inbound), Outbound: len(d.Outbound),
 		})
 	}
-	var errs []string
 	for _, e := range snap.Errors {
-		errs = append(errs, e.Error())
+		doc.DeclarationErrors = append(doc.DeclarationErrors, e.Error())
 	}
-	names := make([]string, len(tds))
-	for i, td := range tds {
-		names[i] = td.Name()
+	for _, td := range p.tds {
+		doc.TrustDomains = append(doc.TrustDomains, td.Name())
 	}
-	return map[string]any{
-		"spiffe_id":          id.String(),
-		"trust_domains":      names,
-		"declarations_dir":   dir,
-		"declarations":       decls,
-		"declaration_errors": errs,
-		"connected_streams":  srv.Connected(),
-	}
+	doc.ConnectedStreams = p.srv.Connected()
+	return doc
 }

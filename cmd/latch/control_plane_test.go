@@ -147,6 +147,42 @@ func TestControlPlaneCommand(t *testing.T) {
 		t.Errorf("status: %s", s)
 	}
 
+	// The control plane watches its own identity like a sidecar does:
+	// expiry and bundle metrics, the SVID and bundle in /status, rotations
+	// logged and counted.
+	var st struct {
+		Identity struct {
+			SPIFFEID string `json:"spiffe_id"`
+			SVID     *struct {
+				NotAfter time.Time `json:"not_after"`
+			} `json:"svid"`
+			Bundles []struct {
+				TrustDomain string     `json:"trust_domain"`
+				CAs         []struct{} `json:"cas"`
+			} `json:"bundles"`
+		} `json:"identity"`
+	}
+	if err := json.Unmarshal([]byte(get("/status")), &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Identity.SPIFFEID != "spiffe://demo.latch.test/latch/control-plane" || st.Identity.SVID == nil || st.Identity.SVID.NotAfter.Before(time.Now()) ||
+		len(st.Identity.Bundles) != 1 || st.Identity.Bundles[0].TrustDomain != "demo.latch.test" || len(st.Identity.Bundles[0].CAs) == 0 {
+		t.Errorf("/status identity = %+v", st.Identity)
+	}
+	if m := get("/metrics"); !strings.Contains(m, "latch_svid_expiry_seconds ") || !strings.Contains(m, `latch_bundle_cas{trust_domain="demo.latch.test"} 1`) {
+		t.Errorf("metrics lack the control plane's SVID and bundle:\n%s", m)
+	}
+	if err := ca.RotateNow(); err != nil {
+		t.Fatal(err)
+	}
+	rotated := time.Now().Add(10 * time.Second)
+	for !strings.Contains(get("/metrics"), "latch_svid_rotations_total 1") {
+		if time.Now().After(rotated) {
+			t.Fatal("the control plane's SVID rotation was not counted")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+
 	// A broken edit is reported in the metrics, and the policy stays.
 	if err := os.WriteFile(filepath.Join(dir, "backend.yaml"), []byte("kind: ["), 0o644); err != nil {
 		t.Fatal(err)
@@ -171,20 +207,29 @@ func TestControlPlaneCommand(t *testing.T) {
 	if !strings.Contains(logText.String(), `"msg":"declaration refused"`) || !strings.Contains(logText.String(), "backend.yaml") {
 		t.Errorf("refusal not logged:\n%s", logText.String())
 	}
+	if !strings.Contains(logText.String(), `"msg":"X.509-SVID rotated","spiffe_id":"spiffe://demo.latch.test/latch/control-plane"`) {
+		t.Errorf("rotation not logged:\n%s", logText.String())
+	}
 }
 
 // TestControlPlaneDeprecatedSocketFlag: the Workload API flag's former name
 // still works, and says it is deprecated.
 func TestControlPlaneDeprecatedSocketFlag(t *testing.T) {
-	ctx, cancel := context.WithTimeout(t.Context(), 300*time.Millisecond)
+	ctx, cancel := context.WithCancel(t.Context())
 	defer cancel()
-	var logs strings.Builder
-	err := runControlPlane(ctx, []string{"--declarations", t.TempDir(), "--workload-api-socket", "unix:///nonexistent/latch-test.sock",
-		"--listen", "127.0.0.1:0", "--admin-address", "127.0.0.1:0"}, io.Discard, &logs)
-	if err == nil || !strings.Contains(err.Error(), "unix:///nonexistent/latch-test.sock") {
-		t.Errorf("the old flag's socket was not used: %v", err)
+	logs := newJSONLines()
+	done := make(chan error, 1)
+	go func() {
+		done <- runControlPlane(ctx, []string{"--declarations", t.TempDir(), "--workload-api-socket", "unix:///nonexistent/latch-test.sock",
+			"--listen", "127.0.0.1:0", "--admin-address", "127.0.0.1:0"}, io.Discard, logs.w)
+	}()
+	logs.wait(t, "--workload-api-socket is deprecated and will be removed: use --workload-api, as every latch command does",
+		func(l map[string]any) bool { return l["level"] == "WARN" })
+	logs.wait(t, "waiting for the Workload API at unix:///nonexistent/latch-test.sock", nil)
+	cancel()
+	if err := <-done; err != nil {
+		t.Errorf("control plane stopped while waiting: %v", err)
 	}
-	if !strings.Contains(logs.String(), `"level":"WARN","msg":"--workload-api-socket is deprecated`) {
-		t.Errorf("no deprecation warning:\n%s", logs.String())
-	}
+	logs.w.Close()
+	<-logs.done
 }

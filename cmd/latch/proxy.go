@@ -10,11 +10,13 @@ import (
 	"os"
 	"os/signal"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/workloadapi"
 
 	"latch.dev/latch/admin"
 	"latch.dev/latch/identity"
@@ -77,21 +79,92 @@ func runProxy(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 	}
 
-	src, err := identity.NewWorkloadSource(ctx, *socket, log)
+	wait, err := newIdentityWait(*socket, log)
 	if err != nil {
 		return err
 	}
-	defer src.Close()
+	reg := prometheus.NewRegistry()
+	if err := admin.RegisterBuildInfo(reg, buildVersion()); err != nil {
+		return err
+	}
+	// Registered before the first Apply, so that a SIGHUP sent as soon as
+	// the listeners are up is never the default action (exit).
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+
+	// Everything below runs until ctx ends; the group waits for all of it
+	// before the listeners are drained.
+	runCtx, stop := context.WithCancel(ctx)
+	var (
+		wg  sync.WaitGroup
+		src *workloadapi.X509Source
+	)
+	defer func() {
+		stop()
+		wg.Wait()
+		// Last: the identity monitor reads the source until it stops.
+		if src != nil {
+			src.Close()
+		}
+	}()
+	fail := make(chan error, 4)
+	spawn := func(name string, run func(context.Context) error) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := run(runCtx); err != nil && runCtx.Err() == nil {
+				fail <- fmt.Errorf("%s: %w", name, err)
+			}
+		}()
+	}
+
+	// The admin endpoint comes first: probes get answers while the
+	// Workload API is still silent. Until then the parts are nil.
+	var parts atomic.Pointer[proxyParts]
+	if *adminAddr != "off" {
+		adm, err := admin.New(admin.Options{
+			Addr: *adminAddr,
+			Ready: admin.Readiness(
+				admin.ReadyCheck{Name: "svid", Check: func() error {
+					if p := parts.Load(); p != nil {
+						return p.mon.SVIDReady()
+					}
+					return wait.Problem()
+				}},
+				admin.ReadyCheck{Name: "policy", Check: func() error {
+					if p := parts.Load(); p == nil || p.srv.Current() == nil {
+						return errors.New("no policy applied yet (listeners not bound)")
+					}
+					return nil
+				}},
+			),
+			Status:      func() any { return newProxyStatus(parts.Load(), wait) },
+			Gatherer:    reg,
+			EnablePprof: *pprof,
+			Logger:      log.With("component", "admin"),
+		})
+		if err != nil {
+			return err
+		}
+		log.Info("admin endpoint listening", "addr", adm.Addr().String())
+		spawn("admin endpoint", adm.Serve)
+	}
+
+	src, err = wait.run(runCtx)
+	if err != nil {
+		if ctx.Err() != nil {
+			log.Info("shutting down before the first X.509-SVID arrived")
+			return nil
+		}
+		return err
+	}
 	svid, err := src.GetX509SVID()
 	if err != nil {
 		return fmt.Errorf("reading the SVID: %w", err)
 	}
 	tlsc := identity.NewTLS(src)
 
-	reg := prometheus.NewRegistry()
-	if err := admin.RegisterBuildInfo(reg, buildVersion()); err != nil {
-		return err
-	}
 	mon := admin.NewIdentityMonitor(src, admin.MonitorOptions{TrustDomain: svid.ID.TrustDomain(), Logger: log})
 	if err := reg.Register(mon); err != nil {
 		return fmt.Errorf("registering identity metrics: %w", err)
@@ -101,33 +174,11 @@ func runProxy(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		Metrics:      proxy.NewMetrics(reg),
 		DrainTimeout: *drainTimeout,
 	})
-	// Registered before the first Apply, so that a SIGHUP sent as soon as
-	// the listeners are up is never the default action (exit).
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
-
 	if cfg != nil {
 		if err := srv.Apply(cfg); err != nil {
 			shutdownProxy(srv, 0, log)
 			return err
 		}
-	}
-
-	// Everything below runs until ctx ends; the group waits for all of it
-	// before the listeners are drained.
-	runCtx, stop := context.WithCancel(ctx)
-	defer stop()
-	var wg sync.WaitGroup
-	fail := make(chan error, 3)
-	spawn := func(name string, run func(context.Context) error) {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if err := run(runCtx); err != nil && runCtx.Err() == nil {
-				fail <- fmt.Errorf("%s: %w", name, err)
-			}
-		}()
 	}
 	spawn("identity monitor", mon.Run)
 	settle := func() {
@@ -173,38 +224,8 @@ func runProxy(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 		spawn("TLS test endpoint", te.Serve)
 	}
+	parts.Store(&proxyParts{mon: mon, srv: srv, xds: xds})
 
-	if *adminAddr != "off" {
-		adm, err := admin.New(admin.Options{
-			Addr: *adminAddr,
-			Ready: admin.Readiness(
-				admin.ReadyCheck{Name: "svid", Check: mon.SVIDReady},
-				admin.ReadyCheck{Name: "policy", Check: func() error {
-					if srv.Current() == nil {
-						return errors.New("no policy applied yet (listeners not bound)")
-					}
-					return nil
-				}},
-			),
-			Status:      func() any { return newProxyStatus(mon, srv, xds) },
-			Gatherer:    reg,
-			EnablePprof: *pprof,
-			Logger:      log.With("component", "admin"),
-		})
-		if err != nil {
-			stop()
-			wg.Wait()
-			shutdownProxy(srv, 0, log)
-			return err
-		}
-		log.Info("admin endpoint listening", "addr", adm.Addr().String())
-		spawn("admin endpoint", adm.Serve)
-	}
-
-	defer func() {
-		stop()
-		wg.Wait()
-	}()
 	for {
 		select {
 		case <-hup:
@@ -231,6 +252,14 @@ func runProxy(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 }
 
+// proxyParts are the parts of a running sidecar that /readyz and /status
+// read; they exist once the first SVID has arrived.
+type proxyParts struct {
+	mon *admin.IdentityMonitor
+	srv *proxy.Server
+	xds *xdsclient.Client
+}
+
 // proxyStatus is what /status serves.
 type proxyStatus struct {
 	Version      string                 `json:"version"`
@@ -245,13 +274,22 @@ type policyStatus struct {
 	Source  string `json:"source"`
 }
 
-func newProxyStatus(mon *admin.IdentityMonitor, srv *proxy.Server, xds *xdsclient.Client) proxyStatus {
-	st := proxyStatus{Version: buildVersion(), Identity: mon.Status(), Listeners: srv.Listeners()}
-	if cfg := srv.Current(); cfg != nil {
+func newProxyStatus(p *proxyParts, wait *identityWait) proxyStatus {
+	st := proxyStatus{Version: buildVersion(), Listeners: []proxy.ListenerStatus{}}
+	if p == nil {
+		problem := "starting"
+		if err := wait.Problem(); err != nil {
+			problem = err.Error()
+		}
+		st.Identity = admin.IdentityStatus{SVIDError: problem, Bundles: []admin.BundleStatus{}}
+		return st
+	}
+	st.Identity, st.Listeners = p.mon.Status(), p.srv.Listeners()
+	if cfg := p.srv.Current(); cfg != nil {
 		st.Policy = &policyStatus{Version: cfg.Version, Source: cfg.Source}
 	}
-	if xds != nil {
-		s := xds.Status()
+	if p.xds != nil {
+		s := p.xds.Status()
 		st.ControlPlane = &s
 	}
 	return st
