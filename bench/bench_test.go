@@ -54,26 +54,49 @@ func TestParseStat(t *testing.T) {
 	}
 }
 
-func TestParseRSS(t *testing.T) {
+func TestParseSmapsRollup(t *testing.T) {
+	const rollup = `55c94070b000-7ffe34471000 ---p 00000000 00:00 0                          [rollup]
+Rss:                8192 kB
+Pss:                3100 kB
+Pss_Dirty:           116 kB
+Pss_Anon:           2000 kB
+Pss_File:           1100 kB
+Shared_Clean:       1580 kB
+Anonymous:          2000 kB
+AnonHugePages:         0 kB
+SwapPss:               0 kB
+`
 	tests := []struct {
 		name    string
 		in      string
-		want    rss
+		want    memory
 		wantErr bool
 	}{
-		{"present", "Name:\tx\nVmPeak:\t 100 kB\nVmRSS:\t    8192 kB\nRssAnon:\t    5000 kB\nRssFile:\t3192 kB\nThreads: 3\n", rss{8192, 5000}, false},
-		{"zombie has none", "Name:\tx\nState:\tZ (zombie)\n", rss{}, false},
-		{"unit missing", "VmRSS:\t8192\n", rss{}, true},
-		{"other unit", "VmRSS:\t8 MB\n", rss{}, true},
-		{"not a number", "RssAnon:\tlots kB\n", rss{}, true},
+		{"present", rollup, memory{rss: 8192, anon: 2000, pss: 3100}, false},
+		{"zombie has none", "", memory{}, false},
+		{"unit missing", "Rss:\t8192\n", memory{}, true},
+		{"other unit", "Pss:\t8 MB\n", memory{}, true},
+		{"not a number", "Anonymous:\tlots kB\n", memory{}, true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			got, err := parseRSS([]byte(tt.in))
+			got, err := parseSmapsRollup([]byte(tt.in))
 			if (err != nil) != tt.wantErr || got != tt.want {
-				t.Fatalf("parseRSS = %+v, %v; want %+v, error %v", got, err, tt.want, tt.wantErr)
+				t.Fatalf("parseSmapsRollup = %+v, %v; want %+v, error %v", got, err, tt.want, tt.wantErr)
 			}
 		})
+	}
+}
+
+// TestReadMemory reads this process's own figures: they must be what the
+// kernel reports, not zeros from a misread file.
+func TestReadMemory(t *testing.T) {
+	m, err := readMemory(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.anon <= 0 || m.pss <= 0 || m.rss < m.anon || m.rss < m.pss {
+		t.Fatalf("own memory %+v: want 0 < anon <= rss and 0 < pss <= rss", m)
 	}
 }
 
@@ -188,7 +211,7 @@ func TestPeers(t *testing.T) {
 				}
 				charged := true
 				for _, u := range us {
-					charged = charged && u.RSSKB > 0 && u.CPUSeconds > 0
+					charged = charged && u.RSSKB > 0 && u.PSSKB > 0 && u.CPUSeconds > 0
 				}
 				if charged {
 					break

@@ -98,13 +98,23 @@ func (p *Process) Stop(grace time.Duration) {
 }
 
 // Usage is what a sidecar consumed, summed over its process tree.
+//
+// Memory comes in three figures, because RSS alone says little about what a
+// sidecar costs a node. RSS counts every page mapped, including the
+// executable's pages, which sit in the page cache once for every process of
+// the node that runs the same binary (and stay there whether mapped or not).
+// The anonymous part (heap, stacks) is what this process alone holds. PSS
+// charges each shared page to its sharers in equal parts, so summing PSS over
+// a node's sidecars counts the shared binary once.
 type Usage struct {
 	RSSKB      int64   // resident set size, KiB
 	AnonKB     int64   // the anonymous part of RSSKB (heap, stacks)
+	PSSKB      int64   // proportional set size: shared pages divided among their sharers
 	CPUSeconds float64 // user + system time since start
 }
 
-// Usage reads the current RSS and CPU time of the process and its descendants.
+// Usage reads the current memory and CPU time of the process and its
+// descendants.
 func (p *Process) Usage() (Usage, error) {
 	pids, err := processTree(p.PID())
 	if err != nil {
@@ -112,7 +122,7 @@ func (p *Process) Usage() (Usage, error) {
 	}
 	var u Usage
 	for _, pid := range pids {
-		rss, err := readRSS(pid)
+		mem, err := readMemory(pid)
 		if err != nil {
 			if errors.Is(err, os.ErrNotExist) {
 				continue // exited between listing and reading
@@ -126,8 +136,9 @@ func (p *Process) Usage() (Usage, error) {
 			}
 			return Usage{}, err
 		}
-		u.RSSKB += rss.total
-		u.AnonKB += rss.anon
+		u.RSSKB += mem.rss
+		u.AnonKB += mem.anon
+		u.PSSKB += mem.pss
 		u.CPUSeconds += cpu
 	}
 	return u, nil
@@ -209,43 +220,49 @@ func readCPU(pid int) (float64, error) {
 	return float64(st.utime+st.stime) / clockTicks, nil
 }
 
-// rss is the resident memory of one process, KiB: the total and its
-// anonymous part (heap, stacks: what the process allocated), the rest being
-// mapped files (the executable and libraries) and shared memory.
-type rss struct{ total, anon int64 }
+// memory is the resident memory of one process, KiB: RSS, its anonymous
+// part (what the process allocated; the rest is mapped files, the executable
+// first), and PSS (see Usage).
+type memory struct{ rss, anon, pss int64 }
 
-// readRSS reads VmRSS and RssAnon from /proc/PID/status.
-func readRSS(pid int) (rss, error) {
-	b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "status"))
+// readMemory reads Rss, Pss and Anonymous from /proc/PID/smaps_rollup (one
+// summary of every mapping, Linux 4.14 and later).
+func readMemory(pid int) (memory, error) {
+	b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "smaps_rollup"))
 	if err != nil {
-		return rss{}, err
+		return memory{}, err
 	}
-	return parseRSS(b)
+	return parseSmapsRollup(b)
 }
 
-func parseRSS(b []byte) (rss, error) {
-	var r rss
+func parseSmapsRollup(b []byte) (memory, error) {
+	var m memory
 	for line := range strings.SplitSeq(string(b), "\n") {
 		name, rest, ok := strings.Cut(line, ":")
-		if !ok || (name != "VmRSS" && name != "RssAnon") {
+		var field *int64
+		switch name {
+		case "Rss":
+			field = &m.rss
+		case "Pss":
+			field = &m.pss
+		case "Anonymous":
+			field = &m.anon
+		}
+		if !ok || field == nil {
 			continue
 		}
 		f := strings.Fields(rest)
 		if len(f) != 2 || f[1] != "kB" {
-			return rss{}, fmt.Errorf("parsing /proc status line %q", line)
+			return memory{}, fmt.Errorf("parsing /proc smaps_rollup line %q", line)
 		}
 		v, err := strconv.ParseInt(f[0], 10, 64)
 		if err != nil {
-			return rss{}, fmt.Errorf("parsing /proc status line %q: %w", line, err)
+			return memory{}, fmt.Errorf("parsing /proc smaps_rollup line %q: %w", line, err)
 		}
-		if name == "VmRSS" {
-			r.total = v
-		} else {
-			r.anon = v
-		}
+		*field = v
 	}
-	// Zombies and kernel threads have no VmRSS: they hold no memory.
-	return r, nil
+	// Zombies and kernel threads have an empty rollup: they hold no memory.
+	return m, nil
 }
 
 // raiseFileLimit lifts the soft RLIMIT_NOFILE to the hard limit (children

@@ -236,7 +236,7 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 		return nil, fmt.Errorf("no topology could start: %v", res.Skipped)
 	}
 
-	// Idle RSS: after start-up and the one readiness connection, before any
+	// Idle memory: after start-up and the one readiness connection, before any
 	// load, once the runtimes have settled.
 	if err := waitCtx(ctx, settle); err != nil {
 		return nil, err
@@ -248,7 +248,7 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 			continue
 		}
 		for i, u := range us {
-			r.res.Memory = append(r.res.Memory, SidecarMemory{Sidecar: r.pair.Sidecars[i].Name, IdleKB: u.RSSKB, IdleAnonKB: u.AnonKB})
+			r.res.Memory = append(r.res.Memory, SidecarMemory{Sidecar: r.pair.Sidecars[i].Name, IdleKB: u.RSSKB, IdleAnonKB: u.AnonKB, IdlePSSKB: u.PSSKB})
 		}
 	}
 
@@ -444,13 +444,17 @@ func (r *running) measureIdleConns(ctx context.Context, n int, progress func(str
 		m.Conns = n
 		m.BeforeKB = before[i].RSSKB
 		m.BeforeAnonKB = before[i].AnonKB
+		m.BeforePSSKB = before[i].PSSKB
 		m.WithConnsKB = with[i].RSSKB
 		m.PerConnKB = float64(with[i].RSSKB-before[i].RSSKB) / float64(n)
-		progress("idle     %-8s %-3s %6.1f MB idle, %6.1f MB after load (%.1f anon), %6.1f MB with %d connections, %5.1f KB/connection",
-			r.topo.Name(), m.Sidecar, float64(m.IdleKB)/1024, float64(m.BeforeKB)/1024, float64(m.BeforeAnonKB)/1024, float64(m.WithConnsKB)/1024, n, m.PerConnKB)
+		progress("idle     %-8s %-3s RSS %6.1f MB idle (anon %.1f, PSS %.1f), %6.1f MB after load (anon %.1f, PSS %.1f), %6.1f MB with %d connections, %5.1f KB/connection",
+			r.topo.Name(), m.Sidecar, mb(m.IdleKB), mb(m.IdleAnonKB), mb(m.IdlePSSKB), mb(m.BeforeKB), mb(m.BeforeAnonKB), mb(m.BeforePSSKB), mb(m.WithConnsKB), n, m.PerConnKB)
 	}
 	return nil
 }
+
+// mb converts KiB to MiB for the progress lines.
+func mb(kb int64) float64 { return float64(kb) / 1024 }
 
 // settle is how long a pair rests before its memory is read: long enough for
 // whatever a process does once a burst is over (latch returns its free heap
