@@ -20,8 +20,7 @@ import (
 // while nothing has been allocated since the last release.
 //
 // Start-up is the first burst, whatever its size: the first quiet tick
-// releases, and also runs settle once (unmapping the start-up code, see
-// unmapStartupCode).
+// releases.
 type releaser struct {
 	// burst is how much must have been allocated since the last release
 	// for another to be worth a collection.
@@ -32,9 +31,9 @@ type releaser struct {
 
 	allocated func() uint64 // bytes allocated since the process started
 	release   func()
-	settle    func() // once, with the first release; nil for none
 
-	settled bool
+	// startedUp is set by the first release, the one that ends start-up.
+	startedUp bool
 
 	last      uint64 // allocated at the previous step
 	atRelease uint64 // allocated right after the last release
@@ -46,8 +45,8 @@ const (
 	releaseQuiet = 256 << 10
 )
 
-func newReleaser(settle func()) *releaser {
-	r := &releaser{burst: releaseBurst, quiet: releaseQuiet, allocated: heapAllocated, release: debug.FreeOSMemory, settle: settle}
+func newReleaser() *releaser {
+	r := &releaser{burst: releaseBurst, quiet: releaseQuiet, allocated: heapAllocated, release: debug.FreeOSMemory}
 	r.last = r.allocated()
 	return r
 }
@@ -58,16 +57,11 @@ func (r *releaser) step() bool {
 	now := r.allocated()
 	tick := now - r.last
 	r.last = now
-	if tick > r.quiet || (r.settled && now-r.atRelease < r.burst) {
+	if tick > r.quiet || (r.startedUp && now-r.atRelease < r.burst) {
 		return false
 	}
 	r.release()
-	if !r.settled {
-		r.settled = true
-		if r.settle != nil {
-			r.settle()
-		}
-	}
+	r.startedUp = true
 	r.atRelease = r.allocated()
 	r.last = r.atRelease
 	return true

@@ -10,7 +10,7 @@ import (
 // is quiet, never while allocation goes on, never twice for one burst.
 func TestReleaserReleasesOnceABurstIsOver(t *testing.T) {
 	var total uint64
-	r, releases, settles := fakeReleaser(&total)
+	r, releases := fakeReleaser(&total)
 
 	steps := []struct {
 		name    string
@@ -39,9 +39,6 @@ func TestReleaserReleasesOnceABurstIsOver(t *testing.T) {
 		if got != s.release || *releases-before != map[bool]int{false: 0, true: 1}[s.release] {
 			t.Fatalf("tick %d (%s): released %v (%d calls), want %v", i, s.name, got, *releases-before, s.release)
 		}
-		if want := min(*releases, 1); *settles != want {
-			t.Fatalf("tick %d (%s): settled %d times, want %d (once, with the first release)", i, s.name, *settles, want)
-		}
 	}
 
 	// A trickle that stays below quiet adds up to a burst and is released
@@ -64,16 +61,15 @@ const MB = 1 << 20
 
 // fakeReleaser is a releaser with the production thresholds' shape (4 MiB
 // burst, 256 KiB quiet) over a fake allocation counter, counting its
-// releases and settles.
-func fakeReleaser(total *uint64) (r *releaser, releases, settles *int) {
-	releases, settles = new(int), new(int)
+// releases.
+func fakeReleaser(total *uint64) (r *releaser, releases *int) {
+	releases = new(int)
 	r = &releaser{burst: 4 * MB, quiet: MB / 4,
 		allocated: func() uint64 { return *total },
 		release:   func() { *releases++; *total += 1024 }, // the collection allocates a little itself
-		settle:    func() { *settles++ },
 	}
 	r.last = r.allocated()
-	return r, releases, settles
+	return r, releases
 }
 
 // TestHeapAllocatedCounts: the counter the releaser reads moves with real
@@ -91,11 +87,11 @@ func TestHeapAllocatedCounts(t *testing.T) {
 }
 
 // TestReleaserStartupIsABurstOfAnySize: the first quiet tick after start
-// releases and settles even when start-up allocated less than a burst (a
-// sidecar with a small config), and not before start-up has gone quiet.
+// releases even when start-up allocated less than a burst (a sidecar with a
+// small config), and not before start-up has gone quiet.
 func TestReleaserStartupIsABurstOfAnySize(t *testing.T) {
 	var total uint64
-	r, releases, settles := fakeReleaser(&total)
+	r, releases := fakeReleaser(&total)
 	for i, alloc := range []uint64{MB, MB / 2} { // start-up still allocating
 		total += alloc
 		if r.step() {
@@ -103,8 +99,8 @@ func TestReleaserStartupIsABurstOfAnySize(t *testing.T) {
 		}
 	}
 	total += 10 << 10 // quiet, 1.5 MiB in all: below a burst
-	if !r.step() || *releases != 1 || *settles != 1 {
-		t.Fatalf("first quiet tick: %d releases, %d settles; want 1 and 1", *releases, *settles)
+	if !r.step() || *releases != 1 {
+		t.Fatalf("first quiet tick: %d releases, want 1", *releases)
 	}
 	for range 3 {
 		if r.step() {
@@ -113,7 +109,7 @@ func TestReleaserStartupIsABurstOfAnySize(t *testing.T) {
 	}
 	total += 5 * MB
 	r.step() // the burst's own tick: not quiet
-	if !r.step() || *releases != 2 || *settles != 1 {
-		t.Fatalf("after a later burst: %d releases, %d settles; want 2 and still 1", *releases, *settles)
+	if !r.step() || *releases != 2 {
+		t.Fatalf("after a later burst: %d releases, want 2", *releases)
 	}
 }

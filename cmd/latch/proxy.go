@@ -181,16 +181,7 @@ func runProxy(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 	}
 	spawn("identity monitor", mon.Run)
-	settle := func() {
-		n, err := unmapStartupCode()
-		if err != nil {
-			// Harmless: the code stays mapped, as in any process.
-			log.Warn("could not unmap the start-up code", "error", err.Error())
-			return
-		}
-		log.Debug("start-up code unmapped", "bytes", n)
-	}
-	spawn("memory release", func(ctx context.Context) error { return newReleaser(settle).run(ctx, releaseTick) })
+	spawn("memory release", func(ctx context.Context) error { return newReleaser().run(ctx, releaseTick) })
 
 	var xds *xdsclient.Client
 	if *xdsAddr != "" {
