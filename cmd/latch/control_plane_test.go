@@ -20,6 +20,7 @@ import (
 	"latch.dev/latch/identity"
 	"latch.dev/latch/identity/devca"
 	"latch.dev/latch/proxy"
+	"latch.dev/latch/xds/policy"
 	xdsclient "latch.dev/latch/xds/client"
 )
 
@@ -63,7 +64,7 @@ func TestControlPlaneCommand(t *testing.T) {
 	go func() {
 		done <- runControlPlane(ctx, []string{
 			"--declarations", dir, "--listen", "127.0.0.1:0", "--admin-address", "127.0.0.1:0",
-			"--workload-api", cpSocket, "--debounce", "10ms",
+			"--workload-api", cpSocket, // the default debounce: the propagation below is what users get
 		}, io.Discard, logW)
 		logW.Close()
 	}()
@@ -182,6 +183,31 @@ func TestControlPlaneCommand(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+
+	// Edit → applied in the sidecar, with the default debounce. The figure
+	// xds/README.md quotes comes from here (go test -v).
+	frontendDecl, err := os.ReadFile(filepath.Join(dir, "frontend.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var took []time.Duration
+	for i, port := range []string{"15102", "15103", "15104", "15101"} {
+		edited := strings.Replace(string(frontendDecl), "port: 15101", "port: "+port, 1)
+		start := time.Now()
+		if err := os.WriteFile(filepath.Join(dir, "frontend.yaml"), []byte(edited), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case cfg = <-applied:
+		case <-time.After(20 * time.Second):
+			t.Fatalf("edit %d not applied", i)
+		}
+		took = append(took, time.Since(start).Round(time.Millisecond))
+		if got := cfg.Outbound[0].Listen; got != "127.0.0.1:"+port {
+			t.Fatalf("edit %d: outbound listens on %s, want port %s", i, got, port)
+		}
+	}
+	t.Logf("declaration edit → config applied in a sidecar (debounce %s): %v", policy.DefaultDebounce, took)
 
 	// A broken edit is reported in the metrics, and the policy stays.
 	if err := os.WriteFile(filepath.Join(dir, "backend.yaml"), []byte("kind: ["), 0o644); err != nil {
