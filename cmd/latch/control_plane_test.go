@@ -20,8 +20,8 @@ import (
 	"latch.dev/latch/identity"
 	"latch.dev/latch/identity/devca"
 	"latch.dev/latch/proxy"
-	"latch.dev/latch/xds/policy"
 	xdsclient "latch.dev/latch/xds/client"
+	"latch.dev/latch/xds/policy"
 )
 
 // TestControlPlaneCommand runs `latch control-plane` against the development
