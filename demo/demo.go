@@ -483,7 +483,7 @@ func (m *mesh) sidecar(ctx context.Context, ca *devca.CA, cp, name string, id sp
 	client, err := xdsclient.New(xdsclient.Options{
 		Address: cp, ControlPlaneID: ControlPlaneID, NodeID: id,
 		TLS:    t.ClientConfig(identity.Modern(), ControlPlaneID),
-		Logger: log.With("component", "xds"), MinBackoff: 50 * time.Millisecond,
+		Logger: log, MinBackoff: 50 * time.Millisecond, // the client names its component itself
 	}, apply)
 	if err != nil {
 		return nil, fmt.Errorf("sidecar %s: %w", name, err)

@@ -71,3 +71,15 @@ func TestNonSnakeCaseKeys(t *testing.T) {
 		}
 	}
 }
+
+func TestRepeatedKeys(t *testing.T) {
+	for line, want := range map[string][]string{
+		`{"msg":"x","component":"xds","component":"xds-client"}`: {"component"},
+		`{"a":{"b":1,"b":2},"c":[{"d":1,"d":1}]}`:                {"b", "d"},
+		`{"a":{"b":1},"b":2}`:                                    nil,
+	} {
+		if got := repeatedKeys([]byte(line)); !slices.Equal(got, want) {
+			t.Errorf("%s: %q, want %q", line, got, want)
+		}
+	}
+}

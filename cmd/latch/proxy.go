@@ -192,7 +192,7 @@ func runProxy(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			TLS:            tlsc.ClientConfig(profile, cpID),
 			Profile:        profile,
 			StateDir:       *stateDir,
-			Logger:         log.With("component", "xds"),
+			Logger:         log, // the client names its component itself
 			Metrics:        xdsclient.NewMetrics(reg),
 		}, srv.Apply)
 		if err != nil {

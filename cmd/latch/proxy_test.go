@@ -2,9 +2,11 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/tls"
 	"encoding/json"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -23,13 +25,14 @@ import (
 )
 
 // jsonLines collects the JSON log lines a command writes and lets the test
-// wait for one.
+// wait for one. It also keeps every line that repeats a key.
 type jsonLines struct {
-	mu      sync.Mutex
-	lines   []map[string]any
-	changed chan struct{}
-	w       *io.PipeWriter
-	done    chan struct{}
+	mu       sync.Mutex
+	lines    []map[string]any
+	repeated []string
+	changed  chan struct{}
+	w        *io.PipeWriter
+	done     chan struct{}
 }
 
 func newJSONLines() *jsonLines {
@@ -45,6 +48,9 @@ func newJSONLines() *jsonLines {
 				m = map[string]any{"msg": sc.Text()}
 			}
 			j.mu.Lock()
+			if dup := repeatedKeys(sc.Bytes()); len(dup) > 0 {
+				j.repeated = append(j.repeated, fmt.Sprintf("%v in %s", dup, sc.Text()))
+			}
 			j.lines = append(j.lines, m)
 			close(j.changed)
 			j.changed = make(chan struct{})
@@ -76,6 +82,65 @@ func (j *jsonLines) wait(t *testing.T, msg string, match func(map[string]any) bo
 			t.Fatalf("no log line %q; got %v", msg, j.lines)
 		}
 	}
+}
+
+// requireNoRepeatedKeys fails the test for every log line that carried a
+// key twice (a logger given With("component", …) by its caller and again by
+// its package): log processors keep one of the two, or refuse the line.
+func (j *jsonLines) requireNoRepeatedKeys(t *testing.T) {
+	t.Helper()
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	for _, r := range j.repeated {
+		t.Errorf("log line repeats a key: %s", r)
+	}
+}
+
+// repeatedKeys lists the keys that appear twice in one JSON object of line,
+// at any depth.
+func repeatedKeys(line []byte) []string {
+	dec := json.NewDecoder(bytes.NewReader(line))
+	var (
+		dups []string
+		walk func() error
+	)
+	walk = func() error {
+		tok, err := dec.Token()
+		if err != nil {
+			return err
+		}
+		switch tok {
+		case json.Delim('{'):
+			seen := map[string]bool{}
+			for dec.More() {
+				k, err := dec.Token()
+				if err != nil {
+					return err
+				}
+				key, _ := k.(string)
+				if seen[key] {
+					dups = append(dups, key)
+				}
+				seen[key] = true
+				if err := walk(); err != nil {
+					return err
+				}
+			}
+			_, err = dec.Token() // }
+			return err
+		case json.Delim('['):
+			for dec.More() {
+				if err := walk(); err != nil {
+					return err
+				}
+			}
+			_, err = dec.Token() // ]
+			return err
+		}
+		return nil
+	}
+	_ = walk()
+	return dups
 }
 
 // TestProxyCommand runs `latch proxy` against a devca Workload API: it
@@ -193,6 +258,7 @@ func TestProxyCommand(t *testing.T) {
 	}
 	logs.w.Close()
 	<-logs.done
+	logs.requireNoRepeatedKeys(t)
 }
 
 // TestProxyCommandRefusesBadSetup: bad flags and a bad file fail at once,

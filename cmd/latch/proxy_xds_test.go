@@ -115,9 +115,10 @@ spec:
 		cpDone <- runControlPlane(cpCtx, []string{
 			"--declarations", dir, "--listen", ports[0], "--admin-address", "127.0.0.1:0",
 			"--workload-api", cpSocket, "--inbound-host", "127.0.0.1",
+			"--log-level", "debug", // go-control-plane's own lines too
 		}, io.Discard, cpLogs.w)
 	}()
-	defer func() { cpCancel(); <-cpDone; cpLogs.w.Close(); <-cpLogs.done }()
+	defer func() { cpCancel(); <-cpDone; cpLogs.w.Close(); <-cpLogs.done; cpLogs.requireNoRepeatedKeys(t) }()
 	cpAdmin := cpLogs.wait(t, "control plane serving", nil)["admin_address"].(string)
 
 	deadline := time.Now().Add(20 * time.Second)
@@ -196,4 +197,5 @@ spec:
 	}
 	logs.w.Close()
 	<-logs.done
+	logs.requireNoRepeatedKeys(t)
 }

@@ -133,6 +133,7 @@ func TestProbesBeforeTheFirstSVID(t *testing.T) {
 			}
 			logs.w.Close()
 			<-logs.done
+			logs.requireNoRepeatedKeys(t)
 		})
 	}
 }

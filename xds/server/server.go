@@ -454,18 +454,20 @@ func (s *Server) noteAck(node, typeURL, version string, detail interface{ GetMes
 }
 
 // cacheLogger routes go-control-plane's logs to slog at debug level; the
-// server logs what matters itself with stable keys.
+// server logs what matters itself with stable keys. Its lines say where they
+// come from with "library": the logger already carries the server's
+// "component", and a second one would repeat the key in the line.
 type cacheLogger struct{ l *slog.Logger }
 
 func (c cacheLogger) Debugf(f string, a ...any) {
-	c.l.Debug(fmt.Sprintf(f, a...), "component", "xds-cache")
+	c.l.Debug(fmt.Sprintf(f, a...), "library", "go-control-plane")
 }
 func (c cacheLogger) Infof(f string, a ...any) {
-	c.l.Debug(fmt.Sprintf(f, a...), "component", "xds-cache")
+	c.l.Debug(fmt.Sprintf(f, a...), "library", "go-control-plane")
 }
 func (c cacheLogger) Warnf(f string, a ...any) {
-	c.l.Warn(fmt.Sprintf(f, a...), "component", "xds-cache")
+	c.l.Warn(fmt.Sprintf(f, a...), "library", "go-control-plane")
 }
 func (c cacheLogger) Errorf(f string, a ...any) {
-	c.l.Error(fmt.Sprintf(f, a...), "component", "xds-cache")
+	c.l.Error(fmt.Sprintf(f, a...), "library", "go-control-plane")
 }
