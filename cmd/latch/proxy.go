@@ -74,7 +74,7 @@ func runProxy(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	// fails at once.
 	var cfg *proxy.Config
 	if *configPath != "" {
-		if cfg, err = proxy.LoadFile(*configPath); err != nil {
+		if cfg, err = loadProxyConfig(*configPath); err != nil {
 			return err
 		}
 	}
@@ -224,7 +224,7 @@ func runProxy(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 				log.Info("SIGHUP ignored: no --config file to re-read")
 				continue
 			}
-			if next, err := srv.ApplyFile(*configPath); err != nil {
+			if next, err := applyProxyConfigFile(srv, *configPath); err != nil {
 				log.Error("reload refused, the running config keeps serving", "config", *configPath, "running_version", versionOf(srv.Current()), "error", err.Error())
 			} else {
 				log.Info("reloaded", "config", *configPath, "version", next.Version)

@@ -262,7 +262,8 @@ func TestProxyCommand(t *testing.T) {
 }
 
 // TestProxyCommandRefusesBadSetup: bad flags and a bad file fail at once,
-// before the Workload API is even consulted.
+// before the Workload API is even consulted; a declaration given as the
+// sidecar's file is named as such, with where it belongs.
 func TestProxyCommandRefusesBadSetup(t *testing.T) {
 	bad := filepath.Join(t.TempDir(), "bad.yaml")
 	if err := os.WriteFile(bad, []byte("tls:\n  profile: legacy\n"), 0o600); err != nil {
@@ -279,6 +280,8 @@ func TestProxyCommandRefusesBadSetup(t *testing.T) {
 		{[]string{"--config", bad, "--log-level", "loud"}, "--log-level"},
 		{[]string{"--config", bad}, bad + ":2:12: tls.profile"},
 		{[]string{"--config", bad, "extra"}, "unexpected arguments"},
+		{[]string{"--config", filepath.Join("..", "..", "examples", "declarations", "backend.yaml")},
+			"backend.yaml is a ServicePolicy declaration (latch.dev/v1alpha1), not a sidecar configuration: declarations are read by `latch control-plane --declarations DIR`"},
 	} {
 		err := runProxy(t.Context(), append(tc.args, "--workload-api", "unix:///nonexistent.sock"), io.Discard, io.Discard)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
