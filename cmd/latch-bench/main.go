@@ -13,6 +13,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -52,7 +53,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		opts      bench.Options
 		conns     = fs.String("conns", "1,8", "parallel connections of the bulk test, comma-separated")
 		only      = fs.String("only", "", "run only these topologies, comma-separated (direct,latch,haproxy,nginx,stunnel)")
-		jsonPath  = fs.String("json", "", "write the results as JSON to this file (default latch-bench-<time>.json in the working directory; \"-\" for none)")
+		jsonPath  = fs.String("json", "", "write the results as JSON to this file (default bench/results/latch-bench-<time>.json in the repository, which git ignores, or the temporary directory outside it; \"-\" for none)")
 		latchArgs listFlag
 		latchEnv  listFlag
 		curves    = fs.String("latch-curves", "", "narrow latch's key exchange groups, comma-separated (e.g. X25519); default the modern profile's")
@@ -102,7 +103,14 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return nil
 	}
 	if *jsonPath == "" {
-		*jsonPath = "latch-bench-" + res.Started.Format("20060102-150405") + ".json"
+		wd, err := os.Getwd()
+		if err != nil {
+			return fmt.Errorf("finding where to write the results: %w", err)
+		}
+		*jsonPath = defaultResultsPath(wd, res.Started)
+		if err := os.MkdirAll(filepath.Dir(*jsonPath), 0o755); err != nil {
+			return fmt.Errorf("writing results: %w", err)
+		}
 	}
 	b, err := json.MarshalIndent(res, "", "  ")
 	if err != nil {
@@ -113,4 +121,27 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	fmt.Fprintf(stderr, "results written to %s\n", *jsonPath)
 	return nil
+}
+
+// resultsDir is where results go inside the repository; .gitignore lists it,
+// so a run never leaves an untracked file in the working tree.
+const resultsDir = "bench/results"
+
+// defaultResultsPath is bench/results/latch-bench-<time>.json under the
+// latch repository that holds wd, or the same name in the temporary
+// directory when wd is outside it.
+func defaultResultsPath(wd string, started time.Time) string {
+	name := "latch-bench-" + started.Format("20060102-150405") + ".json"
+	for dir := wd; ; dir = filepath.Dir(dir) {
+		if mod, err := os.ReadFile(filepath.Join(dir, "go.mod")); err == nil {
+			if strings.HasPrefix(string(mod), "module latch.dev/latch\n") {
+				return filepath.Join(dir, filepath.FromSlash(resultsDir), name)
+			}
+			break // another module: not latch's repository
+		}
+		if filepath.Dir(dir) == dir {
+			break
+		}
+	}
+	return filepath.Join(os.TempDir(), name)
 }
