@@ -31,6 +31,7 @@ const (
 	ClassNoSharedCipher   Class = "no_shared_cipher"   // no cipher suite or key exchange in common
 	ClassNotTLS           Class = "not_tls"            // the other side does not speak TLS
 	ClassTimeout          Class = "timeout"            // the handshake did not complete in time
+	ClassNoHandshake      Class = "no_handshake"       // the peer closed before sending a byte: a TCP health check or a port scan, not a TLS client
 	ClassOther            Class = "other"              // anything else
 )
 
@@ -39,7 +40,7 @@ func Classes() []Class {
 	return []Class{
 		ClassUnknownCA, ClassWrongTrustDomain, ClassExpired, ClassNotYetValid,
 		ClassBadSVID, ClassBadKeyUsage, ClassNotAllowed, ClassWrongServerID,
-		ClassProtocolVersion, ClassNoSharedCipher, ClassNotTLS, ClassTimeout, ClassOther,
+		ClassProtocolVersion, ClassNoSharedCipher, ClassNotTLS, ClassTimeout, ClassNoHandshake, ClassOther,
 	}
 }
 

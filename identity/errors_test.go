@@ -62,8 +62,8 @@ func TestClassesAreDistinctAndComplete(t *testing.T) {
 		}
 		seen[c] = true
 	}
-	if len(seen) != 13 {
-		t.Errorf("%d classes, want 13", len(seen))
+	if len(seen) != 14 {
+		t.Errorf("%d classes, want 14", len(seen))
 	}
 }
 

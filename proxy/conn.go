@@ -66,6 +66,10 @@ type conn struct {
 	up        net.Conn
 	idleTimer *time.Timer
 
+	// tr is what the TLS side's tls.Conn reads: the peer's connection
+	// (inbound) or the upstream's (outbound), nil before it is made.
+	tr *transport
+
 	remoteAddr string // the peer sidecar's address
 	appAddr    string // the local app's address
 	resumed    bool   // the TLS handshake resumed a session
@@ -178,7 +182,8 @@ func (c *conn) serveInbound(r *route) {
 	c.remoteAddr = c.down.RemoteAddr().String()
 	c.appAddr = r.in.App
 	downSock := newSocket(c.down)
-	tc := tls.Server(orConn(downSock, c.down), r.tls)
+	c.tr = &transport{Conn: orConn(downSock, c.down)}
+	tc := tls.Server(c.tr, r.tls)
 	if err := c.handshake(tc, c.down, r); err != nil {
 		c.handshakeFailed(err)
 		return
@@ -231,7 +236,8 @@ func (c *conn) serveOutbound(r *route) {
 			return
 		}
 		upSock = newSocket(raw)
-		tc = tls.Client(orConn(upSock, raw), cfg)
+		c.tr = &transport{Conn: orConn(upSock, raw)}
+		tc = tls.Client(c.tr, cfg)
 		err := c.handshake(tc, raw, r)
 		if err == nil {
 			break
@@ -331,8 +337,19 @@ func (c *conn) authorized() error {
 
 // refused logs a failed or refused handshake (one line, with the class and
 // the reason) and closes the connection.
+//
+// A peer that closed an inbound connection before sending a byte is no TLS
+// client but a TCP health check (kubelet, load balancer) or a port scan: it
+// is counted under its own class and logged at debug level only, so that
+// probes every few seconds neither drown the refusals that matter nor read
+// as attacks.
 func (c *conn) refused(err error) {
 	class := identity.ClassOf(err)
+	level := slog.LevelWarn
+	msg := "handshake refused"
+	if c.l.dir == DirectionInbound && c.tr != nil && c.tr.closedSilently(err) {
+		class, level, msg = identity.ClassNoHandshake, slog.LevelDebug, "closed before the handshake"
+	}
 	c.l.metrics.handshakeFailed(class)
 	attrs := []any{
 		"listener", c.l.name,
@@ -346,7 +363,7 @@ func (c *conn) refused(err error) {
 		attrs = append(attrs, "app_addr", c.appAddr)
 	}
 	attrs = append(attrs, "class", string(class), "reason", err.Error())
-	c.log().Warn("handshake refused", attrs...)
+	c.log().Log(context.Background(), level, msg, attrs...)
 	c.kill(reasonHandshakeFailed)
 	c.closeRaw()
 	c.l.metrics.connClosed(reasonHandshakeFailed)

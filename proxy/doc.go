@@ -77,5 +77,8 @@
 //
 // A failed or refused handshake is one line "handshake refused" instead, with
 // listener, direction, remote_addr, peer_id (when the peer presented a
-// readable ID), class (identity.ClassOf) and reason (the error text).
+// readable ID), class (identity.ClassOf) and reason (the error text). An
+// inbound connection closed (FIN or RST) before its first byte is a TCP
+// health check or a port scan, not a TLS client: it is counted under class
+// no_handshake and logged at debug level as "closed before the handshake".
 package proxy

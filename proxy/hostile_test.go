@@ -4,10 +4,12 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"io"
+	"log/slog"
 	"net"
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"latch.dev/latch/identity"
@@ -205,5 +207,68 @@ func TestOutboundRefusesWrongServer(t *testing.T) {
 	t.Logf("logged: %v", r)
 	if n := <-received; n != 0 {
 		t.Fatalf("impostor upstream received %d bytes of the app's data", n)
+	}
+}
+
+// TestProbesAreNotRefusals: a TCP connect and close on an inbound listener,
+// what kubelet TCP probes, load-balancer health checks and port scanners do,
+// is counted under class no_handshake and logged at debug level, never as a
+// refused handshake; the same with a reset instead of a FIN. A peer that
+// sent even one byte before closing is a failed TLS client and still is a
+// warning.
+func TestProbesAreNotRefusals(t *testing.T) {
+	m := newMesh(t, echo, meshOptions{metrics: NewMetrics(nil)})
+	class := func(c identity.Class) prometheus.Counter {
+		return m.inbound.metrics.handshakeFailures.WithLabelValues("web", "inbound", string(c))
+	}
+	for _, tc := range []struct {
+		name  string
+		send  []byte
+		reset bool
+		class identity.Class
+		msg   string
+		level slog.Level
+	}{
+		{name: "connect and close", class: identity.ClassNoHandshake, msg: "closed before the handshake", level: slog.LevelDebug},
+		{name: "connect and reset", reset: true, class: identity.ClassNoHandshake, msg: "closed before the handshake", level: slog.LevelDebug},
+		{name: "one byte then close", send: []byte{0x16}, class: identity.ClassOther, msg: "handshake refused", level: slog.LevelWarn},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			mark := m.logs.mark()
+			accepted := m.app.accepted.Load()
+			counter := class(tc.class)
+			before := metricValue(t, counter)
+			c, err := net.Dial("tcp", addrOf(t, m.inbound, "web"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tc.send != nil {
+				if _, err := c.Write(tc.send); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if tc.reset {
+				c.(*net.TCPConn).SetLinger(0)
+			}
+			c.Close()
+
+			r := m.logs.wait(t, mark, tc.msg, map[string]string{"listener": "web", "class": string(tc.class)})
+			if r.level != tc.level || r.attrs["remote_addr"] == "" {
+				t.Errorf("logged %v, want level %v with the remote address", r, tc.level)
+			}
+			if n := metricValue(t, counter) - before; n != 1 {
+				t.Errorf("latch_handshake_failures_total{class=%q} grew by %v, want 1", tc.class, n)
+			}
+			m.logs.mu.Lock()
+			for _, r := range m.logs.records[mark:] {
+				if r.level >= slog.LevelWarn && tc.level < slog.LevelWarn {
+					t.Errorf("a probe logged %v", r)
+				}
+			}
+			m.logs.mu.Unlock()
+			if n := m.app.accepted.Load() - accepted; n != 0 {
+				t.Errorf("the app saw %d connections", n)
+			}
+		})
 	}
 }
