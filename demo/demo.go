@@ -215,8 +215,12 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 	rep.Duration = time.Since(start)
 	fmt.Fprintf(out, "\ndemo finished in %s\n", rep.Duration.Round(time.Millisecond))
 	if opts.KeepRunning {
-		fmt.Fprintf(out, "keeping the mesh up (Ctrl-C to stop): plain TCP to %s (frontend) or %s (intruder); edit %s to change the policy\n",
-			decl.FrontendOut, decl.IntruderOut, decl.Dir)
+		// The walk-through ended with the policy swapped: say what works now.
+		fmt.Fprintf(out, "keeping the mesh up (Ctrl-C to stop); the policy now admits the intruder instead of the frontend:\n"+
+			"  plain TCP to %s (the intruder's outbound) reaches the echo app through both sidecars\n"+
+			"  plain TCP to %s (the frontend's outbound) is reset: the backend's sidecar refuses the frontend\n"+
+			"  edit the allow list in %s to change that; the control plane pushes it at once\n",
+			decl.IntruderOut, decl.FrontendOut, decl.backendFile())
 		<-ctx.Done()
 	}
 	return rep, nil
@@ -228,6 +232,8 @@ type declarations struct {
 	App, BackendIn, FrontendOut, IntruderOut string
 }
 
+// The templates are examples/declarations with the demo's ports; a test
+// keeps the two in step.
 const backendTemplate = `# The backend: the echo app behind its sidecar. Edit the allow-list and the
 # control plane pushes the change to the backend's sidecar at once.
 apiVersion: latch.dev/v1alpha1
@@ -240,6 +246,7 @@ spec:
   inbound:
     - port: %s
       appAddress: %s
+      idleTimeout: 5m
       allow:
         - id: %s
 `

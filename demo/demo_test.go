@@ -5,13 +5,21 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"os"
+	"path"
+	"path/filepath"
+	"reflect"
+	"regexp"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"go.uber.org/goleak"
 
 	"latch.dev/latch/identity"
+	"latch.dev/latch/xds/policy"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -64,4 +72,113 @@ func TestDemo(t *testing.T) {
 			t.Errorf("output lacks %q:\n%s", want, out.String())
 		}
 	}
+}
+
+// TestExamplesAreTheDemo: examples/declarations holds the declarations the
+// demo writes, but for the ports and the app's address.
+func TestExamplesAreTheDemo(t *testing.T) {
+	opts := policy.Options{TrustDomains: []spiffeid.TrustDomain{BackendID.TrustDomain()}}
+	read := func(dir string) map[string]policy.Declaration {
+		t.Helper()
+		files, err := filepath.Glob(filepath.Join(dir, "*.yaml"))
+		if err != nil || len(files) == 0 {
+			t.Fatalf("no declarations in %s: %v", dir, err)
+		}
+		out := map[string]policy.Declaration{}
+		for _, f := range files {
+			data, err := os.ReadFile(f)
+			if err != nil {
+				t.Fatal(err)
+			}
+			decls, err := policy.Parse(f, data, opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, d := range decls {
+				// What differs on purpose: where things listen.
+				d.File, d.Line = filepath.Base(d.File), 0
+				for i := range d.Inbound {
+					d.Inbound[i].Port, d.Inbound[i].App = 0, ""
+				}
+				for i := range d.Outbound {
+					d.Outbound[i].Port, d.Outbound[i].Endpoints = 0, nil
+				}
+				out[d.Name] = d
+			}
+		}
+		return out
+	}
+	demoDir := t.TempDir()
+	d := declarations{Dir: demoDir, App: "127.0.0.1:1", BackendIn: "127.0.0.1:2", FrontendOut: "127.0.0.1:3", IntruderOut: "127.0.0.1:4"}
+	if err := d.write(FrontendID); err != nil {
+		t.Fatal(err)
+	}
+	examples, demo := read(filepath.Join("..", "examples", "declarations")), read(demoDir)
+	if !reflect.DeepEqual(examples, demo) {
+		t.Errorf("examples/declarations and the demo's declarations differ:\nexamples: %+v\ndemo:     %+v", examples, demo)
+	}
+	for _, id := range []spiffeid.ID{BackendID, FrontendID, IntruderID} {
+		if _, ok := examples[path.Base(id.Path())]; !ok {
+			t.Errorf("examples lack %s", id)
+		}
+	}
+}
+
+// TestKeepRunningAdvice runs the demo with KeepRunning and follows its last
+// words: the port it says reaches the app does, the one it says is reset is.
+func TestKeepRunningAdvice(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	out := &syncBuffer{}
+	done := make(chan error, 1)
+	go func() {
+		_, err := Run(ctx, Options{Out: out, KeepRunning: true})
+		done <- err
+	}()
+	admitted := regexp.MustCompile(`plain TCP to (\S+) \(the intruder's outbound\) reaches the echo app`)
+	reset := regexp.MustCompile(`plain TCP to (\S+) \(the frontend's outbound\) is reset`)
+	var ok, refusedAddr string
+	for deadline := time.Now().Add(50 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		s := out.String()
+		if m, r := admitted.FindStringSubmatch(s), reset.FindStringSubmatch(s); m != nil && r != nil {
+			ok, refusedAddr = m[1], r[1]
+			break
+		}
+		select {
+		case err := <-done:
+			t.Fatalf("demo ended before keeping the mesh up: %v\n%s", err, s)
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no keep-running advice:\n%s", s)
+		}
+	}
+	if _, err := roundTrip(ctx, ok, 1024); err != nil {
+		t.Errorf("%s was said to reach the app: %v", ok, err)
+	}
+	if err := refused(ctx, refusedAddr); err != nil {
+		t.Errorf("%s was said to be reset: %v", refusedAddr, err)
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Errorf("demo: %v", err)
+	}
+}
+
+// syncBuffer is a bytes.Buffer the demo writes to while the test reads.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }

@@ -42,14 +42,14 @@ func TestControlPlaneCommand(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	feSocket, err := ca.AddWorkload("spiffe://demo.latch.test/frontend")
+	feSocket, err := ca.AddWorkload("spiffe://demo.latch.test/ns/demo/sa/frontend")
 	if err != nil {
 		t.Fatal(err)
 	}
 
 	// A copy of the examples, so the test can edit it.
 	dir := t.TempDir()
-	for _, name := range []string{"backend.yaml", "frontend.yaml"} {
+	for _, name := range []string{"backend.yaml", "frontend.yaml", "intruder.yaml"} {
 		b, err := os.ReadFile(filepath.Join("..", "..", "examples", "declarations", name))
 		if err != nil {
 			t.Fatal(err)
@@ -113,7 +113,7 @@ func TestControlPlaneCommand(t *testing.T) {
 		cdone <- xdsclient.Run(cctx, xdsclient.Options{
 			Address:        xdsAddr,
 			ControlPlaneID: cpID,
-			NodeID:         spiffeid.RequireFromString("spiffe://demo.latch.test/frontend"),
+			NodeID:         spiffeid.RequireFromString("spiffe://demo.latch.test/ns/demo/sa/frontend"),
 			TLS:            identity.NewTLS(src).ClientConfig(identity.Modern(), cpID),
 		}, func(c *proxy.Config) error { applied <- c; return nil })
 	}()
@@ -123,7 +123,7 @@ func TestControlPlaneCommand(t *testing.T) {
 	case <-time.After(20 * time.Second):
 		t.Fatal("sidecar got no config")
 	}
-	if len(cfg.Outbound) != 1 || cfg.Outbound[0].Listen != "127.0.0.1:15101" || cfg.Outbound[0].ServerID.String() != "spiffe://demo.latch.test/backend" {
+	if len(cfg.Outbound) != 1 || cfg.Outbound[0].Listen != "127.0.0.1:15101" || cfg.Outbound[0].ServerID.String() != "spiffe://demo.latch.test/ns/demo/sa/backend" {
 		t.Fatalf("frontend config: %+v", cfg)
 	}
 
@@ -144,7 +144,7 @@ func TestControlPlaneCommand(t *testing.T) {
 	if m := get("/metrics"); !strings.Contains(m, "latch_xds_connected_streams 1") || !strings.Contains(m, "latch_xds_declared_nodes 3") {
 		t.Errorf("metrics lack the stream or the declarations:\n%s", m)
 	}
-	if s := get("/status"); !strings.Contains(s, `"spiffe_id": "spiffe://demo.latch.test/frontend"`) {
+	if s := get("/status"); !strings.Contains(s, `"spiffe_id": "spiffe://demo.latch.test/ns/demo/sa/frontend"`) {
 		t.Errorf("status: %s", s)
 	}
 
