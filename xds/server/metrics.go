@@ -25,13 +25,14 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		pushes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "latch_xds_pushes_total", Help: "Discovery responses sent, by resource type.",
 		}, []string{"type"}),
-		// Nodes are the declared SPIFFE IDs (others are refused before they
-		// can NACK anything), so the label set is bounded by the declarations.
+		// A node is the SPIFFE ID the peer proved (any other is refused
+		// before it can NACK), so each workload identity adds at most one
+		// label, whatever it sends.
 		nacks: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "latch_xds_nacks_total", Help: "Updates refused by sidecars, by node.",
 		}, []string{"node"}),
 		refusedStreams: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "latch_xds_refused_streams_total", Help: "xDS streams refused, by reason.",
+			Name: "latch_xds_refused_streams_total", Help: "xDS streams (and, for connection_limit, connections) refused, by reason.",
 		}, []string{"reason"}),
 		declErrors: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "latch_declaration_errors", Help: "Refusals in the current declarations (each names file and line in the log).",

@@ -22,7 +22,7 @@ import (
 	sotw "github.com/envoyproxy/go-control-plane/pkg/server/sotw/v3"
 	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	rpcstatus "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -39,6 +39,12 @@ type Options struct {
 	Logger    *slog.Logger
 	Metrics   *Metrics
 	Translate translate.Options
+	// StreamsPerPeer is how many ADS streams, and how many connections, one
+	// workload instance (a SPIFFE ID connecting from one IP address) may
+	// hold at once; DefaultStreamsPerPeer if zero. Past it, a stream is
+	// refused with ResourceExhausted and a connection is closed after the
+	// handshake, both logged with the peer's ID and address.
+	StreamsPerPeer int
 }
 
 // Server serves each sidecar the resources of the declaration for the SPIFFE
@@ -51,16 +57,23 @@ type Server struct {
 	cache   cache.SnapshotCache
 	xds     serverv3.Server
 
-	// snapMu serialises snapshot changes; it is never held while waiting
-	// for mu, and mu is never held while calling into the cache.
+	// snapMu serialises snapshot changes. It is taken before mu, never
+	// while mu is held (Update holds snapMu for long), and mu is never held
+	// while calling into the cache.
 	snapMu   sync.Mutex
 	served   map[string]string             // node ID → snapshot version, for every node with a declaration now or before
 	lastDecl map[string]policy.Declaration // node ID → declaration last translated
 	ready    bool
 
-	mu       sync.Mutex
-	streams  map[streamKey]*streamState
-	lastNACK map[string]map[string]string // node ID → type URL → last error_detail
+	// Everything under mu belongs to an open stream or connection and goes
+	// with it, so what a peer makes the server hold ends when it leaves.
+	mu             sync.Mutex
+	streamsPerPeer int
+	streams        map[streamKey]*streamState
+	nodes          map[string]map[streamKey]bool // node ID → its bound streams
+	peers          map[peerKey]*peerUse
+
+	logLimit logLimiter
 }
 
 type streamKey struct {
@@ -70,9 +83,25 @@ type streamKey struct {
 
 type streamState struct {
 	peer   spiffeid.ID
+	from   peerKey
 	node   string // node ID once proved equal to peer
 	opened time.Time
 	sent   map[string]string // SotW: response nonce → version sent with it
+	nacks  map[string]string // served type URL → error detail (clipped) of the last NACK not followed by an ACK
+
+	// Delta: the names the stream is subscribed to, mirrored from
+	// go-control-plane's subscription to bound it.
+	subscribed     map[string]map[string]bool // type URL → names
+	subscribedSize int                        // bytes of those names
+}
+
+// servedTypes are the resource types of latch's snapshots. A request for
+// any other is refused: go-control-plane would open a watch and keep the
+// request for every type URL a peer makes up.
+var servedTypes = map[string]bool{
+	resource.ListenerType: true,
+	resource.ClusterType:  true,
+	resource.EndpointType: true,
 }
 
 // New returns a Server whose streams end when ctx is done.
@@ -82,18 +111,24 @@ func New(ctx context.Context, opts Options) *Server {
 		metrics:  opts.Metrics,
 		topts:    opts.Translate,
 		streams:  map[streamKey]*streamState{},
+		nodes:    map[string]map[streamKey]bool{},
+		peers:    map[peerKey]*peerUse{},
 		served:   map[string]string{},
 		lastDecl: map[string]policy.Declaration{},
-		lastNACK: map[string]map[string]string{},
+
+		streamsPerPeer: opts.StreamsPerPeer,
 	}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
 	}
-	s.cache = cache.NewSnapshotCache(true, cache.IDHash{}, cacheLogger{s.log})
+	if s.streamsPerPeer <= 0 {
+		s.streamsPerPeer = DefaultStreamsPerPeer
+	}
+	s.cache = cache.NewSnapshotCache(true, cache.IDHash{}, cacheLogger{s})
 	// Ordered ADS sends a snapshot's types in dependency order (clusters,
 	// endpoints, listeners), which lets sidecars apply one change once, when
 	// the listeners arrive, instead of a mix of old and new.
-	s.xds = serverv3.NewServer(ctx, s.cache, s.callbacks(), sotw.WithOrderedADS(), sotw.WithLogger(cacheLogger{s.log}), delta.WithLogger(cacheLogger{s.log}))
+	s.xds = serverv3.NewServer(ctx, s.cache, s.callbacks(), sotw.WithOrderedADS(), sotw.WithLogger(cacheLogger{s}), delta.WithLogger(cacheLogger{s}))
 	return s
 }
 
@@ -155,12 +190,19 @@ func (s *Server) Update(snap policy.Snapshot) {
 	}
 	removed := 0
 	for node := range s.served {
-		if !declared[node] && s.lastDecl[node].Name != "" {
+		if declared[node] {
+			continue
+		}
+		if s.lastDecl[node].Name != "" {
 			removed++
 		}
-		if !declared[node] {
-			delete(s.lastDecl, node)
+		delete(s.lastDecl, node)
+		// A connected sidecar is told to serve nothing; one that is not
+		// connected is forgotten, and told when it connects.
+		if s.boundStreams(node) > 0 {
 			_ = s.install(build(node, translate.Resources{}))
+		} else {
+			s.forget(node)
 		}
 	}
 	s.metrics.nodes(len(declared))
@@ -202,6 +244,33 @@ func build(node string, r translate.Resources) built {
 // setSnapshot is called with s.snapMu held.
 func (s *Server) setSnapshot(node string, r translate.Resources) { _ = s.install(build(node, r)) }
 
+// forget drops what the server and the cache hold for a node. It is called
+// with s.snapMu held, for a node with no declaration and no stream.
+func (s *Server) forget(node string) {
+	delete(s.served, node)
+	delete(s.lastDecl, node)
+	s.cache.ClearSnapshot(node)
+}
+
+// forgetIfIdle forgets a node that has neither a declaration nor a stream:
+// otherwise every workload that ever connected would keep a snapshot and the
+// cache's status for its node.
+func (s *Server) forgetIfIdle(node string) {
+	s.snapMu.Lock()
+	defer s.snapMu.Unlock()
+	if _, declared := s.lastDecl[node]; declared || s.boundStreams(node) > 0 {
+		return
+	}
+	s.forget(node)
+}
+
+// boundStreams is the number of open streams bound to node.
+func (s *Server) boundStreams(node string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.nodes[node])
+}
+
 // install serves b to its node unless the node already has that version,
 // and reports whether the node now has it. It is called with s.snapMu held.
 func (s *Server) install(b built) bool {
@@ -238,16 +307,25 @@ func (s *Server) Version(node string) string {
 	return s.served[node]
 }
 
-// LastNACK returns the error details of the updates node refused and has
-// not ACKed a later version of since (one per resource type), "" if none.
+// LastNACK returns the error details of the updates node's open streams
+// refused and have not ACKed a later version of since (one per resource type
+// and stream, each cut to 1 KiB, the same text once), "" if none. A NACK is
+// forgotten with its stream: a sidecar that reconnects refuses the update
+// again if it still cannot take it.
 func (s *Server) LastNACK(node string) string {
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	var msgs []string
-	for _, m := range s.lastNACK[node] {
-		msgs = append(msgs, m)
+	for k := range s.nodes[node] {
+		for _, m := range s.streams[k].nacks {
+			msgs = append(msgs, m)
+		}
 	}
+	s.mu.Unlock()
 	slices.Sort(msgs)
+	msgs = slices.Compact(msgs)
+	if len(msgs) > maxListedNACKs {
+		msgs = append(msgs[:maxListedNACKs], fmt.Sprintf("and %d more", len(msgs)-maxListedNACKs))
+	}
 	return strings.Join(msgs, "; ")
 }
 
@@ -266,67 +344,114 @@ func (s *Server) Register(g *grpc.Server) {
 // NewGRPCServer returns a gRPC server with ADS registered, speaking mTLS with
 // tlsConfig. tlsConfig must require and verify client certificates as SVIDs
 // (identity's ServerConfig does, in VerifyConnection): the node check reads
-// the peer certificate the handshake accepted.
+// the peer certificate the handshake accepted. The server bounds what each
+// peer can make it hold: connections per workload instance, message and
+// header sizes, flow-control windows, streams per connection; see the
+// constants in limits.go.
 func (s *Server) NewGRPCServer(tlsConfig *tls.Config) *grpc.Server {
-	g := grpc.NewServer(
-		grpc.Creds(credentials.NewTLS(tlsConfig)),
-		// Sidecars ping to notice a dead control plane quickly; allow it.
-		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
-		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}),
-	)
+	g := grpc.NewServer(s.serverOptions(tlsConfig)...)
 	s.Register(g)
 	return g
+}
+
+func (s *Server) serverOptions(tlsConfig *tls.Config) []grpc.ServerOption {
+	return []grpc.ServerOption{
+		grpc.Creds(peerCreds{credentials.NewTLS(tlsConfig), s}),
+		grpc.ConnectionTimeout(handshakeTimeout),
+		grpc.MaxRecvMsgSize(maxRequestBytes),
+		grpc.MaxHeaderListSize(maxHeaderBytes),
+		grpc.MaxConcurrentStreams(uint32(s.streamsPerPeer)),
+		grpc.InitialWindowSize(windowBytes),
+		grpc.InitialConnWindowSize(windowBytes),
+		// Sidecars ping every 20 s to notice a dead control plane quickly;
+		// allow it, but no more often than every 10 s.
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second, MaxConnectionIdle: idleTimeout}),
+	}
 }
 
 // ErrNodeMismatch is returned (as PermissionDenied) to a sidecar asking for a
 // node ID other than the SPIFFE ID its certificate proves.
 var ErrNodeMismatch = errors.New("node ID does not match the peer certificate's SPIFFE ID")
 
-// peerID returns the SPIFFE ID of the verified client certificate on ctx.
-func peerID(ctx context.Context) (spiffeid.ID, error) {
+// peerOf returns the SPIFFE ID of the verified client certificate on ctx,
+// and the workload instance it names with the peer's address.
+func peerOf(ctx context.Context) (spiffeid.ID, peerKey, error) {
 	p, ok := peer.FromContext(ctx)
 	if !ok {
-		return spiffeid.ID{}, errors.New("no peer on the stream")
+		return spiffeid.ID{}, peerKey{}, errors.New("no peer on the stream")
 	}
-	info, ok := p.AuthInfo.(credentials.TLSInfo)
+	id, err := idFromAuth(p.AuthInfo)
+	if err != nil {
+		return spiffeid.ID{}, peerKey{}, err
+	}
+	return id, peerKey{id: id.String(), addr: hostOf(p.Addr)}, nil
+}
+
+// logPeer logs a line a peer caused, unless peers have caused too many
+// lately (logLimiter).
+func (s *Server) logPeer(level slog.Level, msg string, args ...any) {
+	ok, suppressed := s.logLimit.allow(time.Now())
 	if !ok {
-		return spiffeid.ID{}, errors.New("stream is not over TLS")
+		return
 	}
-	if !info.State.HandshakeComplete || len(info.State.PeerCertificates) == 0 {
-		return spiffeid.ID{}, errors.New("peer presented no certificate")
+	if suppressed > 0 {
+		args = append(args, "suppressed_before", suppressed)
 	}
-	return x509svid.IDFromCert(info.State.PeerCertificates[0])
+	s.log.Log(context.Background(), level, msg, args...)
 }
 
 func (s *Server) callbacks() serverv3.CallbackFuncs {
 	open := func(delta bool) func(context.Context, int64, string) error {
 		return func(ctx context.Context, id int64, _ string) error {
-			pid, err := peerID(ctx)
+			pid, from, err := peerOf(ctx)
 			if err != nil {
 				s.metrics.refused("no_peer_id")
-				s.log.Warn("xds stream refused", "reason", err)
+				s.logPeer(slog.LevelWarn, "xds stream refused", "reason", err)
 				return status.Errorf(codes.Unauthenticated, "latch control plane: %v", err)
 			}
 			s.mu.Lock()
-			s.streams[streamKey{delta, id}] = &streamState{peer: pid, opened: time.Now(), sent: map[string]string{}}
+			if !s.acquire(from, true) {
+				s.mu.Unlock()
+				s.metrics.refused("stream_limit")
+				s.logPeer(slog.LevelWarn, "xds stream refused", "peer_id", from.id, "remote_addr", from.addr,
+					"reason", "stream limit", "limit", s.streamsPerPeer)
+				return status.Errorf(codes.ResourceExhausted, "latch control plane: %s already holds %d xDS streams (the limit per workload instance)", from, s.streamsPerPeer)
+			}
+			s.streams[streamKey{delta, id}] = &streamState{peer: pid, from: from, opened: time.Now(), sent: map[string]string{}, nacks: map[string]string{}}
 			n := len(s.streams)
 			s.mu.Unlock()
 			s.metrics.connected(n)
-			s.log.Info("xds stream opened", "peer_id", pid.String(), "delta", delta)
+			s.logPeer(slog.LevelInfo, "xds stream opened", "peer_id", pid.String(), "remote_addr", from.addr, "delta", delta)
 			return nil
 		}
 	}
 	closed := func(delta bool) func(int64, *core.Node) {
 		return func(id int64, _ *core.Node) {
+			key := streamKey{delta, id}
 			s.mu.Lock()
-			st := s.streams[streamKey{delta, id}]
-			delete(s.streams, streamKey{delta, id})
+			st := s.streams[key]
+			if st != nil {
+				delete(s.streams, key)
+				s.release(st.from, true)
+				if st.node != "" {
+					delete(s.nodes[st.node], key)
+					if len(s.nodes[st.node]) == 0 {
+						delete(s.nodes, st.node)
+					}
+				}
+			}
 			n := len(s.streams)
 			s.mu.Unlock()
-			s.metrics.connected(n)
-			if st != nil {
-				s.log.Info("xds stream closed", "peer_id", st.peer.String(), "delta", delta, "duration", time.Since(st.opened).Round(time.Millisecond).String())
+			if st == nil {
+				return // refused when it opened
 			}
+			s.metrics.connected(n)
+			if st.node != "" {
+				s.forgetIfIdle(st.node)
+			}
+			s.logPeer(slog.LevelInfo, "xds stream closed", "peer_id", st.peer.String(), "remote_addr", st.from.addr, "delta", delta,
+				"duration", time.Since(st.opened).Round(time.Millisecond).String())
 		}
 	}
 	return serverv3.CallbackFuncs{
@@ -335,20 +460,37 @@ func (s *Server) callbacks() serverv3.CallbackFuncs {
 		DeltaStreamOpenFunc:   open(true),
 		DeltaStreamClosedFunc: closed(true),
 		StreamRequestFunc: func(id int64, req *discovery.DiscoveryRequest) error {
-			if err := s.checkNode(streamKey{false, id}, req.GetNode()); err != nil {
+			key := streamKey{false, id}
+			if err := s.checkNode(key, req.GetNode()); err != nil {
 				return err
 			}
-			s.noteAck(req.GetNode().GetId(), req.GetTypeUrl(), req.GetVersionInfo(), req.GetErrorDetail())
-			if req.GetErrorDetail() != nil {
-				s.holdNACKed(streamKey{false, id}, req)
+			if err := s.checkType(key, req.GetTypeUrl()); err != nil {
+				return err
 			}
+			slimNode(req.GetNode())
+			if req.GetErrorDetail() != nil {
+				s.holdNACKed(key, req)
+			}
+			s.noteAck(key, req.GetTypeUrl(), req.GetVersionInfo(), req.GetVersionInfo() != "", req.GetErrorDetail())
+			// go-control-plane keeps the request with its watch; it has no
+			// use for the detail, which is noted (cut short) above.
+			req.ErrorDetail = nil
 			return nil
 		},
 		StreamDeltaRequestFunc: func(id int64, req *discovery.DeltaDiscoveryRequest) error {
-			if err := s.checkNode(streamKey{true, id}, req.GetNode()); err != nil {
+			key := streamKey{true, id}
+			if err := s.checkNode(key, req.GetNode()); err != nil {
 				return err
 			}
-			s.noteAck(s.streamNode(streamKey{true, id}), req.GetTypeUrl(), "", req.GetErrorDetail())
+			if err := s.checkType(key, req.GetTypeUrl()); err != nil {
+				return err
+			}
+			if err := s.checkSubscription(key, req); err != nil {
+				return err
+			}
+			slimNode(req.GetNode())
+			s.noteAck(key, req.GetTypeUrl(), "", req.GetResponseNonce() != "", req.GetErrorDetail())
+			req.ErrorDetail = nil
 			return nil
 		},
 		StreamResponseFunc: func(_ context.Context, id int64, _ *discovery.DiscoveryRequest, resp *discovery.DiscoveryResponse) {
@@ -390,26 +532,111 @@ func (s *Server) checkNode(key streamKey, node *core.Node) error {
 			return nil // later requests may omit the node
 		}
 		s.metrics.refused("no_node_id")
-		s.log.Warn("xds stream refused", "peer_id", st.peer.String(), "reason", "first request carries no node ID")
+		s.logPeer(slog.LevelWarn, "xds stream refused", "peer_id", st.peer.String(), "remote_addr", st.from.addr, "reason", "first request carries no node ID")
 		return status.Error(codes.InvalidArgument, "latch control plane: the first request must carry the node ID")
 	}
 	if node.GetId() != st.peer.String() {
 		s.mu.Unlock()
 		s.metrics.refused("node_mismatch")
-		s.log.Warn("xds stream refused", "peer_id", st.peer.String(), "node", node.GetId(), "reason", ErrNodeMismatch.Error())
-		return status.Errorf(codes.PermissionDenied, "latch control plane: node ID %q: %v (%s)", node.GetId(), ErrNodeMismatch, st.peer)
+		nodeID := clip(node.GetId(), maxLoggedBytes)
+		s.logPeer(slog.LevelWarn, "xds stream refused", "peer_id", st.peer.String(), "remote_addr", st.from.addr, "node", nodeID, "reason", ErrNodeMismatch.Error())
+		return status.Errorf(codes.PermissionDenied, "latch control plane: node ID %q: %v (%s)", nodeID, ErrNodeMismatch, st.peer)
 	}
 	st.node = node.GetId()
+	if s.nodes[st.node] == nil {
+		s.nodes[st.node] = map[streamKey]bool{}
+	}
+	s.nodes[st.node][key] = true
 	s.mu.Unlock()
 	s.snapMu.Lock()
 	defer s.snapMu.Unlock()
 	// Before the first declarations load, "no declaration" means "not read
 	// yet": the node waits rather than being told to serve nothing.
 	if _, known := s.served[node.GetId()]; !known && s.ready {
-		s.log.Info("no declaration for node: serving it nothing", "node", node.GetId())
+		s.logPeer(slog.LevelInfo, "no declaration for node: serving it nothing", "node", node.GetId())
 		s.setSnapshot(node.GetId(), translate.Resources{})
 	}
 	return nil
+}
+
+// checkType refuses a request for a type latch does not serve.
+func (s *Server) checkType(key streamKey, typeURL string) error {
+	if servedTypes[typeURL] {
+		return nil
+	}
+	s.mu.Lock()
+	var from peerKey
+	if st := s.streams[key]; st != nil {
+		from = st.from
+	}
+	s.mu.Unlock()
+	typeURL = clip(typeURL, maxLoggedBytes)
+	s.metrics.refused("unknown_type")
+	s.logPeer(slog.LevelWarn, "xds stream refused", "peer_id", from.id, "remote_addr", from.addr, "type", typeURL, "reason", "type not served")
+	return status.Errorf(codes.InvalidArgument, "latch control plane: type %q is not served (only listeners, clusters and endpoints are)", typeURL)
+}
+
+// checkSubscription mirrors a delta stream's subscriptions and refuses the
+// stream once they outgrow maxSubscriptionBytes: delta requests add names to
+// what go-control-plane keeps for the stream, request after request.
+func (s *Server) checkSubscription(key streamKey, req *discovery.DeltaDiscoveryRequest) error {
+	s.mu.Lock()
+	st := s.streams[key]
+	if st == nil {
+		s.mu.Unlock()
+		return status.Error(codes.Internal, "latch control plane: request on an unknown stream")
+	}
+	if st.subscribed == nil {
+		st.subscribed = map[string]map[string]bool{}
+	}
+	names := st.subscribed[req.GetTypeUrl()]
+	if names == nil {
+		names = map[string]bool{}
+		st.subscribed[req.GetTypeUrl()] = names
+	}
+	for _, n := range req.GetResourceNamesSubscribe() {
+		if !names[n] && st.subscribedSize+len(n) <= maxSubscriptionBytes {
+			names[n] = true
+			st.subscribedSize += len(n)
+		} else if !names[n] {
+			st.subscribedSize = maxSubscriptionBytes + 1
+			break
+		}
+	}
+	for _, n := range req.GetResourceNamesUnsubscribe() {
+		if names[n] {
+			delete(names, n)
+			st.subscribedSize -= len(n)
+		}
+	}
+	over := st.subscribedSize > maxSubscriptionBytes
+	from := st.from
+	s.mu.Unlock()
+	if !over {
+		return nil
+	}
+	s.metrics.refused("subscription_limit")
+	s.logPeer(slog.LevelWarn, "xds stream refused", "peer_id", from.id, "remote_addr", from.addr, "reason", "subscription limit", "limit_bytes", maxSubscriptionBytes)
+	return status.Errorf(codes.ResourceExhausted, "latch control plane: the stream's subscriptions exceed %d bytes of resource names", maxSubscriptionBytes)
+}
+
+// slimNode drops what the server has no use for from a node that
+// go-control-plane keeps for the life of the stream: only the ID, which
+// checkNode proved equal to the peer's, matters (snapshots are keyed by it).
+func slimNode(n *core.Node) {
+	if n == nil {
+		return
+	}
+	n.Cluster = ""
+	n.Metadata = nil
+	n.DynamicParameters = nil
+	n.Locality = nil
+	n.UserAgentName = ""
+	n.UserAgentVersionType = nil
+	n.Extensions = nil
+	n.ClientFeatures = nil
+	//lint:ignore SA1019 deprecated, but a peer can still fill it
+	n.ListeningAddresses = nil
 }
 
 // holdNACKed stops a refused version from being sent again at once. A SotW
@@ -427,47 +654,55 @@ func (s *Server) holdNACKed(key streamKey, req *discovery.DiscoveryRequest) {
 	}
 }
 
-func (s *Server) streamNode(key streamKey) string {
+// noteAck keeps the stream's last NACK of typeURL, cut to maxNACKBytes, and
+// logs it; an ACK clears it. typeURL is one of servedTypes, so a stream
+// holds at most one NACK per served type.
+func (s *Server) noteAck(key streamKey, typeURL, version string, ack bool, nack *rpcstatus.Status) {
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	if st := s.streams[key]; st != nil {
-		return st.node
-	}
-	return ""
-}
-
-func (s *Server) noteAck(node, typeURL, version string, detail interface{ GetMessage() string }) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if msg := detail.GetMessage(); msg != "" {
-		if s.lastNACK[node] == nil {
-			s.lastNACK[node] = map[string]string{}
-		}
-		s.lastNACK[node][typeURL] = msg
-		s.metrics.nack(node)
-		s.log.Warn("update refused by sidecar", "node", node, "type", typeURL, "version", version, "reason", msg)
+	st := s.streams[key]
+	if st == nil {
+		s.mu.Unlock()
 		return
 	}
-	if version != "" {
-		delete(s.lastNACK[node], typeURL)
+	node := st.node
+	if nack == nil {
+		if ack {
+			delete(st.nacks, typeURL)
+		}
+		s.mu.Unlock()
+		return
 	}
+	msg := clip(nack.GetMessage(), maxNACKBytes)
+	if msg == "" {
+		msg = fmt.Sprintf("(no message, code %d)", nack.GetCode())
+	}
+	st.nacks[typeURL] = msg
+	s.mu.Unlock()
+	s.metrics.nack(node)
+	s.logPeer(slog.LevelWarn, "update refused by sidecar", "node", node, "type", typeURL, "version", clip(version, maxLoggedBytes), "reason", msg)
 }
 
 // cacheLogger routes go-control-plane's logs to slog at debug level; the
 // server logs what matters itself with stable keys. Its lines say where they
 // come from with "library": the logger already carries the server's
-// "component", and a second one would repeat the key in the line.
-type cacheLogger struct{ l *slog.Logger }
+// "component", and a second one would repeat the key in the line. They can
+// carry what a peer sent (resource names, type URLs), so they are cut short,
+// formatted only when logged, and warnings share the peers' log limit.
+type cacheLogger struct{ s *Server }
 
-func (c cacheLogger) Debugf(f string, a ...any) {
-	c.l.Debug(fmt.Sprintf(f, a...), "library", "go-control-plane")
+func (c cacheLogger) logf(level slog.Level, f string, a ...any) {
+	if !c.s.log.Enabled(context.Background(), level) {
+		return
+	}
+	msg := clip(fmt.Sprintf(f, a...), maxNACKBytes)
+	if level >= slog.LevelWarn {
+		c.s.logPeer(level, msg, "library", "go-control-plane")
+		return
+	}
+	c.s.log.Log(context.Background(), level, msg, "library", "go-control-plane")
 }
-func (c cacheLogger) Infof(f string, a ...any) {
-	c.l.Debug(fmt.Sprintf(f, a...), "library", "go-control-plane")
-}
-func (c cacheLogger) Warnf(f string, a ...any) {
-	c.l.Warn(fmt.Sprintf(f, a...), "library", "go-control-plane")
-}
-func (c cacheLogger) Errorf(f string, a ...any) {
-	c.l.Error(fmt.Sprintf(f, a...), "library", "go-control-plane")
-}
+
+func (c cacheLogger) Debugf(f string, a ...any) { c.logf(slog.LevelDebug, f, a...) }
+func (c cacheLogger) Infof(f string, a ...any)  { c.logf(slog.LevelDebug, f, a...) }
+func (c cacheLogger) Warnf(f string, a ...any)  { c.logf(slog.LevelWarn, f, a...) }
+func (c cacheLogger) Errorf(f string, a ...any) { c.logf(slog.LevelError, f, a...) }

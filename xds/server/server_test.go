@@ -68,7 +68,13 @@ func TestUpdateVersionsAndRemoval(t *testing.T) {
 		t.Error("replicas disagree on versions: they must be content hashes")
 	}
 
-	// b's declaration goes away: b is served an empty snapshot, not its old one.
+	// b's declaration goes away while b is connected: b is served an empty
+	// snapshot, not its old one.
+	bStream := streamKey{id: 1}
+	s.streams[bStream] = &streamState{peer: spiffeid.RequireFromString("spiffe://mesh.test/b"), sent: map[string]string{}, nacks: map[string]string{}}
+	if err := s.checkNode(bStream, &core.Node{Id: "spiffe://mesh.test/b"}); err != nil {
+		t.Fatal(err)
+	}
 	s.Update(decls(t, a))
 	if s.Version("spiffe://mesh.test/a") != va {
 		t.Error("a's version changed though its declaration did not")
@@ -80,6 +86,17 @@ func TestUpdateVersionsAndRemoval(t *testing.T) {
 	if n := len(snap.GetResources(resource.ListenerType)) + len(snap.GetResources(resource.ClusterType)); n != 0 || s.Version("spiffe://mesh.test/b") == vb {
 		t.Errorf("removed declaration still served: %d resources, version %s", n, s.Version("spiffe://mesh.test/b"))
 	}
+
+	// a's goes away while a is not connected: nothing is kept for it (it is
+	// told to serve nothing when it connects).
+	s.Update(decls(t, b))
+	s.Update(policy.Snapshot{})
+	if _, err := s.cache.GetSnapshot("spiffe://mesh.test/a"); err == nil || s.Version("spiffe://mesh.test/a") != "" {
+		t.Errorf("a node with neither declaration nor stream is still held: version %q", s.Version("spiffe://mesh.test/a"))
+	}
+	if s.Version("spiffe://mesh.test/b") == "" {
+		t.Error("the connected node lost its (empty) snapshot")
+	}
 }
 
 func TestCheckNode(t *testing.T) {
@@ -88,7 +105,7 @@ func TestCheckNode(t *testing.T) {
 	s := New(ctx, Options{})
 	peer := spiffeid.RequireFromString("spiffe://mesh.test/a")
 	key := streamKey{id: 1}
-	s.streams[key] = &streamState{peer: peer, sent: map[string]string{}}
+	s.streams[key] = &streamState{peer: peer, sent: map[string]string{}, nacks: map[string]string{}}
 
 	if err := s.checkNode(key, nil); err == nil {
 		t.Error("first request without a node accepted")

@@ -1,0 +1,257 @@
+package server
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"strings"
+	"sync"
+	"time"
+	"unicode/utf8"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"google.golang.org/grpc/credentials"
+)
+
+// Every workload of the trust domain may connect to the control plane, so
+// everything one peer can make it hold or do is bounded; docs/security.md
+// ("A hostile sidecar") adds the figures up.
+const (
+	// DefaultStreamsPerPeer is the default of Options.StreamsPerPeer. A
+	// sidecar holds one stream on one connection, two while it reconnects
+	// (the old connection lingers until keepalive notices it is gone); four
+	// leaves room for a quick restart on top.
+	DefaultStreamsPerPeer = 4
+
+	// maxRequestBytes is gRPC's receive limit. The largest request a latch
+	// sidecar sends is its endpoints request: about 15 bytes per outbound
+	// EDS cluster on top of the node ID and a NACK, so 17 KB for 1,000
+	// outbound listeners with a 2 KiB SPIFFE ID and a 1 KiB NACK. 128 KiB is
+	// room for about 8,500 (TestLargestSidecarRequestFits).
+	maxRequestBytes = 128 << 10
+
+	// maxNACKBytes is how much of a NACK's error detail is kept and logged.
+	// A latch sidecar sends one error naming the resource, the field path
+	// and the reason; the longest of the validation matrix is 264 bytes.
+	maxNACKBytes = 1 << 10
+
+	// maxLoggedBytes bounds any other peer-supplied text in a log line or
+	// an error: a node ID, a type URL, a version.
+	maxLoggedBytes = 256
+
+	// maxSubscriptionBytes bounds the resource names one delta stream is
+	// subscribed to, summed over its requests: no more than one
+	// state-of-the-world request could name.
+	maxSubscriptionBytes = maxRequestBytes
+
+	// maxHeaderBytes bounds a stream's HTTP/2 header list (its gRPC
+	// metadata), which gRPC keeps for the life of the stream. A sidecar
+	// sends about 200 bytes; gRPC's default is 16 MiB.
+	maxHeaderBytes = 16 << 10
+
+	// windowBytes is the HTTP/2 flow-control window of each stream and
+	// connection, so what a peer can make the server buffer unread. Setting
+	// it turns off gRPC's bandwidth-delay estimation, which would grow the
+	// windows towards 16 MiB; xDS requests are small and rare.
+	windowBytes = 64 << 10
+
+	// handshakeTimeout ends a connection that has not finished TLS by then
+	// (gRPC's default is 120 s).
+	handshakeTimeout = 10 * time.Second
+
+	// idleTimeout closes a connection that has carried no stream for that
+	// long: a sidecar always holds one, and waits at most 30 s between
+	// attempts.
+	idleTimeout = 2 * time.Minute
+
+	// maxListedNACKs caps the distinct NACKs LastNACK reports for one node
+	// (replicas of a workload share its node ID).
+	maxListedNACKs = 8
+)
+
+// Lines a peer can cause at will (NACKs, refusals, streams opening and
+// closing) pass through one limiter: a burst of logBurst, then logRate a
+// second. The metrics still count every event.
+const (
+	logBurst = 100
+	logRate  = 10
+)
+
+// peerKey names one workload instance: the SPIFFE ID it proved and the IP
+// address it connects from. Replicas share a SPIFFE ID (a Kubernetes service
+// account's) but not a pod IP, so each gets its own allowance.
+type peerKey struct {
+	id   string
+	addr string
+}
+
+func (k peerKey) String() string { return k.id + " from " + k.addr }
+
+// peerUse is what one workload instance holds now.
+type peerUse struct{ conns, streams int }
+
+// hostOf is the IP of a peer address, without the port.
+func hostOf(a net.Addr) string {
+	if a == nil {
+		return ""
+	}
+	if t, ok := a.(*net.TCPAddr); ok {
+		return t.IP.String()
+	}
+	if h, _, err := net.SplitHostPort(a.String()); err == nil {
+		return h
+	}
+	return a.String()
+}
+
+// idFromAuth returns the SPIFFE ID of the verified client certificate.
+func idFromAuth(auth credentials.AuthInfo) (spiffeid.ID, error) {
+	info, ok := auth.(credentials.TLSInfo)
+	if !ok {
+		return spiffeid.ID{}, errors.New("stream is not over TLS")
+	}
+	if !info.State.HandshakeComplete || len(info.State.PeerCertificates) == 0 {
+		return spiffeid.ID{}, errors.New("peer presented no certificate")
+	}
+	return x509svid.IDFromCert(info.State.PeerCertificates[0])
+}
+
+// acquire counts one more connection (streams false) or stream of k, unless
+// k already holds the limit. Called with s.mu held.
+func (s *Server) acquire(k peerKey, stream bool) bool {
+	u := s.peers[k]
+	if u == nil {
+		u = &peerUse{}
+		s.peers[k] = u
+	}
+	n := &u.conns
+	if stream {
+		n = &u.streams
+	}
+	if *n >= s.streamsPerPeer {
+		if u.conns == 0 && u.streams == 0 {
+			delete(s.peers, k)
+		}
+		return false
+	}
+	*n++
+	return true
+}
+
+// release undoes acquire. Called with s.mu held.
+func (s *Server) release(k peerKey, stream bool) {
+	u := s.peers[k]
+	if u == nil {
+		return
+	}
+	if stream {
+		u.streams--
+	} else {
+		u.conns--
+	}
+	if u.conns <= 0 && u.streams <= 0 {
+		delete(s.peers, k)
+	}
+}
+
+// peerCreds are the server's TLS credentials with a limit on the
+// connections of each workload instance: a connection without a stream still
+// costs the server buffers and goroutines, and a peer could otherwise open
+// them by the thousand. The limit is Options.StreamsPerPeer, since a sidecar
+// holds one stream per connection.
+type peerCreds struct {
+	credentials.TransportCredentials
+	s *Server
+}
+
+func (c peerCreds) ServerHandshake(raw net.Conn) (net.Conn, credentials.AuthInfo, error) {
+	conn, auth, err := c.TransportCredentials.ServerHandshake(raw)
+	if err != nil {
+		return nil, nil, err
+	}
+	id, err := idFromAuth(auth)
+	if err != nil {
+		conn.Close()
+		return nil, nil, fmt.Errorf("latch control plane: %w", err)
+	}
+	k := peerKey{id: id.String(), addr: hostOf(raw.RemoteAddr())}
+	c.s.mu.Lock()
+	ok := c.s.acquire(k, false)
+	c.s.mu.Unlock()
+	if !ok {
+		conn.Close()
+		c.s.metrics.refused("connection_limit")
+		c.s.logPeer(slog.LevelWarn, "xds connection refused", "peer_id", k.id, "remote_addr", k.addr,
+			"reason", "connection limit", "limit", c.s.streamsPerPeer)
+		return nil, nil, fmt.Errorf("latch control plane: %s already holds %d connections (the limit per workload instance)", k, c.s.streamsPerPeer)
+	}
+	pc := &peerConn{Conn: conn}
+	pc.release = sync.OnceFunc(func() {
+		c.s.mu.Lock()
+		c.s.release(k, false)
+		c.s.mu.Unlock()
+	})
+	return pc, auth, nil
+}
+
+func (c peerCreds) Clone() credentials.TransportCredentials {
+	return peerCreds{c.TransportCredentials.Clone(), c.s}
+}
+
+// peerConn gives its peer's connection slot back when gRPC closes it.
+type peerConn struct {
+	net.Conn
+	release func()
+}
+
+func (c *peerConn) Close() error {
+	c.release()
+	return c.Conn.Close()
+}
+
+// clip returns s as valid UTF-8 of at most n bytes; text cut short ends with
+// how long it was. Peer-supplied text goes through it before it is kept,
+// logged or put in an error.
+func clip(s string, n int) string {
+	if len(s) <= n {
+		return strings.ToValidUTF8(s, "?")
+	}
+	mark := fmt.Sprintf("…[%d bytes]", len(s))
+	cut := max(n-len(mark), 0)
+	// Back up to the start of a rune (at most 3 bytes), so the cut does not
+	// leave half a character; invalid bytes are replaced below anyway.
+	for i := 0; i < 3 && cut > 0 && !utf8.RuneStart(s[cut]); i++ {
+		cut--
+	}
+	return strings.ToValidUTF8(s[:cut], "?") + mark
+}
+
+// logLimiter is a token bucket for log lines: a burst, then a steady rate.
+// It counts the lines it held back, and the next line it lets through says
+// how many.
+type logLimiter struct {
+	mu         sync.Mutex
+	tokens     float64
+	last       time.Time
+	suppressed int
+}
+
+func (l *logLimiter) allow(now time.Time) (ok bool, suppressed int) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.last.IsZero() {
+		l.tokens = logBurst
+	} else {
+		l.tokens = min(logBurst, l.tokens+now.Sub(l.last).Seconds()*logRate)
+	}
+	l.last = now
+	if l.tokens < 1 {
+		l.suppressed++
+		return false, 0
+	}
+	l.tokens--
+	suppressed, l.suppressed = l.suppressed, 0
+	return true, suppressed
+}
