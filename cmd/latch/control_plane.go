@@ -35,6 +35,7 @@ type controlPlaneFlags struct {
 	profile      string
 	debounce     time.Duration
 	logs         logFlags
+	peerStreams  int
 	// oldSocketFlag is set when the socket was given under the flag's
 	// former name, --workload-api-socket.
 	oldSocketFlag bool
@@ -53,6 +54,7 @@ func parseControlPlaneFlags(args []string, stdout io.Writer) (controlPlaneFlags,
 	fs.StringVar(&f.inboundHost, "inbound-host", "0.0.0.0", "address sidecars bind inbound listeners on")
 	fs.StringVar(&f.profile, "tls-profile", identity.ProfileModern, "TLS profile of the xDS server: modern or intermediate")
 	fs.DurationVar(&f.debounce, "debounce", policy.DefaultDebounce, "wait this long after the last change in the declarations directory before reloading")
+	fs.IntVar(&f.peerStreams, "max-streams-per-peer", server.DefaultStreamsPerPeer, "xDS streams, and connections, one workload instance (a SPIFFE ID from one IP address) may hold at once")
 	f.logs = defineLogFlags(fs)
 	fs.Usage = func() {
 		fmt.Fprintln(fs.Output(), "usage: latch control-plane --declarations DIR [flags]\n\nServes each sidecar, over mTLS ADS, the Envoy resources of the declaration for the SPIFFE ID it proves.\n\nflags:")
@@ -80,6 +82,9 @@ func parseControlPlaneFlags(args []string, stdout io.Writer) (controlPlaneFlags,
 	}
 	if f.debounce < 0 {
 		return f, usagef("--debounce %s: must not be negative", f.debounce)
+	}
+	if f.peerStreams < 1 {
+		return f, usagef("--max-streams-per-peer %d: want at least 1", f.peerStreams)
 	}
 	return f, nil
 }
@@ -193,6 +198,8 @@ func runControlPlane(ctx context.Context, args []string, stdout, stderr io.Write
 		Logger:    log.With("component", "xds-server"),
 		Metrics:   server.NewMetrics(reg),
 		Translate: translate.Options{InboundHost: f.inboundHost},
+
+		StreamsPerPeer: f.peerStreams,
 	})
 	cp := &controlPlaneParts{tds: tds, mon: mon, srv: srv}
 

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"io"
 	"log/slog"
 	"net/http"
@@ -22,6 +23,7 @@ import (
 	"latch.dev/latch/proxy"
 	xdsclient "latch.dev/latch/xds/client"
 	"latch.dev/latch/xds/policy"
+	"latch.dev/latch/xds/server"
 )
 
 // TestControlPlaneCommand runs `latch control-plane` against the development
@@ -258,4 +260,27 @@ func TestControlPlaneDeprecatedSocketFlag(t *testing.T) {
 	}
 	logs.w.Close()
 	<-logs.done
+}
+
+// TestControlPlaneStreamLimitFlag: --max-streams-per-peer defaults to the
+// server's default and refuses a limit that would admit no sidecar.
+func TestControlPlaneStreamLimitFlag(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want int // 0: a usage error
+	}{
+		{nil, server.DefaultStreamsPerPeer},
+		{[]string{"--max-streams-per-peer", "8"}, 8},
+		{[]string{"--max-streams-per-peer", "0"}, 0},
+		{[]string{"--max-streams-per-peer", "-1"}, 0},
+	} {
+		f, err := parseControlPlaneFlags(append([]string{"--declarations", "d"}, tc.args...), io.Discard)
+		var usage usageError
+		switch {
+		case tc.want == 0 && !errors.As(err, &usage):
+			t.Errorf("%v: got %v, want a usage error", tc.args, err)
+		case tc.want != 0 && (err != nil || f.peerStreams != tc.want):
+			t.Errorf("%v: got %d, %v; want %d", tc.args, f.peerStreams, err, tc.want)
+		}
+	}
 }
