@@ -133,8 +133,15 @@ func runProxy(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 					return wait.Problem()
 				}},
 				admin.ReadyCheck{Name: "policy", Check: func() error {
-					if p := parts.Load(); p == nil || p.srv.Current() == nil {
+					p := parts.Load()
+					if p == nil || p.srv.Current() == nil {
 						return errors.New("no policy applied yet (listeners not bound)")
+					}
+					// A sidecar that admits nobody and reaches nothing
+					// should not get traffic; it turns ready once a
+					// policy for it arrives (docs/operations.md).
+					if cfg := p.srv.Current(); policyEmpty(cfg) {
+						return errNoPolicy(cfg, p.self)
 					}
 					return nil
 				}},
@@ -174,8 +181,20 @@ func runProxy(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		Metrics:      proxy.NewMetrics(reg),
 		DrainTimeout: *drainTimeout,
 	})
+	if err := registerPolicyMetrics(reg, srv); err != nil {
+		return err
+	}
+	// Every policy applied, whatever its source, is checked for doing
+	// nothing.
+	apply := func(c *proxy.Config) error {
+		if err := srv.Apply(c); err != nil {
+			return err
+		}
+		logPolicyWarnings(log, c, svid.ID)
+		return nil
+	}
 	if cfg != nil {
-		if err := srv.Apply(cfg); err != nil {
+		if err := apply(cfg); err != nil {
 			shutdownProxy(srv, 0, log)
 			return err
 		}
@@ -194,7 +213,7 @@ func runProxy(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			StateDir:       *stateDir,
 			Logger:         log, // the client names its component itself
 			Metrics:        xdsclient.NewMetrics(reg),
-		}, srv.Apply)
+		}, apply)
 		if err != nil {
 			shutdownProxy(srv, 0, log)
 			return err
@@ -215,7 +234,7 @@ func runProxy(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 		spawn("TLS test endpoint", te.Serve)
 	}
-	parts.Store(&proxyParts{mon: mon, srv: srv, xds: xds})
+	parts.Store(&proxyParts{self: svid.ID, mon: mon, srv: srv, xds: xds})
 
 	for {
 		select {
@@ -228,6 +247,7 @@ func runProxy(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 				log.Error("reload refused, the running config keeps serving", "config", *configPath, "running_version", versionOf(srv.Current()), "error", err.Error())
 			} else {
 				log.Info("reloaded", "config", *configPath, "version", next.Version)
+				logPolicyWarnings(log, next, svid.ID)
 			}
 		case err := <-fail:
 			log.Error("stopping", "error", err.Error())
@@ -246,9 +266,10 @@ func runProxy(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 // proxyParts are the parts of a running sidecar that /readyz and /status
 // read; they exist once the first SVID has arrived.
 type proxyParts struct {
-	mon *admin.IdentityMonitor
-	srv *proxy.Server
-	xds *xdsclient.Client
+	self spiffeid.ID
+	mon  *admin.IdentityMonitor
+	srv  *proxy.Server
+	xds  *xdsclient.Client
 }
 
 // proxyStatus is what /status serves.
@@ -261,8 +282,13 @@ type proxyStatus struct {
 }
 
 type policyStatus struct {
-	Version string `json:"version"`
-	Source  string `json:"source"`
+	Version  string `json:"version"`
+	Source   string `json:"source"`
+	Inbound  int    `json:"inbound"`
+	Outbound int    `json:"outbound"`
+	// Warnings say why the policy does less than it seems to: none for
+	// this identity, or a listener that admits nobody.
+	Warnings []string `json:"warnings,omitempty"`
 }
 
 func newProxyStatus(p *proxyParts, wait *identityWait) proxyStatus {
@@ -277,7 +303,8 @@ func newProxyStatus(p *proxyParts, wait *identityWait) proxyStatus {
 	}
 	st.Identity, st.Listeners = p.mon.Status(), p.srv.Listeners()
 	if cfg := p.srv.Current(); cfg != nil {
-		st.Policy = &policyStatus{Version: cfg.Version, Source: cfg.Source}
+		st.Policy = &policyStatus{Version: cfg.Version, Source: cfg.Source, Inbound: len(cfg.Inbound), Outbound: len(cfg.Outbound),
+			Warnings: policyWarnings(cfg, p.self)}
 	}
 	if p.xds != nil {
 		s := p.xds.Status()
