@@ -2,6 +2,7 @@ package inject
 
 import (
 	"fmt"
+	"net"
 	"strconv"
 
 	"go.yaml.in/yaml/v3"
@@ -34,12 +35,21 @@ const (
 	StatusInjected = "injected"
 )
 
+// anyAddress is the listen address for port on every address of the pod. Go
+// binds the empty host as one socket for IPv4 and IPv6 where the kernel has
+// IPv6 (IPV6_V6ONLY off, whatever net.ipv6.bindv6only says), and as IPv4
+// alone where IPv6 is disabled at boot, where "[::]" would not bind at all.
+// "0.0.0.0" binds the same in Go, but reads as IPv4 only.
+func anyAddress(port int) string { return net.JoinHostPort("", strconv.Itoa(port)) }
+
 // Container builds the sidecar container for spec. It has restartPolicy
 // Always, which makes it a native sidecar when placed among the init
 // containers (Kubernetes 1.29+).
 func (c Config) Container(spec Spec) corev1.Container {
 	d := c.withDefaults()
-	admin := fmt.Sprintf("0.0.0.0:%d", d.AdminPort)
+	// The empty host is every address of the pod, IPv4 and IPv6 (see
+	// anyAddress); the kubelet probes the pod IP of either family.
+	admin := anyAddress(d.AdminPort)
 	args := []string{"proxy"}
 	if spec.ControlPlane {
 		args = append(args,
@@ -189,7 +199,7 @@ func StaticConfig(spec Spec) ([]byte, error) {
 	for _, in := range spec.Inbound {
 		f.Inbound = append(f.Inbound, staticInbound{
 			Name:   "inbound-" + strconv.Itoa(in.Port),
-			Listen: "0.0.0.0:" + strconv.Itoa(in.Port),
+			Listen: anyAddress(in.Port),
 			App:    "127.0.0.1:" + strconv.Itoa(in.AppPort),
 			Allow:  allow,
 		})

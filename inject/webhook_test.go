@@ -122,7 +122,7 @@ func TestInjectStaticPolicyFromAnnotations(t *testing.T) {
 	if c.Image != "ghcr.io/latch-dev/latch:1.0.0" {
 		t.Errorf("image = %q", c.Image)
 	}
-	wantArgs := []string{"proxy", "--config=/etc/latch/latch.yaml", "--admin-address=0.0.0.0:15000"}
+	wantArgs := []string{"proxy", "--config=/etc/latch/latch.yaml", "--admin-address=:15000"}
 	if !slices.Equal(c.Args, wantArgs) {
 		t.Errorf("args = %q, want %q", c.Args, wantArgs)
 	}
@@ -185,7 +185,7 @@ func TestInjectStaticPolicyFromAnnotations(t *testing.T) {
 	want := map[string]any{
 		"tls": map[string]any{"profile": "modern"},
 		"inbound": []any{map[string]any{
-			"name": "inbound-8443", "listen": "0.0.0.0:8443", "app": "127.0.0.1:8080",
+			"name": "inbound-8443", "listen": ":8443", "app": "127.0.0.1:8080",
 			"allow": []any{
 				map[string]any{"id": "spiffe://mesh.test/ns/shop/sa/frontend"},
 				map[string]any{"pathPrefix": "spiffe://mesh.test/ns/batch"},
@@ -229,7 +229,7 @@ func TestInjectControlPlaneHostPath(t *testing.T) {
 		"--xds-address=latch-control-plane.latch.svc:18000",
 		"--xds-server-id=spiffe://mesh.test/ns/latch/sa/latch-control-plane",
 		"--state-dir=/var/lib/latch",
-		"--admin-address=0.0.0.0:15000"}
+		"--admin-address=:15000"}
 	if !slices.Equal(c.Args, wantArgs) {
 		t.Errorf("args = %q, want %q", c.Args, wantArgs)
 	}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -51,7 +52,7 @@ func parseControlPlaneFlags(args []string, stdout io.Writer) (controlPlaneFlags,
 	// The flag's name before every subcommand used --workload-api.
 	oldSocket := fs.String("workload-api-socket", "", "deprecated: use --workload-api")
 	trustDomains := fs.String("trust-domains", "", "comma-separated trust domains declarations may name (default: the control plane's own)")
-	fs.StringVar(&f.inboundHost, "inbound-host", "0.0.0.0", "address sidecars bind inbound listeners on")
+	fs.StringVar(&f.inboundHost, "inbound-host", translate.DefaultInboundHost, "IP address sidecars bind inbound listeners on; the default, like 0.0.0.0, is every address of the pod, IPv4 and IPv6")
 	fs.StringVar(&f.profile, "tls-profile", identity.ProfileModern, "TLS profile of the xDS server: modern or intermediate")
 	fs.DurationVar(&f.debounce, "debounce", policy.DefaultDebounce, "wait this long after the last change in the declarations directory before reloading")
 	fs.IntVar(&f.peerStreams, "max-streams-per-peer", server.DefaultStreamsPerPeer, "xDS streams, and connections, one workload instance (a SPIFFE ID from one IP address) may hold at once")
@@ -85,6 +86,11 @@ func parseControlPlaneFlags(args []string, stdout io.Writer) (controlPlaneFlags,
 	}
 	if f.peerStreams < 1 {
 		return f, usagef("--max-streams-per-peer %d: want at least 1", f.peerStreams)
+	}
+	// Sidecars NACK a listener address that is not an IP: refuse it here,
+	// before every sidecar does.
+	if _, err := netip.ParseAddr(f.inboundHost); err != nil {
+		return f, usagef("--inbound-host %q: want an IP address (:: for every address of the pod)", f.inboundHost)
 	}
 	return f, nil
 }

@@ -50,6 +50,7 @@ func TestCommandLineConventions(t *testing.T) {
 		{args: []string{"control-plane", "--declarations", decls, "--log-format", "xml"}, code: 2, stderr: `--log-format "xml"`},
 		{args: []string{"control-plane", "--declarations", decls, "--tls-profile", "legacy"}, code: 2, stderr: "--tls-profile"},
 		{args: []string{"control-plane", "--declarations", decls, "--trust-domains", "a/b"}, code: 2, stderr: "--trust-domains"},
+		{args: []string{"control-plane", "--declarations", decls, "--inbound-host", "pod.local"}, code: 2, stderr: `--inbound-host "pod.local": want an IP address`},
 		{args: []string{"control-plane", "--declarations", decls, "--workload-api", "unix:///a", "--workload-api-socket", "unix:///b"}, code: 2, stderr: "disagree"},
 
 		{args: []string{"inject", "-h"}, code: 0, stdout: "usage: latch inject"},

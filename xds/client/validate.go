@@ -162,7 +162,7 @@ func (v Validator) Listener(a *anypb.Any) (Listener, error) {
 		return Listener{}, err
 	}
 	out := Listener{Name: l.GetName(), resource: l.GetName()}
-	host, port, err := c.socketAddress(l.GetAddress(), "address")
+	host, port, err := c.socketAddress(l.GetAddress(), "address", "ipv4_compat")
 	if err != nil {
 		return Listener{}, err
 	}
@@ -170,7 +170,15 @@ func (v Validator) Listener(a *anypb.Any) (Listener, error) {
 	if ip == nil {
 		return Listener{}, c.fail("address.socket_address.address", "%q is not an IP address", host)
 	}
-	out.Listen = net.JoinHostPort(host, strconv.Itoa(int(port)))
+	bind := host
+	if ip.IsUnspecified() {
+		// "::" or "0.0.0.0": every address of the pod. Go binds the empty
+		// host as one socket for IPv4 and IPv6 where the kernel has IPv6, and
+		// as IPv4 where IPv6 is disabled at boot, where "[::]" would not bind
+		// at all. Envoy's ipv4_compat asks for the same; latch always does it.
+		bind = ""
+	}
+	out.Listen = net.JoinHostPort(bind, strconv.Itoa(int(port)))
 
 	if len(l.GetFilterChains()) != 1 {
 		return Listener{}, c.fail("filter_chains", "want exactly one filter chain, got %d", len(l.GetFilterChains()))
@@ -471,7 +479,9 @@ func (c *checker) principals(ps []*rbacconfig.Principal, path string) ([]identit
 	return out, nil
 }
 
-func (c *checker) socketAddress(a *core.Address, path string) (string, uint32, error) {
+// socketAddress checks a TCP socket address; extra names the optional
+// fields the caller gives a meaning to.
+func (c *checker) socketAddress(a *core.Address, path string, extra ...string) (string, uint32, error) {
 	if a == nil {
 		return "", 0, c.fail(path, "missing")
 	}
@@ -480,7 +490,7 @@ func (c *checker) socketAddress(a *core.Address, path string) (string, uint32, e
 	}
 	sa := a.GetSocketAddress()
 	sp := path + ".socket_address"
-	if err := c.only(sa, sp, "address", "port_value", "protocol"); err != nil {
+	if err := c.only(sa, sp, append([]string{"address", "port_value", "protocol"}, extra...)...); err != nil {
 		return "", 0, err
 	}
 	if sa.GetProtocol() != core.SocketAddress_TCP {

@@ -108,7 +108,7 @@ func TestBuildGood(t *testing.T) {
 		t.Fatalf("config: %+v", cfg)
 	}
 	in := cfg.Inbound[0]
-	if in.Name != "inbound|8443" || in.Listen != "0.0.0.0:8443" || in.App != "127.0.0.1:8080" || in.IdleTimeout != 90*time.Second {
+	if in.Name != "inbound|8443" || in.Listen != ":8443" || in.App != "127.0.0.1:8080" || in.IdleTimeout != 90*time.Second {
 		t.Errorf("inbound: %+v", in)
 	}
 	want := identity.NewAllowList(
@@ -382,6 +382,10 @@ var hostileCases = []struct {
 	{"outbound listener off loopback", func(r *translate.Resources) {
 		listenerNamed(*r, out).Address.GetSocketAddress().Address = "0.0.0.0"
 	}, `listener "outbound|9001"`, "address.socket_address.address: outbound (plain) listener on 0.0.0.0: must be a loopback address"},
+	{"outbound listener on every IPv6 address", func(r *translate.Resources) {
+		sa := listenerNamed(*r, out).Address.GetSocketAddress()
+		sa.Address, sa.Ipv4Compat = "::", true
+	}, `listener "outbound|9001"`, "outbound (plain) listener on ::: must be a loopback address"},
 	{"listener on a host name", func(r *translate.Resources) {
 		listenerNamed(*r, in).Address.GetSocketAddress().Address = "localhost"
 	}, `listener "inbound|8443"`, "is not an IP address"},
@@ -469,6 +473,9 @@ var hostileCases = []struct {
 	{"endpoint host with a slash", func(r *translate.Resources) {
 		r.Endpoints[0].Endpoints[0].LbEndpoints[0].GetEndpoint().Address.GetSocketAddress().Address = "10.0.0.0/8"
 	}, `endpoints "outbound|9001"`, `address: host "10.0.0.0/8" is not a host name or IP address`},
+	{"endpoint with ipv4_compat", func(r *translate.Resources) {
+		r.Endpoints[0].Endpoints[0].LbEndpoints[0].GetEndpoint().Address.GetSocketAddress().Ipv4Compat = true
+	}, `endpoints "outbound|9001"`, "endpoint.address.socket_address.ipv4_compat: not supported"},
 	{"endpoint health check config", func(r *translate.Resources) {
 		r.Endpoints[0].Endpoints[0].LbEndpoints[0].GetEndpoint().HealthCheckConfig = &endpoint.Endpoint_HealthCheckConfig{PortValue: 1}
 	}, `endpoints "outbound|9001"`, "endpoint.health_check_config: not supported"},
@@ -603,5 +610,33 @@ func TestRBACWorkloadPrefixStaysAPathPrefix(t *testing.T) {
 	}
 	if allow.Allows(spiffeid.RequireFromString("spiffe://mesh.test/ns/dev/sa/web")) {
 		t.Error("a workload outside the prefix is admitted")
+	}
+}
+
+// TestInboundOnEveryAddress: an inbound listener on an unspecified address,
+// IPv6 or IPv4, with or without ipv4_compat, is bound as Go's empty host:
+// every address of the pod, both families.
+func TestInboundOnEveryAddress(t *testing.T) {
+	for _, tc := range []struct {
+		host   string
+		compat bool
+		listen string
+	}{
+		{"::", true, ":8443"},
+		{"::", false, ":8443"},
+		{"0.0.0.0", false, ":8443"},
+		{"::1", false, "[::1]:8443"},
+		{"127.0.0.1", false, "127.0.0.1:8443"},
+	} {
+		r := goodResources(t)
+		sa := listenerNamed(r, translate.InboundName(8443)).Address.GetSocketAddress()
+		sa.Address, sa.Ipv4Compat = tc.host, tc.compat
+		cfg, err := build(validator(), r)
+		if err != nil {
+			t.Fatalf("%s (ipv4_compat %v): %v", tc.host, tc.compat, err)
+		}
+		if got := cfg.Inbound[0].Listen; got != tc.listen {
+			t.Errorf("%s (ipv4_compat %v): listen %q, want %q", tc.host, tc.compat, got, tc.listen)
+		}
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"net"
+	"net/netip"
 	"slices"
 	"strconv"
 	"strings"
@@ -41,9 +42,17 @@ const (
 // only keeps the reference so Envoy could consume the same resources.
 const DefaultSDSCluster = "spire_agent"
 
+// DefaultInboundHost binds inbound listeners on every address of the pod,
+// IPv4 and IPv6: in Envoy's reading "::" with ipv4_compat, which the
+// translation sets on it. ("0.0.0.0" would say IPv4 only to Envoy, although a
+// latch sidecar, binding through Go, takes every unspecified address for both
+// families.)
+const DefaultInboundHost = "::"
+
 // Options shape the resources; the zero value is the production default.
 type Options struct {
-	// InboundHost is the address inbound listeners bind ("0.0.0.0" if empty).
+	// InboundHost is the address inbound listeners bind (DefaultInboundHost
+	// if empty).
 	InboundHost string
 	// SDSCluster names the SDS cluster in secret references (DefaultSDSCluster
 	// if empty).
@@ -70,7 +79,7 @@ func BundleSecretName(td spiffeid.TrustDomain) string { return td.IDString() }
 // is a pure function of its arguments.
 func Translate(d policy.Declaration, opts Options) Resources {
 	if opts.InboundHost == "" {
-		opts.InboundHost = "0.0.0.0"
+		opts.InboundHost = DefaultInboundHost
 	}
 	if opts.SDSCluster == "" {
 		opts.SDSCluster = DefaultSDSCluster
@@ -162,7 +171,7 @@ func (t translator) inboundListener(in policy.Inbound) *listener.Listener {
 	}
 	return &listener.Listener{
 		Name:             name,
-		Address:          socketAddress(t.opts.InboundHost, in.Port),
+		Address:          inboundAddress(t.opts.InboundHost, in.Port),
 		TrafficDirection: core.TrafficDirection_INBOUND,
 		FilterChains: []*listener.FilterChain{{
 			Filters: []*listener.Filter{
@@ -318,6 +327,16 @@ func filter(name string, cfg proto.Message) *listener.Filter {
 
 func transportSocket(cfg proto.Message) *core.TransportSocket {
 	return &core.TransportSocket{Name: TLSTransportSocket, ConfigType: &core.TransportSocket_TypedConfig{TypedConfig: mustAny(cfg)}}
+}
+
+// inboundAddress is socketAddress with ipv4_compat set on the IPv6
+// unspecified address, so that Envoy too reads it as both families.
+func inboundAddress(host string, port uint32) *core.Address {
+	a := socketAddress(host, port)
+	if ip, err := netip.ParseAddr(host); err == nil && ip.Is6() && ip.IsUnspecified() {
+		a.GetSocketAddress().Ipv4Compat = true
+	}
+	return a
 }
 
 func socketAddress(host string, port uint32) *core.Address {

@@ -155,3 +155,25 @@ func TestEnvoyValid(t *testing.T) {
 		}
 	}
 }
+
+// TestInboundHost: the default inbound address is every address of the pod
+// in Envoy's spelling ("::" with ipv4_compat); any other host is passed on as
+// given, without ipv4_compat.
+func TestInboundHost(t *testing.T) {
+	d := decl(t, head+cases[0].spec)
+	for _, tc := range []struct {
+		host, want string
+		compat     bool
+	}{
+		{"", "::", true},
+		{"::", "::", true},
+		{"0.0.0.0", "0.0.0.0", false},
+		{"127.0.0.1", "127.0.0.1", false},
+		{"::1", "::1", false},
+	} {
+		sa := Translate(d, Options{InboundHost: tc.host}).Listeners[0].GetAddress().GetSocketAddress()
+		if sa.GetAddress() != tc.want || sa.GetIpv4Compat() != tc.compat {
+			t.Errorf("InboundHost %q: address %q ipv4_compat %v, want %q %v", tc.host, sa.GetAddress(), sa.GetIpv4Compat(), tc.want, tc.compat)
+		}
+	}
+}
