@@ -208,6 +208,12 @@ func runControlPlane(ctx context.Context, args []string, stdout, stderr io.Write
 		StreamsPerPeer: f.peerStreams,
 	})
 	cp := &controlPlaneParts{tds: tds, mon: mon, srv: srv}
+	if err := reg.Register(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: metricUndeclaredNodes,
+		Help: "Connected sidecars whose SPIFFE ID no declaration names: they are served an empty policy and admit nobody.",
+	}, func() float64 { return float64(len(srv.Undeclared())) })); err != nil {
+		return fmt.Errorf("registering %s: %w", metricUndeclaredNodes, err)
+	}
 
 	// Load before serving: a sidecar connecting to a control plane that has
 	// not read its declarations must wait, not be told it has no policy.
@@ -262,6 +268,9 @@ func runControlPlane(ctx context.Context, args []string, stdout, stderr io.Write
 	log.Info("control plane stopped")
 	return runErr
 }
+
+// metricUndeclaredNodes counts connected sidecars without a declaration.
+const metricUndeclaredNodes = "latch_xds_undeclared_nodes"
 
 // controlPlaneParts are the parts of a running control plane that /readyz
 // and /status read; they exist once the first SVID has arrived and the
@@ -320,11 +329,13 @@ type controlPlaneDoc struct {
 	Declarations      []declarationStatus  `json:"declarations"`
 	DeclarationErrors []string             `json:"declaration_errors"`
 	ConnectedStreams  int                  `json:"connected_streams"`
+	// UndeclaredNodes are connected sidecars no declaration names.
+	UndeclaredNodes []string `json:"undeclared_nodes"`
 }
 
 func controlPlaneStatus(p *controlPlaneParts, wait *identityWait, dir string) controlPlaneDoc {
 	doc := controlPlaneDoc{Version: buildVersion(), DeclarationsDir: dir,
-		TrustDomains: []string{}, Declarations: []declarationStatus{}, DeclarationErrors: []string{}}
+		TrustDomains: []string{}, Declarations: []declarationStatus{}, DeclarationErrors: []string{}, UndeclaredNodes: []string{}}
 	if p == nil {
 		problem := "starting"
 		if err := wait.Problem(); err != nil {
@@ -351,5 +362,6 @@ func controlPlaneStatus(p *controlPlaneParts, wait *identityWait, dir string) co
 		doc.TrustDomains = append(doc.TrustDomains, td.Name())
 	}
 	doc.ConnectedStreams = p.srv.Connected()
+	doc.UndeclaredNodes = append(doc.UndeclaredNodes, p.srv.Undeclared()...)
 	return doc
 }

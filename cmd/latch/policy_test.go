@@ -24,7 +24,9 @@ import (
 // TestNoPolicyForThisIdentity runs a control plane that declares the
 // backend only, and a sidecar whose identity has no declaration: the
 // sidecar is not ready and says why in /readyz, /status, its metrics and a
-// WARN. Once a declaration for it appears, it turns ready by itself.
+// WARN, and the control plane warns, counts and lists it. Once a
+// declaration for it appears, it turns ready by itself; when the
+// declaration goes, both sides say so again.
 func TestNoPolicyForThisIdentity(t *testing.T) {
 	const td = "demo.latch.test"
 	ctx, cancel := context.WithCancel(t.Context())
@@ -71,7 +73,7 @@ spec:
 		cpDone <- runControlPlane(ctx, []string{"--declarations", dir, "--listen", xdsAddr, "--admin-address", "127.0.0.1:0",
 			"--workload-api", cpSocket, "--inbound-host", "127.0.0.1", "--debounce", "10ms"}, io.Discard, cpLogs.w)
 	}()
-	cpLogs.wait(t, "control plane serving", nil)
+	cpAdmin := cpLogs.wait(t, "control plane serving", nil)["admin_address"].(string)
 
 	logs := newJSONLines()
 	exited := make(chan error, 1)
@@ -80,7 +82,7 @@ spec:
 			"--workload-api", sock, "--admin-address", "127.0.0.1:0"}, io.Discard, logs.w)
 	}()
 	admin := logs.wait(t, "admin endpoint listening", nil)["addr"].(string)
-	get := func(path string) (int, string) {
+	getFrom := func(admin, path string) (int, string) {
 		t.Helper()
 		resp, err := http.Get("http://" + admin + path)
 		if err != nil {
@@ -90,6 +92,7 @@ spec:
 		b, _ := io.ReadAll(resp.Body)
 		return resp.StatusCode, string(b)
 	}
+	get := func(path string) (int, string) { t.Helper(); return getFrom(admin, path) }
 
 	warn := logs.wait(t, "no policy for this identity", func(l map[string]any) bool { return l["level"] == "WARN" })
 	if r, _ := warn["reason"].(string); !strings.Contains(r, "declare a ServicePolicy whose spiffeID is "+orphan) {
@@ -119,6 +122,22 @@ spec:
 		}
 	}
 
+	// The control plane says it too.
+	cpWarn := cpLogs.wait(t, "no declaration for node: serving it nothing", func(l map[string]any) bool { return l["level"] == "WARN" && l["node"] == orphan })
+	if r, _ := cpWarn["reason"].(string); !strings.Contains(r, "no ServicePolicy declares this SPIFFE ID") {
+		t.Errorf("control plane warning: %v", cpWarn)
+	}
+	if _, m := getFrom(cpAdmin, "/metrics"); !strings.Contains(m, "latch_xds_undeclared_nodes 1") {
+		t.Errorf("control plane /metrics lacks latch_xds_undeclared_nodes 1")
+	}
+	_, cpStatus := getFrom(cpAdmin, "/status")
+	var cst struct {
+		Undeclared []string `json:"undeclared_nodes"`
+	}
+	if err := json.Unmarshal([]byte(cpStatus), &cst); err != nil || len(cst.Undeclared) != 1 || cst.Undeclared[0] != orphan {
+		t.Errorf("control plane /status undeclared_nodes: %v %s", err, cpStatus)
+	}
+
 	// The declaration arrives: the sidecar turns ready, without a restart.
 	declare("orphan.yaml", fmt.Sprintf(`apiVersion: latch.dev/v1alpha1
 kind: ServicePolicy
@@ -143,6 +162,30 @@ spec:
 	}
 	if _, metrics := get("/metrics"); !strings.Contains(metrics, MetricPolicyListeners+`{direction="outbound"} 1`) {
 		t.Errorf("/metrics after the declaration lacks one outbound listener")
+	}
+	if _, m := getFrom(cpAdmin, "/metrics"); !strings.Contains(m, "latch_xds_undeclared_nodes 0") {
+		t.Errorf("control plane /metrics: the node is still counted as undeclared")
+	}
+
+	// And when the declaration goes again, both sides say so.
+	if err := os.Remove(filepath.Join(dir, "orphan.yaml")); err != nil {
+		t.Fatal(err)
+	}
+	cpLogs.wait(t, "declaration removed: serving the node nothing", func(l map[string]any) bool { return l["level"] == "WARN" && l["node"] == orphan })
+	for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		code, body := get("/readyz")
+		if code == http.StatusServiceUnavailable && strings.Contains(body, "no policy for "+orphan) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("/readyz after the declaration was removed = %d %q", code, body)
+		}
+	}
+	// Once per empty policy applied: the first one and this one.
+	for deadline := time.Now().Add(15 * time.Second); logs.count("no policy for this identity") < 2; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the sidecar did not warn again when its declaration was removed")
+		}
 	}
 
 	cancel()

@@ -84,6 +84,19 @@ func (j *jsonLines) wait(t *testing.T, msg string, match func(map[string]any) bo
 	}
 }
 
+// count is how many lines so far have msg.
+func (j *jsonLines) count(msg string) int {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	n := 0
+	for _, l := range j.lines {
+		if l["msg"] == msg {
+			n++
+		}
+	}
+	return n
+}
+
 // requireNoRepeatedKeys fails the test for every log line that carried a
 // key twice (a logger given With("component", …) by its caller and again by
 // its package): log processors keep one of the two, or refuse the line.

@@ -193,13 +193,19 @@ func (s *Server) Update(snap policy.Snapshot) {
 		if declared[node] {
 			continue
 		}
-		if s.lastDecl[node].Name != "" {
+		wasDeclared := s.lastDecl[node].Name != ""
+		if wasDeclared {
 			removed++
 		}
 		delete(s.lastDecl, node)
 		// A connected sidecar is told to serve nothing; one that is not
 		// connected is forgotten, and told when it connects.
 		if s.boundStreams(node) > 0 {
+			if wasDeclared {
+				// Its sidecar goes unready: say why here too.
+				s.log.Warn("declaration removed: serving the node nothing", "node", node,
+					"reason", "no declaration for this SPIFFE ID any more; its sidecar admits no peer and reaches no upstream")
+			}
 			_ = s.install(build(node, translate.Resources{}))
 		} else {
 			s.forget(node)
@@ -327,6 +333,29 @@ func (s *Server) LastNACK(node string) string {
 		msgs = append(msgs[:maxListedNACKs], fmt.Sprintf("and %d more", len(msgs)-maxListedNACKs))
 	}
 	return strings.Join(msgs, "; ")
+}
+
+// Undeclared lists, sorted, the nodes with a bound stream that no
+// declaration names: sidecars that are connected and serve nothing.
+func (s *Server) Undeclared() []string {
+	s.mu.Lock()
+	nodes := make([]string, 0, len(s.nodes))
+	for node, streams := range s.nodes {
+		if len(streams) > 0 {
+			nodes = append(nodes, node)
+		}
+	}
+	s.mu.Unlock()
+	s.snapMu.Lock()
+	defer s.snapMu.Unlock()
+	var out []string
+	for _, node := range nodes {
+		if _, declared := s.lastDecl[node]; !declared {
+			out = append(out, node)
+		}
+	}
+	slices.Sort(out)
+	return out
 }
 
 // Connected is the number of open xDS streams.
@@ -553,7 +582,10 @@ func (s *Server) checkNode(key streamKey, node *core.Node) error {
 	// Before the first declarations load, "no declaration" means "not read
 	// yet": the node waits rather than being told to serve nothing.
 	if _, known := s.served[node.GetId()]; !known && s.ready {
-		s.logPeer(slog.LevelInfo, "no declaration for node: serving it nothing", "node", node.GetId())
+		// The sidecar runs, is connected and will do nothing: a WARN, on
+		// both sides (the sidecar's /readyz says it too).
+		s.logPeer(slog.LevelWarn, "no declaration for node: serving it nothing", "node", node.GetId(),
+			"reason", "no ServicePolicy declares this SPIFFE ID; its sidecar admits no peer and reaches no upstream until one does")
 		s.setSnapshot(node.GetId(), translate.Resources{})
 	}
 	return nil
