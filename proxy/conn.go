@@ -25,6 +25,7 @@ const (
 	reasonServerIDChanged     = "server_id_changed"    // the outbound listener now expects another server
 	reasonUpstreamReset       = "upstream_reset"       // the dialed side (app or upstream) failed mid-stream
 	reasonDownstreamReset     = "downstream_reset"     // the accepting side (peer or app) failed mid-stream
+	reasonTruncated           = "truncated"            // the TLS side's stream ended without close_notify
 	reasonDrain               = "drain"                // closed by Shutdown or after a listener's removal
 	reasonHandshakeFailed     = "handshake_failed"     // refused or failed TLS handshake
 	reasonUpstreamUnreachable = "upstream_unreachable" // could not connect to the app or any upstream
@@ -64,6 +65,7 @@ type conn struct {
 
 	mu        sync.Mutex
 	up        net.Conn
+	tls       *tls.Conn // the TLS side, once its handshake completed
 	idleTimer *time.Timer
 
 	// tr is what the TLS side's tls.Conn reads: the peer's connection
@@ -94,30 +96,42 @@ func (c *conn) log() *slog.Logger { return c.l.s.log }
 // close_notify, as long as the cut falls on a record boundary — and it would
 // take a truncated stream for a complete one.
 //
+// A TLS stream that ends without close_notify (truncated) is such a failure
+// too: the end of the TCP stream proves nothing about the end of the TLS
+// stream, anybody on the path can inject a FIN.
+//
 // The idle timeout closes: no byte moved either way for the whole timeout,
 // so nothing is in flight and no stream is cut in the middle; it is the
 // normal end of a connection nobody uses, and a FIN lets a pooled client
 // connection notice it quietly. A refused handshake or an unreachable app
-// or upstream closes too: no byte of the stream was forwarded yet.
+// or upstream closes too: no byte of the stream was forwarded yet. Such an
+// end sends close_notify first on a TLS side whose handshake completed, so
+// a latch peer takes it for the normal end it is, not for a truncation.
 func resets(reason string) bool {
 	switch reason {
-	case reasonUpstreamReset, reasonDownstreamReset, reasonPolicyRevoked, reasonServerIDChanged, reasonDrain:
+	case reasonUpstreamReset, reasonDownstreamReset, reasonTruncated, reasonPolicyRevoked, reasonServerIDChanged, reasonDrain:
 		return true
 	}
 	return false
 }
 
 // kill ends the connection for reason from any goroutine, with an RST on
-// both sides when resets(reason) (SO_LINGER 0 before Close), else a FIN.
+// both sides when resets(reason) (SO_LINGER 0 before Close), else
+// close_notify on the TLS side and a FIN.
 func (c *conn) kill(reason string) {
 	if !c.reason.CompareAndSwap(nil, &reason) {
 		return
 	}
 	c.stop()
 	c.mu.Lock()
-	up := c.up
+	up, tc := c.up, c.tls
 	c.mu.Unlock()
 	reset := resets(reason)
+	if !reset && tc != nil {
+		// Close sends close_notify (under a write deadline of its own, and
+		// not at all while a Write is in flight) and closes the socket.
+		tc.Close()
+	}
 	for _, nc := range []net.Conn{c.down, up} {
 		if nc == nil {
 			continue
@@ -145,6 +159,18 @@ func (c *conn) setUp(up net.Conn) bool {
 		return false
 	}
 	c.up = up
+	return true
+}
+
+// setTLS records the TLS side once its handshake completed and its peer is
+// authorized, unless the connection was killed in the meantime.
+func (c *conn) setTLS(tc *tls.Conn) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.killed() {
+		return false
+	}
+	c.tls = tc
 	return true
 }
 
@@ -196,6 +222,10 @@ func (c *conn) serveInbound(r *route) {
 	c.peer.Store(&peer)
 	if err := c.authorized(); err != nil {
 		c.refused(err)
+		return
+	}
+	if !c.setTLS(tc) {
+		c.finish()
 		return
 	}
 	d := net.Dialer{Timeout: r.connectTimeout}
@@ -260,6 +290,10 @@ func (c *conn) serveOutbound(r *route) {
 	c.peer.Store(&want)
 	if err := c.authorized(); err != nil {
 		c.refused(err)
+		return
+	}
+	if !c.setTLS(tc) {
+		c.finish()
 		return
 	}
 	c.mu.Lock()

@@ -80,6 +80,10 @@ func (wouldBlockError) Temporary() bool { return true }
 // that had been reset.
 var errResetAtEOF = fmt.Errorf("end of stream on a reset connection: %w", syscall.ECONNRESET)
 
+// errTruncated is the failure of a TLS stream whose TCP connection ended
+// without a close_notify alert (see transport).
+var errTruncated = errors.New("TLS stream ended without close_notify")
+
 // halfResult is how one direction of a pipe ended.
 type halfResult struct {
 	// err is nil when the source reached EOF and the destination was
@@ -89,6 +93,8 @@ type halfResult struct {
 	upstream bool
 	// parked: the direction did not end, the parker holds it.
 	parked bool
+	// truncated: err is errTruncated.
+	truncated bool
 }
 
 // side is one end of a pipe: rw is the connection to read and write (a
@@ -98,7 +104,8 @@ type halfResult struct {
 type side struct {
 	rw, raw net.Conn
 	sock    *socket
-	plain   bool // rw is raw
+	plain   bool       // rw is raw
+	tr      *transport // under rw when rw is a tls.Conn
 	// shut is set just before the proxy half-closes raw, so that the
 	// direction reading raw can tell the end of that exchange from a reset
 	// (see wasReset).
@@ -120,6 +127,7 @@ type side struct {
 func (s *side) init(rw, raw net.Conn, sock *socket) {
 	s.rw, s.raw, s.sock = rw, raw, sock
 	s.plain = rw == raw
+	s.tr = transportOf(rw)
 	if sock != nil {
 		sock.setNonblocking()
 	}
@@ -188,6 +196,10 @@ func (c *conn) ended(r halfResult) {
 	if r.err == nil {
 		return
 	}
+	if r.truncated {
+		c.kill(reasonTruncated)
+		return
+	}
 	if r.upstream {
 		c.kill(reasonUpstreamReset)
 	} else {
@@ -197,7 +209,9 @@ func (c *conn) ended(r halfResult) {
 
 // copyHalf copies from src to dst until src ends. fromDownstream says which
 // way the bytes flow, for the byte counts. On a clean EOF it half-closes dst;
-// an EOF that was a reset in disguise (see wasReset) is a failure.
+// an EOF that was a reset in disguise (see wasReset) is a failure, and so is
+// the end of a TLS stream without close_notify (see transport): passed on as
+// a half-close it would hand the app a truncated stream as a complete one.
 func (c *conn) copyHalf(dst, src *side, fromDownstream bool) halfResult {
 	var bp *[]byte // the pooled buffer, held only while data flows
 	defer func() {
@@ -264,10 +278,18 @@ func (c *conn) copyHalf(dst, src *side, fromDownstream bool) halfResult {
 			}
 			continue
 		}
-		if rerr == io.EOF {
+		if rerr == io.EOF || rerr == io.ErrUnexpectedEOF {
 			if wasReset(src) {
 				return halfResult{err: errResetAtEOF, upstream: !fromDownstream}
 			}
+			// crypto/tls gives io.EOF for a bare FIN on a record boundary
+			// and io.ErrUnexpectedEOF for one inside a record: either way
+			// no close_notify came.
+			if src.tr != nil && src.tr.eof {
+				return halfResult{err: errTruncated, truncated: true, upstream: !fromDownstream}
+			}
+		}
+		if rerr == io.EOF {
 			dst.shut.Store(true)
 			if err := closeWrite(dst.rw, dst.raw); err != nil {
 				return halfResult{err: err, upstream: fromDownstream}

@@ -20,11 +20,15 @@
 // A clean end of stream on one side is passed on as a half-close of the other
 // (close_notify and FIN towards a TLS side), while the other direction goes
 // on; a reset or error on either side resets both, so neither end mistakes a
-// broken stream for a complete one. A connection that latch itself cuts in
+// broken stream for a complete one. On a TLS side only close_notify is a
+// clean end: a TCP stream that ends without it (a bare FIN, which anybody on
+// the path can inject) is a truncated stream, and resets both sides too
+// ("truncated"). A connection that latch itself cuts in
 // the middle — a policy change revoked its peer or server, or a drain ran
 // out of time — is reset on both sides too (RST, no close_notify). A
 // connection with no byte either way for IdleTimeout is closed with a FIN:
-// nothing was in flight, it is a normal end. Activity resets the timer.
+// nothing was in flight, it is a normal end (close_notify first on the TLS
+// side). Activity resets the timer.
 //
 // # Copying
 //
@@ -73,7 +77,9 @@
 //
 // Reasons: eof (both sides closed cleanly), idle_timeout, policy_revoked,
 // server_id_changed, upstream_reset (the dialed side failed mid-stream),
-// downstream_reset (the accepted side did), drain, upstream_unreachable.
+// downstream_reset (the accepted side did), truncated (the TLS side, the
+// peer inbound or the upstream outbound, ended without close_notify), drain,
+// upstream_unreachable.
 //
 // A failed or refused handshake is one line "handshake refused" instead, with
 // listener, direction, remote_addr, peer_id (when the peer presented a
