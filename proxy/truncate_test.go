@@ -159,7 +159,7 @@ func testTruncatedOutbound(t *testing.T, profile identity.Profile, tweak func(*t
 		raw := &cuttableConn{TCPConn: nc.(*net.TCPConn)}
 		raw.SetDeadline(time.Now().Add(waitFor))
 		tc := tls.Server(raw, scfg)
-		if err := tc.Handshake(); err != nil {
+		if _, err := io.ReadFull(tc, make([]byte, 2)); err != nil {
 			t.Error(err)
 			return
 		}
@@ -184,6 +184,11 @@ func testTruncatedOutbound(t *testing.T, profile identity.Profile, tweak func(*t
 	}
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(waitFor))
+	// The upstream answers this: a reset that came before Dial returned
+	// would fail the Dial instead of the read.
+	if _, err := c.Write([]byte("go")); err != nil {
+		t.Fatal(err)
+	}
 	b, err := io.ReadAll(c)
 	checkEnd(t, appResult{string(b), err}, "response", e)
 	c.Close()
