@@ -428,11 +428,12 @@ func (m *mesh) controlPlane(ctx context.Context, ca *devca.CA, dir, addr string)
 	}
 	log := m.log.With("component", "control-plane")
 	td := ControlPlaneID.TrustDomain()
-	store, err := policy.NewStore(dir, policy.Options{TrustDomains: []spiffeid.TrustDomain{td}}, log)
+	store, err := policy.NewStore(policy.Options{TrustDomains: []spiffeid.TrustDomain{td}}, log)
 	if err != nil {
 		return "", err
 	}
-	snap, err := store.Reload()
+	files := policy.NewFiles(store, dir)
+	snap, _, err := files.Reload()
 	if err != nil {
 		return "", fmt.Errorf("reading the demo declarations: %w", err)
 	}
@@ -456,7 +457,7 @@ func (m *mesh) controlPlane(ctx context.Context, ca *devca.CA, dir, addr string)
 	var wg sync.WaitGroup
 	wg.Add(2)
 	go func() { defer wg.Done(); _ = g.Serve(lis) }()
-	go func() { defer wg.Done(); _ = store.Watch(cpCtx, 20*time.Millisecond, xs.Update) }()
+	go func() { defer wg.Done(); _ = files.Watch(cpCtx, 20*time.Millisecond, func(s policy.Snapshot, _ policy.Change) { xs.Update(s) }) }()
 	m.onClose(func() { cancel(); g.Stop(); wg.Wait() })
 	return lis.Addr().String(), nil
 }

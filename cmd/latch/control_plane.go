@@ -196,10 +196,11 @@ func runControlPlane(ctx context.Context, args []string, stdout, stderr io.Write
 	}
 	spawn(func() error { return mon.Run(ctx) })
 
-	store, err := policy.NewStore(f.declarations, policy.Options{TrustDomains: tds}, log.With("component", "declarations"))
+	store, err := policy.NewStore(policy.Options{TrustDomains: tds}, log.With("component", "declarations"))
 	if err != nil {
 		return err
 	}
+	files := policy.NewFiles(store, f.declarations)
 	srv := server.New(ctx, server.Options{
 		Logger:    log.With("component", "xds-server"),
 		Metrics:   server.NewMetrics(reg),
@@ -217,7 +218,7 @@ func runControlPlane(ctx context.Context, args []string, stdout, stderr io.Write
 
 	// Load before serving: a sidecar connecting to a control plane that has
 	// not read its declarations must wait, not be told it has no policy.
-	snap, err := store.Reload()
+	snap, _, err := files.Reload()
 	if err != nil {
 		return fmt.Errorf("reading declarations: %w", err)
 	}
@@ -246,7 +247,9 @@ func runControlPlane(ctx context.Context, args []string, stdout, stderr io.Write
 		}
 		return nil
 	})
-	spawn(func() error { return store.Watch(ctx, f.debounce, cp.update) })
+	spawn(func() error {
+		return files.Watch(ctx, f.debounce, func(s policy.Snapshot, _ policy.Change) { cp.update(s) })
+	})
 	log.Info("control plane serving", "xds_address", lis.Addr().String(), "admin_address", adm.Addr().String(),
 		"spiffe_id", svid.ID.String(), "trust_domains", fmt.Sprint(tds))
 

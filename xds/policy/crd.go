@@ -29,11 +29,16 @@ func CRD() []byte {
 			"name", str(Version),
 			"served", boolean(true),
 			"storage", boolean(true),
+			"subresources", mapping("status", mapping()),
 			"additionalPrinterColumns", seq(
 				mapping("name", str("SPIFFE ID"), "type", str("string"), "jsonPath", str(".spec.spiffeID")),
+				mapping("name", str("Accepted"), "type", str("string"), "jsonPath", str(`.status.conditions[?(@.type=="Accepted")].status`)),
+				mapping("name", str("Programmed"), "type", str("string"), "jsonPath", str(`.status.conditions[?(@.type=="Programmed")].status`)),
 				mapping("name", str("Age"), "type", str("date"), "jsonPath", str(".metadata.creationTimestamp")),
+				mapping("name", str("Reason"), "type", str("string"), "priority", num(1), "jsonPath", str(`.status.conditions[?(@.type=="Accepted")].reason`)),
+				mapping("name", str("Message"), "type", str("string"), "priority", num(1), "jsonPath", str(`.status.conditions[?(@.type=="Accepted")].message`)),
 			),
-			"schema", mapping("openAPIV3Schema", openAPI(documentSchema, true)),
+			"schema", mapping("openAPIV3Schema", withStatus(openAPI(documentSchema, true))),
 		)),
 	)
 	doc := mapping(
@@ -81,8 +86,24 @@ func openAPI(s *schema, top bool) *yaml.Node {
 	if s.max != nil {
 		kv = append(kv, "maximum", num(*s.max))
 	}
+	if s.maxLength != nil {
+		kv = append(kv, "maxLength", num(*s.maxLength))
+	}
 	if s.minItems != nil {
 		kv = append(kv, "minItems", num(*s.minItems))
+	}
+	if s.maxItems != nil {
+		kv = append(kv, "maxItems", num(*s.maxItems))
+	}
+	if len(s.listMapKeys) > 0 {
+		var keys []*yaml.Node
+		for _, k := range s.listMapKeys {
+			keys = append(keys, str(k))
+		}
+		kv = append(kv, "x-kubernetes-list-type", str("map"), "x-kubernetes-list-map-keys", seq(keys...))
+	}
+	if s.listSet {
+		kv = append(kv, "x-kubernetes-list-type", str("set"))
 	}
 	if s.minProps != nil {
 		kv = append(kv, "minProperties", num(*s.minProps))
@@ -123,7 +144,60 @@ func openAPI(s *schema, top bool) *yaml.Node {
 		}
 		kv = append(kv, "required", seq(items...))
 	}
+	if len(s.rules) > 0 {
+		var rules []*yaml.Node
+		for _, r := range s.rules {
+			rules = append(rules, mapping("rule", str(r.rule), "message", str(r.message)))
+		}
+		kv = append(kv, "x-kubernetes-validations", seq(rules...))
+	}
 	return mapping(kv...)
+}
+
+// withStatus adds the status the control plane writes to the top-level
+// schema: Gateway API's shape, metav1.Condition's schema. It is not part of
+// a declaration (the decoder refuses a status in a file), so it lives here.
+func withStatus(top *yaml.Node) *yaml.Node {
+	gen := func(desc string) *yaml.Node {
+		return mapping("type", str("integer"), "format", str("int64"), "minimum", num(0), "description", str(desc))
+	}
+	condition := mapping(
+		"type", str("object"),
+		"required", seq(str("type"), str("status"), str("lastTransitionTime"), str("reason"), str("message")),
+		"properties", mapping(
+			"type", mapping("type", str("string"), "maxLength", num(316),
+				"pattern", str(`^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$`)),
+			"status", mapping("type", str("string"), "enum", seq(str("True"), str("False"), str("Unknown"))),
+			"observedGeneration", gen("The metadata.generation the condition was set for."),
+			"lastTransitionTime", mapping("type", str("string"), "format", str("date-time")),
+			"reason", mapping("type", str("string"), "minLength", num(1), "maxLength", num(1024),
+				"pattern", str(`^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$`)),
+			"message", mapping("type", str("string"), "maxLength", num(32768)),
+		),
+	)
+	status := mapping(
+		"type", str("object"),
+		"description", str("Written by the control plane replica holding the leader Lease."),
+		"properties", mapping(
+			"observedGeneration", gen("The metadata.generation the control plane last read."),
+			"servedGeneration", gen("The generation whose policy is served: the latest when Accepted, the last good one while the latest is refused, absent if none ever was."),
+			"conditions", mapping(
+				"type", str("array"),
+				"description", str("Accepted: the latest generation passed every check and is served. Programmed: every connected sidecar of the workload has acknowledged the xDS version built from it."),
+				"maxItems", num(8),
+				"x-kubernetes-list-type", str("map"),
+				"x-kubernetes-list-map-keys", seq(str("type")),
+				"items", condition,
+			),
+		),
+	)
+	for i := 0; i+1 < len(top.Content); i += 2 {
+		if top.Content[i].Value == "properties" {
+			props := top.Content[i+1]
+			props.Content = append(props.Content, str("status"), status)
+		}
+	}
+	return top
 }
 
 func str(s string) *yaml.Node {

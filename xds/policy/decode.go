@@ -59,6 +59,11 @@ type Options struct {
 	// workload's own ID, allowed peers and upstream server IDs must all be
 	// in one of them. It must not be empty.
 	TrustDomains []spiffeid.TrustDomain
+	// Owners, if set, says which workload IDs a ServicePolicy object may
+	// declare: those the template gives its namespace. Files are the
+	// operator's and may declare any ID. Allow-lists and server IDs may
+	// name workloads anywhere.
+	Owners *IDTemplate
 }
 
 func (o Options) check() error {
@@ -68,12 +73,20 @@ func (o Options) check() error {
 	return nil
 }
 
-// Error is one refusal, located in its file.
+// Error is one refusal, located in its file, or for an API object naming the
+// object and (in Reason) the field.
 type Error struct {
-	File   string
+	// File is the file's path, or "ServicePolicy namespace/name".
+	File string
+	// Line is the line in the file; 0 for an object or the file as a whole.
 	Line   int
 	Reason string
+	// Err, if set, classifies the refusal (ErrNotOwned, ErrConflict).
+	Err error
 }
+
+// Unwrap returns the refusal's class, if any.
+func (e *Error) Unwrap() error { return e.Err }
 
 func (e *Error) Error() string {
 	if e.Line > 0 {
@@ -82,8 +95,8 @@ func (e *Error) Error() string {
 	return fmt.Sprintf("%s: %s", e.File, e.Reason)
 }
 
-// FileError holds every refusal found in one file. A file with any refusal is
-// rejected as a whole.
+// FileError holds every refusal found in one file (or object). A file with
+// any refusal is rejected as a whole.
 type FileError struct {
 	File   string
 	Errors []*Error
@@ -284,12 +297,26 @@ func (d *decoder) port(n *yaml.Node, path string) (uint32, bool) {
 	return uint32(p), true
 }
 
-func (d *decoder) list(n *yaml.Node, path string) ([]*yaml.Node, bool) {
+// list returns the items of the list n, whose schema is s.
+func (d *decoder) list(n *yaml.Node, s *schema, path string) ([]*yaml.Node, bool) {
 	if n.Kind != yaml.SequenceNode {
 		d.fail(n, "%s: want a list, got %s", path, kindName(n))
 		return nil, false
 	}
+	if s.maxItems != nil && int64(len(n.Content)) > *s.maxItems {
+		d.fail(n, "%s: %d items, at most %d allowed", path, len(n.Content), *s.maxItems)
+		return nil, false
+	}
 	return n.Content, true
+}
+
+// tooLong refuses a string longer than max bytes.
+func (d *decoder) tooLong(n *yaml.Node, path, s string, max int) bool {
+	if len(s) > max {
+		d.fail(n, "%s: %d bytes long, at most %d allowed", path, len(s), max)
+		return true
+	}
+	return false
 }
 
 func (d *decoder) duration(n *yaml.Node, path string) (time.Duration, bool) {
@@ -307,7 +334,7 @@ func (d *decoder) duration(n *yaml.Node, path string) (time.Duration, bool) {
 
 func (d *decoder) hostPort(n *yaml.Node, path string) (string, bool) {
 	s, ok := d.str(n, path)
-	if !ok {
+	if !ok || d.tooLong(n, path, s, maxHostLength) {
 		return "", false
 	}
 	host, port, err := net.SplitHostPort(s)
@@ -332,7 +359,7 @@ func (d *decoder) hostPort(n *yaml.Node, path string) (string, bool) {
 // spiffeID parses a workload ID (with a path) in a configured trust domain.
 func (d *decoder) spiffeID(n *yaml.Node, path string) (spiffeid.ID, bool) {
 	s, ok := d.str(n, path)
-	if !ok {
+	if !ok || d.tooLong(n, path, s, maxIDLength) {
 		return spiffeid.ID{}, false
 	}
 	id, err := spiffeid.FromString(s)
@@ -439,7 +466,7 @@ func (d *decoder) spec(n *yaml.Node, decl *Declaration) {
 		ports[p] = fmt.Sprintf("%s (line %d)", strings.TrimSuffix(path, ".port"), n.Line)
 	}
 	if v := f["inbound"]; v != nil {
-		items, _ := d.list(v, "spec.inbound")
+		items, _ := d.list(v, specSchema.prop("inbound"), "spec.inbound")
 		for i, it := range items {
 			path := fmt.Sprintf("spec.inbound[%d]", i)
 			in, ok := d.inbound(it, path)
@@ -450,7 +477,7 @@ func (d *decoder) spec(n *yaml.Node, decl *Declaration) {
 		}
 	}
 	if v := f["outbound"]; v != nil {
-		items, _ := d.list(v, "spec.outbound")
+		items, _ := d.list(v, specSchema.prop("outbound"), "spec.outbound")
 		for i, it := range items {
 			path := fmt.Sprintf("spec.outbound[%d]", i)
 			out, ok := d.outbound(it, path)
@@ -479,7 +506,7 @@ func (d *decoder) inbound(n *yaml.Node, path string) (Inbound, bool) {
 		in.IdleTimeout, _ = d.duration(v, path+".idleTimeout")
 	}
 	if v := f["allow"]; v != nil {
-		items, _ := d.list(v, path+".allow")
+		items, _ := d.list(v, inboundSchema.prop("allow"), path+".allow")
 		for j, it := range items {
 			if r, ok := d.allow(it, fmt.Sprintf("%s.allow[%d]", path, j)); ok {
 				in.Allow = append(in.Allow, r)
@@ -501,6 +528,13 @@ func (d *decoder) allow(n *yaml.Node, path string) (identity.Rule, bool) {
 	for kind, v := range f {
 		s, ok := d.str(v, path+"."+kind)
 		if !ok {
+			return identity.Rule{}, false
+		}
+		limit := maxIDLength
+		if kind == "trustDomain" {
+			limit = maxTDLength
+		}
+		if d.tooLong(v, path+"."+kind, s, limit) {
 			return identity.Rule{}, false
 		}
 		r, err := identity.ParseRule(kind, s)
@@ -547,7 +581,7 @@ func (d *decoder) outbound(n *yaml.Node, path string) (Outbound, bool) {
 			out.Endpoints = []string{s}
 		}
 	case endpoints != nil:
-		items, _ := d.list(endpoints, path+".endpoints")
+		items, _ := d.list(endpoints, outboundSchema.prop("endpoints"), path+".endpoints")
 		if len(items) == 0 && endpoints.Kind == yaml.SequenceNode {
 			d.fail(endpoints, "%s.endpoints: must not be empty", path)
 		}

@@ -220,6 +220,15 @@ spec:
 `, name, id, port)
 }
 
+// newFiles is a store fed by the files of dir.
+func newFiles(dir string, opts Options) (*Files, error) {
+	st, err := NewStore(opts, nil)
+	if err != nil {
+		return nil, err
+	}
+	return NewFiles(st, dir), nil
+}
+
 func itoa(i int) string { return strconv.Itoa(i) }
 
 func ids(s Snapshot) string {
@@ -232,7 +241,7 @@ func ids(s Snapshot) string {
 
 func TestStoreKeepsGoodVersions(t *testing.T) {
 	dir := t.TempDir()
-	st, err := NewStore(dir, testOpts, nil)
+	st, err := newFiles(dir, testOpts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -241,7 +250,7 @@ func TestStoreKeepsGoodVersions(t *testing.T) {
 	writeFile(t, dir, "notes.txt", "not a declaration")
 	writeFile(t, dir, "broken.yaml", "kind: [")
 
-	snap, err := st.Reload()
+	snap, _, err := st.Reload()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -254,7 +263,7 @@ func TestStoreKeepsGoodVersions(t *testing.T) {
 
 	// b breaks: a is untouched, b keeps its previous good version.
 	writeFile(t, dir, "b.yaml", strings.Replace(policyFor("b", "spiffe://mesh.test/b", 2002), "appAddress", "app", 1))
-	snap, _ = st.Reload()
+	snap, _, _ = st.Reload()
 	if got, want := ids(snap), "spiffe://mesh.test/a@1001 spiffe://mesh.test/b@1002"; got != want {
 		t.Fatalf("after breaking b: served %q, want %q", got, want)
 	}
@@ -264,7 +273,7 @@ func TestStoreKeepsGoodVersions(t *testing.T) {
 
 	// c claims a's ID: a keeps it, c is refused and serves nothing.
 	writeFile(t, dir, "c.yaml", policyFor("c", "spiffe://mesh.test/a", 3003))
-	snap, _ = st.Reload()
+	snap, _, _ = st.Reload()
 	if got, want := ids(snap), "spiffe://mesh.test/a@1001 spiffe://mesh.test/b@1002"; got != want {
 		t.Fatalf("after conflicting c: served %q, want %q", got, want)
 	}
@@ -274,7 +283,7 @@ func TestStoreKeepsGoodVersions(t *testing.T) {
 
 	// Even when a is edited afterwards, the incumbent keeps the ID.
 	writeFile(t, dir, "a.yaml", policyFor("a", "spiffe://mesh.test/a", 1111))
-	snap, _ = st.Reload()
+	snap, _, _ = st.Reload()
 	if got, want := ids(snap), "spiffe://mesh.test/a@1111 spiffe://mesh.test/b@1002"; got != want {
 		t.Fatalf("after editing a: served %q, want %q", got, want)
 	}
@@ -284,7 +293,7 @@ func TestStoreKeepsGoodVersions(t *testing.T) {
 	if err := os.Remove(filepath.Join(dir, "a.yaml")); err != nil {
 		t.Fatal(err)
 	}
-	snap, _ = st.Reload()
+	snap, _, _ = st.Reload()
 	if got, want := ids(snap), "spiffe://mesh.test/a@3003 spiffe://mesh.test/b@2002"; got != want {
 		t.Fatalf("after fixing b and removing a: served %q, want %q", got, want)
 	}
@@ -298,15 +307,15 @@ func TestStoreUnreadableDirKeepsPolicy(t *testing.T) {
 	if err := os.Mkdir(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	st, _ := NewStore(dir, testOpts, nil)
+	st, _ := newFiles(dir, testOpts)
 	writeFile(t, dir, "a.yaml", policyFor("a", "spiffe://mesh.test/a", 1001))
-	if _, err := st.Reload(); err != nil {
+	if _, _, err := st.Reload(); err != nil {
 		t.Fatal(err)
 	}
 	if err := os.Rename(dir, dir+".gone"); err != nil {
 		t.Fatal(err)
 	}
-	snap, err := st.Reload()
+	snap, _, err := st.Reload()
 	if err == nil {
 		t.Fatal("no error for a missing directory")
 	}
@@ -326,7 +335,7 @@ func hasError(s Snapshot, file string, line int, reason string) bool {
 
 func TestWatchPropagates(t *testing.T) {
 	dir := t.TempDir()
-	st, _ := NewStore(dir, testOpts, nil)
+	st, _ := newFiles(dir, testOpts)
 	writeFile(t, dir, "a.yaml", policyFor("a", "spiffe://mesh.test/a", 1001))
 
 	snaps := make(chan Snapshot, 16)
@@ -335,7 +344,7 @@ func TestWatchPropagates(t *testing.T) {
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		if err := st.Watch(ctx, 20*time.Millisecond, func(s Snapshot) { snaps <- s }); err != nil {
+		if err := st.Watch(ctx, 20*time.Millisecond, func(s Snapshot, _ Change) { snaps <- s }); err != nil {
 			t.Error(err)
 		}
 	}()
@@ -388,8 +397,8 @@ func TestExamplesAreValid(t *testing.T) {
 	if _, err := os.Stat(dir); err != nil {
 		t.Skip("no examples yet")
 	}
-	st, _ := NewStore(dir, Options{TrustDomains: []spiffeid.TrustDomain{spiffeid.RequireTrustDomainFromString("demo.latch.test")}}, nil)
-	snap, err := st.Reload()
+	st, _ := newFiles(dir, Options{TrustDomains: []spiffeid.TrustDomain{spiffeid.RequireTrustDomainFromString("demo.latch.test")}})
+	snap, _, err := st.Reload()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -134,9 +134,10 @@ func benchPropagation(b *testing.B, n int) {
 
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	store, _ := policy.NewStore(declDir, policy.Options{TrustDomains: []spiffeid.TrustDomain{bundle.TrustDomain()}}, nil)
+	store, _ := policy.NewStore(policy.Options{TrustDomains: []spiffeid.TrustDomain{bundle.TrustDomain()}}, nil)
+	files := policy.NewFiles(store, declDir)
 	srv := server.New(ctx, server.Options{Translate: translate.Options{InboundHost: "127.0.0.1"}})
-	snap, _ := store.Reload()
+	snap, _, _ := files.Reload()
 	srv.Update(snap)
 	g := srv.NewGRPCServer(identity.NewTLS(identitytest.NewSource(svid, bundle)).ServerConfig(identity.Modern(), func(spiffeid.ID) error { return nil }))
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
@@ -146,7 +147,10 @@ func benchPropagation(b *testing.B, n int) {
 	var wg sync.WaitGroup
 	wg.Add(2)
 	go func() { defer wg.Done(); _ = g.Serve(lis) }()
-	go func() { defer wg.Done(); _ = store.Watch(ctx, 10*time.Millisecond, srv.Update) }()
+	go func() {
+		defer wg.Done()
+		_ = files.Watch(ctx, 10*time.Millisecond, func(s policy.Snapshot, _ policy.Change) { srv.Update(s) })
+	}()
 	defer func() { cancel(); g.Stop(); wg.Wait() }()
 
 	connectStart := time.Now()
