@@ -81,21 +81,23 @@ func logger(t *testing.T) *slog.Logger {
 
 // controlPlane is an in-process `latch control-plane` on loopback.
 type controlPlane struct {
-	srv  *server.Server
-	addr string
-	stop func()
+	srv   *server.Server
+	store *policy.Store
+	addr  string
+	stop  func()
 }
 
 func startControlPlane(t *testing.T, ca *identitytest.CA, dir, addr string) *controlPlane {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	store, err := policy.NewStore(dir, policy.Options{TrustDomains: []spiffeid.TrustDomain{td, spiffeid.RequireTrustDomainFromString("partner.test")}}, nil)
+	store, err := policy.NewStore(policy.Options{TrustDomains: []spiffeid.TrustDomain{td, spiffeid.RequireTrustDomainFromString("partner.test")}}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
+	files := policy.NewFiles(store, dir)
 	// Loopback only: tests never bind other addresses.
 	srv := server.New(ctx, server.Options{Logger: logger(t), Translate: translate.Options{InboundHost: "127.0.0.1"}})
-	snap, _ := store.Reload()
+	snap, _, _ := files.Reload()
 	srv.Update(snap)
 	tlsc := identity.NewTLS(ca.Source(t, cpID.String())).ServerConfig(identity.Modern(), func(peer spiffeid.ID) error {
 		if peer.MemberOf(td) {
@@ -112,9 +114,12 @@ func startControlPlane(t *testing.T, ca *identitytest.CA, dir, addr string) *con
 	var wg sync.WaitGroup
 	wg.Add(2)
 	go func() { defer wg.Done(); _ = g.Serve(lis) }()
-	go func() { defer wg.Done(); _ = store.Watch(ctx, 10*time.Millisecond, srv.Update) }()
+	go func() {
+		defer wg.Done()
+		_ = files.Watch(ctx, 10*time.Millisecond, func(s policy.Snapshot, _ policy.Change) { srv.Update(s) })
+	}()
 	var once sync.Once
-	cp := &controlPlane{srv: srv, addr: lis.Addr().String()}
+	cp := &controlPlane{srv: srv, store: store, addr: lis.Addr().String()}
 	cp.stop = func() {
 		once.Do(func() {
 			cancel()
@@ -249,6 +254,16 @@ func TestEndToEndPropagation(t *testing.T) {
 		st := sc.c.Status()
 		return st.Connected && st.AppliedVersion == cfg.Version
 	})
+	// The control plane knows the sidecar applied the version it serves,
+	// the version it would compute for the declaration.
+	waitFor(t, "the control plane to count the ACK", func() bool {
+		acks := cp.srv.Acks()
+		return len(acks) == 1 && acks[0] == server.NodeAcks{Node: backend.String(), Version: cfg.Version, Connected: 1, Acked: 1}
+	})
+	decl, ok := cp.store.Snapshot().Lookup(backend)
+	if !ok || cp.srv.VersionFor(decl) != cfg.Version {
+		t.Errorf("VersionFor = %q, want the served %q", cp.srv.VersionFor(decl), cfg.Version)
+	}
 }
 
 func TestUndeclaredNodeServesNothing(t *testing.T) {
@@ -363,6 +378,11 @@ func TestNACKKeepsLastGood(t *testing.T) {
 	}
 	t.Logf("control plane saw: %s", nack)
 	sc.noneFor(t, 50*time.Millisecond)
+	waitFor(t, "the NACK in the ACK state", func() bool {
+		acks := cp.srv.Acks()
+		return len(acks) == 1 && acks[0].Connected == 1 && acks[0].Acked == 0 && acks[0].NACKed == 1 &&
+			strings.Contains(acks[0].NACK, `cluster "outbound|15100"`)
+	})
 
 	// The data plane refuses the next one: NACK as well, nothing changes.
 	sc.mu.Lock()
@@ -386,6 +406,10 @@ func TestNACKKeepsLastGood(t *testing.T) {
 		t.Fatalf("after recovery: %+v", cfg.Inbound)
 	}
 	waitFor(t, "the NACK to clear", func() bool { return cp.srv.LastNACK(backend.String()) == "" })
+	waitFor(t, "the ACK state to clear", func() bool {
+		acks := cp.srv.Acks()
+		return len(acks) == 1 && acks[0].Acked == 1 && acks[0].NACKed == 0 && acks[0].NACK == ""
+	})
 }
 
 // TestControlPlaneRestart: while the control plane is down the sidecar keeps

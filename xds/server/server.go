@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"reflect"
 	"runtime"
 	"slices"
@@ -74,6 +75,10 @@ type Server struct {
 	peers          map[peerKey]*peerUse
 
 	logLimit logLimiter
+
+	// acksChanged is signalled (without blocking; one pending signal is
+	// enough) whenever what Acks returns may have changed.
+	acksChanged chan struct{}
 }
 
 type streamKey struct {
@@ -86,8 +91,12 @@ type streamState struct {
 	from   peerKey
 	node   string // node ID once proved equal to peer
 	opened time.Time
-	sent   map[string]string // SotW: response nonce → version sent with it
+	sent   map[string]string // response nonce → version sent with it
 	nacks  map[string]string // served type URL → error detail (clipped) of the last NACK not followed by an ACK
+	// acked is, per served type URL, the version the sidecar last
+	// acknowledged; types are the types the stream has been sent.
+	acked map[string]string
+	types map[string]bool
 
 	// Delta: the names the stream is subscribed to, mirrored from
 	// go-control-plane's subscription to bound it.
@@ -117,6 +126,7 @@ func New(ctx context.Context, opts Options) *Server {
 		lastDecl: map[string]policy.Declaration{},
 
 		streamsPerPeer: opts.StreamsPerPeer,
+		acksChanged:    make(chan struct{}, 1),
 	}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
@@ -294,6 +304,7 @@ func (s *Server) install(b built) bool {
 		return false
 	}
 	s.served[node] = version
+	s.signalAcks()
 	s.log.Debug("snapshot updated", "node", node, "version", version,
 		"listeners", len(r.Listeners), "clusters", len(r.Clusters), "endpoints", len(r.Endpoints))
 	return true
@@ -447,7 +458,8 @@ func (s *Server) callbacks() serverv3.CallbackFuncs {
 					"reason", "stream limit", "limit", s.streamsPerPeer)
 				return status.Errorf(codes.ResourceExhausted, "latch control plane: %s already holds %d xDS streams (the limit per workload instance)", from, s.streamsPerPeer)
 			}
-			s.streams[streamKey{delta, id}] = &streamState{peer: pid, from: from, opened: time.Now(), sent: map[string]string{}, nacks: map[string]string{}}
+			s.streams[streamKey{delta, id}] = &streamState{peer: pid, from: from, opened: time.Now(), sent: map[string]string{}, nacks: map[string]string{},
+				acked: map[string]string{}, types: map[string]bool{}}
 			n := len(s.streams)
 			s.mu.Unlock()
 			s.metrics.connected(n)
@@ -478,6 +490,7 @@ func (s *Server) callbacks() serverv3.CallbackFuncs {
 			s.metrics.connected(n)
 			if st.node != "" {
 				s.forgetIfIdle(st.node)
+				s.signalAcks()
 			}
 			s.logPeer(slog.LevelInfo, "xds stream closed", "peer_id", st.peer.String(), "remote_addr", st.from.addr, "delta", delta,
 				"duration", time.Since(st.opened).Round(time.Millisecond).String())
@@ -501,6 +514,7 @@ func (s *Server) callbacks() serverv3.CallbackFuncs {
 				s.holdNACKed(key, req)
 			}
 			s.noteAck(key, req.GetTypeUrl(), req.GetVersionInfo(), req.GetVersionInfo() != "", req.GetErrorDetail())
+			s.trackAck(key, req.GetTypeUrl(), req.GetResponseNonce(), req.GetErrorDetail() != nil)
 			// go-control-plane keeps the request with its watch; it has no
 			// use for the detail, which is noted (cut short) above.
 			req.ErrorDetail = nil
@@ -519,22 +533,17 @@ func (s *Server) callbacks() serverv3.CallbackFuncs {
 			}
 			slimNode(req.GetNode())
 			s.noteAck(key, req.GetTypeUrl(), "", req.GetResponseNonce() != "", req.GetErrorDetail())
+			s.trackAck(key, req.GetTypeUrl(), req.GetResponseNonce(), req.GetErrorDetail() != nil)
 			req.ErrorDetail = nil
 			return nil
 		},
 		StreamResponseFunc: func(_ context.Context, id int64, _ *discovery.DiscoveryRequest, resp *discovery.DiscoveryResponse) {
 			s.metrics.pushed(resp.GetTypeUrl())
-			s.mu.Lock()
-			if st := s.streams[streamKey{false, id}]; st != nil {
-				if len(st.sent) > 64 {
-					clear(st.sent) // only the latest nonces matter
-				}
-				st.sent[resp.GetNonce()] = resp.GetVersionInfo()
-			}
-			s.mu.Unlock()
+			s.noteSent(streamKey{false, id}, resp.GetTypeUrl(), resp.GetNonce(), resp.GetVersionInfo())
 		},
-		StreamDeltaResponseFunc: func(_ int64, _ *discovery.DeltaDiscoveryRequest, resp *discovery.DeltaDiscoveryResponse) {
+		StreamDeltaResponseFunc: func(id int64, _ *discovery.DeltaDiscoveryRequest, resp *discovery.DeltaDiscoveryResponse) {
 			s.metrics.pushed(resp.GetTypeUrl())
+			s.noteSent(streamKey{true, id}, resp.GetTypeUrl(), resp.GetNonce(), resp.GetSystemVersionInfo())
 		},
 		FetchRequestFunc: func(context.Context, *discovery.DiscoveryRequest) error {
 			// REST fetches carry no stream to bind a node to a peer.
@@ -712,6 +721,108 @@ func (s *Server) noteAck(key streamKey, typeURL, version string, ack bool, nack 
 	s.mu.Unlock()
 	s.metrics.nack(node)
 	s.logPeer(slog.LevelWarn, "update refused by sidecar", "node", node, "type", typeURL, "version", clip(version, maxLoggedBytes), "reason", msg)
+}
+
+// noteSent remembers which version went out with a response nonce, so that
+// the acknowledgement naming the nonce says which version it accepted.
+func (s *Server) noteSent(key streamKey, typeURL, nonce, version string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if st := s.streams[key]; st != nil {
+		if len(st.sent) > 64 {
+			clear(st.sent) // only the latest nonces matter
+		}
+		st.sent[nonce] = version
+		st.types[typeURL] = true // one of servedTypes: checked on the request
+	}
+}
+
+// trackAck records the version a request acknowledges: the one sent with
+// the response its nonce names (the first request of each type answers
+// none). A refusal is kept by noteAck.
+func (s *Server) trackAck(key streamKey, typeURL, nonce string, nacked bool) {
+	if nonce == "" {
+		return
+	}
+	s.mu.Lock()
+	if st := s.streams[key]; st != nil && !nacked {
+		if v, ok := st.sent[nonce]; ok {
+			st.acked[typeURL] = v
+		}
+	}
+	s.mu.Unlock()
+	s.signalAcks()
+}
+
+func (s *Server) signalAcks() {
+	select {
+	case s.acksChanged <- struct{}{}:
+	default:
+	}
+}
+
+// NodeAcks is what the sidecars of one node connected to this server have
+// done with the version it serves them.
+type NodeAcks struct {
+	Node string
+	// Version is the snapshot version served to the node now.
+	Version string
+	// Connected counts the node's open streams; Acked those that have
+	// acknowledged Version for every resource type sent to them; NACKed
+	// those whose latest response of some type was refused, and NACK is
+	// the refusal of one of them.
+	Connected, Acked, NACKed int
+	NACK                     string
+}
+
+// Acks returns, for every node with an open stream, what its sidecars have
+// acknowledged, sorted by node.
+func (s *Server) Acks() []NodeAcks {
+	s.snapMu.Lock()
+	served := make(map[string]string, len(s.served))
+	for n, v := range s.served {
+		served[n] = v
+	}
+	s.snapMu.Unlock()
+	s.mu.Lock()
+	out := make([]NodeAcks, 0, len(s.nodes))
+	for node, keys := range s.nodes {
+		na := NodeAcks{Node: node, Version: served[node]}
+		for k := range keys {
+			st := s.streams[k]
+			na.Connected++
+			if len(st.nacks) > 0 {
+				na.NACKed++
+				if na.NACK == "" {
+					types := slices.Sorted(maps.Keys(st.nacks))
+					na.NACK = st.nacks[types[0]]
+				}
+				continue
+			}
+			applied := len(st.types) > 0 && na.Version != ""
+			for t := range st.types {
+				applied = applied && st.acked[t] == na.Version
+			}
+			if applied {
+				na.Acked++
+			}
+		}
+		out = append(out, na)
+	}
+	s.mu.Unlock()
+	slices.SortFunc(out, func(a, b NodeAcks) int { return strings.Compare(a.Node, b.Node) })
+	return out
+}
+
+// AcksChanged is signalled when what Acks returns may have changed: a
+// stream closed, a sidecar acknowledged or refused an update, or a node was
+// given a new version.
+func (s *Server) AcksChanged() <-chan struct{} { return s.acksChanged }
+
+// VersionFor is the snapshot version a node serving d is given: a hash of
+// the resources d translates to, equal across replicas.
+func (s *Server) VersionFor(d policy.Declaration) string {
+	return translate.Translate(d, s.topts).Hash()
 }
 
 // cacheLogger routes go-control-plane's logs to slog at debug level; the
