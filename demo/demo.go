@@ -457,7 +457,10 @@ func (m *mesh) controlPlane(ctx context.Context, ca *devca.CA, dir, addr string)
 	var wg sync.WaitGroup
 	wg.Add(2)
 	go func() { defer wg.Done(); _ = g.Serve(lis) }()
-	go func() { defer wg.Done(); _ = files.Watch(cpCtx, 20*time.Millisecond, func(s policy.Snapshot, _ policy.Change) { xs.Update(s) }) }()
+	go func() {
+		defer wg.Done()
+		_ = files.Watch(cpCtx, 20*time.Millisecond, func(s policy.Snapshot, _ policy.Change) { xs.Update(s) })
+	}()
 	m.onClose(func() { cancel(); g.Stop(); wg.Wait() })
 	return lis.Addr().String(), nil
 }
