@@ -193,11 +193,11 @@ func TestCRDAdmission(t *testing.T) {
 			`spec.inbound[0].appAddress: Required value`, `missing required field "appAddress"`},
 		{"too many ports", func(s string) string {
 			var b strings.Builder
-			for p := 1; p <= 65; p++ {
+			for p := 1; p <= 256; p++ {
 				b.WriteString("  - {port: " + itoa(20000+p) + ", appAddress: \"127.0.0.1:1\"}\n")
 			}
 			return strings.Replace(s, "outbound:", b.String()+"outbound:", 1)
-		}, "spec.inbound: Too many: 66: must have at most 64 items", "at most 64 allowed"},
+		}, "spec.inbound: Too many: 257: must have at most 256 items", "at most 256 allowed"},
 		// What the schema cannot know: the configured trust domains.
 		{"unconfigured trust domain", func(s string) string {
 			return strings.Replace(s, "serverID: spiffe://mesh.test/ns/crd/sa/db", "serverID: spiffe://evil.test/ns/crd/sa/db", 1)

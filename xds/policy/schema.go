@@ -89,7 +89,8 @@ func portSchema(desc string) *schema {
 // the control plane build, and let the API server estimate the cost of the
 // CEL rules below.
 const (
-	maxPorts      = 64
+	maxInbound    = 256
+	maxOutbound   = 1024 // a workload may call many upstreams
 	maxAllow      = 256
 	maxEndpoints  = 32
 	maxIDLength   = 2048 // SPIFFE: a SPIFFE ID is at most 2048 bytes
@@ -166,9 +167,9 @@ var (
 		props: []field{
 			{"spiffeID", idSchema("SPIFFE ID of the workload this policy is for.")},
 			{"inbound", &schema{typ: "array", description: "Ports the sidecar accepts peers on.", items: inboundSchema,
-				maxItems: i64(maxPorts), listMapKeys: []string{"port"}}},
+				maxItems: i64(maxInbound), listMapKeys: []string{"port"}}},
 			{"outbound", &schema{typ: "array", description: "Upstreams the workload calls.", items: outboundSchema,
-				maxItems: i64(maxPorts), listMapKeys: []string{"port"}}},
+				maxItems: i64(maxOutbound), listMapKeys: []string{"port"}}},
 		},
 		required: []string{"spiffeID"},
 		rules: []celRule{{
