@@ -1,6 +1,7 @@
-// Package docs holds no code: its test keeps the repository's Markdown
-// standing alone (no references to anything outside the repository, no
-// planning vocabulary) and its relative links pointing at files that exist.
+// Package docs holds no code: its tests keep the repository consistent with
+// itself. The Markdown stands alone (no references to anything outside the
+// repository, no planning vocabulary) and its relative links point at files
+// that exist; the Makefile's fuzz step names every fuzz target there is.
 package docs
 
 import (
@@ -92,5 +93,45 @@ func TestMarkdownLinksResolve(t *testing.T) {
 				}
 			}
 		}
+	}
+}
+
+// TestMakefileFuzzesEveryTarget: a fuzz target missing from FUZZ_TARGETS
+// would never fuzz in CI (its seeds still run as tests, which hides it).
+func TestMakefileFuzzesEveryTarget(t *testing.T) {
+	mk, err := os.ReadFile(filepath.Join("..", "Makefile"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := regexp.MustCompile(`(?m)^FUZZ_TARGETS := ((?:.*\\\n)*.*)$`).FindSubmatch(mk)
+	if m == nil {
+		t.Fatal("no FUZZ_TARGETS in the Makefile")
+	}
+	listed := map[string]bool{}
+	for _, f := range strings.Fields(strings.ReplaceAll(string(m[1]), "\\", "")) {
+		listed[f] = true
+	}
+	fuzzFunc := regexp.MustCompile(`(?m)^func (Fuzz\w+)\(f \*testing\.F\)`)
+	found := 0
+	for _, f := range trackedFiles(t, "_test.go") {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		rel, _ := filepath.Rel("..", filepath.Dir(f))
+		for _, fm := range fuzzFunc.FindAllSubmatch(b, -1) {
+			found++
+			target := "./" + filepath.ToSlash(rel) + ":" + string(fm[1])
+			if !listed[target] {
+				t.Errorf("%s is not in the Makefile's FUZZ_TARGETS", target)
+			}
+			delete(listed, target)
+		}
+	}
+	if found == 0 {
+		t.Fatal("no fuzz targets found")
+	}
+	for target := range listed {
+		t.Errorf("FUZZ_TARGETS lists %s, which does not exist", target)
 	}
 }
