@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bufio"
 	"context"
 	"crypto/tls"
 	"fmt"
@@ -11,9 +12,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/pires/go-proxyproto"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"latch.dev/latch/identity"
+	"latch.dev/latch/identity/identitytest"
 )
 
 // tcpPair returns both ends of a loopback TCP connection.
@@ -266,4 +269,60 @@ func memNow() (ms runtime.MemStats, heap, stack uint64, goroutines int) {
 	runtime.GC()
 	runtime.ReadMemStats(&ms)
 	return ms, ms.HeapInuse, ms.StackInuse, runtime.NumGoroutine()
+}
+
+// BenchmarkProxyHeader measures building the PROXY protocol v2 header of one
+// inbound connection (addresses, PP2_TYPE_SSL, SPIFFE ID, the SHA-256 of
+// the peer's leaf): what a listener with proxyProtocol pays per connection
+// besides the one write(2) that sends it. header-B is its size on the wire.
+func BenchmarkProxyHeader(b *testing.B) {
+	ca := identitytest.NewCA(b, trustDomain)
+	svid := ca.SVID(b, frontendID)
+	cs := tls.ConnectionState{Version: tls.VersionTLS13, CipherSuite: tls.TLS_AES_128_GCM_SHA256,
+		CurveID: tls.X25519MLKEM768, PeerCertificates: svid.Certificates}
+	remote := &net.TCPAddr{IP: net.IPv4(10, 1, 2, 3), Port: 40000}
+	local := &net.TCPAddr{IP: net.IPv4(10, 1, 2, 4), Port: 8443}
+	var size int
+	b.ReportAllocs()
+	for b.Loop() {
+		h, err := proxyHeader(remote, local, cs, svid.ID)
+		if err != nil {
+			b.Fatal(err)
+		}
+		size = len(h)
+	}
+	b.ReportMetric(float64(size), "header-B")
+}
+
+// BenchmarkConnectProxyProtocol is BenchmarkConnect with and without the
+// PROXY protocol header on the inbound listener, so the difference is the
+// header's whole cost per connection: building it, one more write to the app
+// and the app's parsing it (go-proxyproto, as an app would).
+func BenchmarkConnectProxyProtocol(b *testing.B) {
+	for _, on := range []bool{false, true} {
+		b.Run(fmt.Sprintf("header=%v", on), func(b *testing.B) {
+			handle := echo
+			if on {
+				handle = func(c net.Conn) {
+					br := bufio.NewReader(c)
+					if _, err := proxyproto.Read(br); err != nil {
+						return
+					}
+					io.Copy(c, br)
+				}
+			}
+			m := newMesh(b, handle, meshOptions{inbound: func(in *Inbound) { in.ProxyProtocol = on }})
+			addr := addrOf(b, m.outbound, "backend")
+			for b.Loop() {
+				c, err := net.Dial("tcp", addr)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if err := roundTrip(c, "x"); err != nil {
+					b.Fatal(err)
+				}
+				c.Close()
+			}
+		})
+	}
 }

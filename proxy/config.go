@@ -35,6 +35,12 @@ type Inbound struct {
 	App string
 	// Allow decides which peer SPIFFE IDs may connect. Empty denies all.
 	Allow identity.AllowList
+	// ProxyProtocol makes the sidecar send the app a PROXY protocol v2
+	// header before the first byte of each connection: the peer's address,
+	// its SPIFFE ID, its leaf certificate's SHA-256 and the TLS parameters
+	// (see proxyHeader). Off, the app gets the peer's bytes and nothing else:
+	// an app that does not parse the header would take it for data.
+	ProxyProtocol bool
 	// Timeouts and limits; zero means the package default.
 	HandshakeTimeout time.Duration
 	IdleTimeout      time.Duration

@@ -228,6 +228,13 @@ func (c *conn) serveInbound(r *route) {
 		c.finish()
 		return
 	}
+	// The app, and whether it takes a PROXY protocol header, are the
+	// current snapshot's: an Apply during the handshake must not send a
+	// header to an app that no longer asks for one, nor miss one.
+	if cur := c.l.s.route(c.l.name, c.l.dir); cur != nil {
+		r = cur
+		c.appAddr = r.in.App
+	}
 	d := net.Dialer{Timeout: r.connectTimeout}
 	app, err := d.DialContext(c.ctx, "tcp", r.in.App)
 	if err != nil {
@@ -241,7 +248,32 @@ func (c *conn) serveInbound(r *route) {
 		c.finish()
 		return
 	}
+	if r.in.ProxyProtocol && !c.sendProxyHeader(tc, app, r, peer) {
+		return
+	}
 	c.pipe(tc, c.down, downSock, app, app, newSocket(app), r.idleTimeout, c.end)
+}
+
+// sendProxyHeader writes the PROXY protocol v2 header to the app, before
+// any byte of the peer's: the app reads who called before what they said.
+// It is written under the connect timeout, so an app that accepted and does
+// not read cannot hold the connection past it. A failure ends the connection
+// like an unreachable app (nothing of the stream was forwarded yet).
+func (c *conn) sendProxyHeader(tc *tls.Conn, app net.Conn, r *route, peer spiffeid.ID) bool {
+	hdr, err := proxyHeader(c.down.RemoteAddr(), c.down.LocalAddr(), tc.ConnectionState(), peer)
+	if err == nil {
+		app.SetWriteDeadline(time.Now().Add(r.connectTimeout))
+		_, err = app.Write(hdr)
+		app.SetWriteDeadline(time.Time{})
+	}
+	if err != nil {
+		c.l.metrics.connectFailed()
+		c.log().Warn("sending the PROXY protocol header to the app failed", "listener", c.l.name, "peer_id", peer.String(), "app_addr", r.in.App, "error", err)
+		c.kill(reasonUpstreamUnreachable)
+		c.finish()
+		return false
+	}
+	return true
 }
 
 // serveOutbound: dial the upstreams in order, handshake (the tls.Config

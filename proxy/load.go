@@ -355,7 +355,7 @@ func (p *parser) limits(key string, v *yaml.Node, field string, hs, idle, conn *
 
 func (p *parser) inbound(n *yaml.Node, path string) (Inbound, error) {
 	var in Inbound
-	known := append([]string{"name", "listen", "app", "allow"}, limitKeys...)
+	known := append([]string{"name", "listen", "app", "allow", "proxyProtocol"}, limitKeys...)
 	err := p.fields(n, path, known, func(key string, v *yaml.Node, field string) error {
 		if ok, err := p.limits(key, v, field, &in.HandshakeTimeout, &in.IdleTimeout, &in.ConnectTimeout, &in.MaxConnections); ok {
 			return err
@@ -370,6 +370,15 @@ func (p *parser) inbound(n *yaml.Node, path string) (Inbound, error) {
 			in.App, err = p.str(v, field)
 		case "allow":
 			in.Allow, err = p.allow(v, field)
+		case "proxyProtocol":
+			var s string
+			if s, err = p.str(v, field); err != nil {
+				return err
+			}
+			if s != "v2" {
+				return p.errAt(v, field, fmt.Errorf("%q: the only PROXY protocol version latch sends is v2 (leave the key out for none)", s))
+			}
+			in.ProxyProtocol = true
 		}
 		return err
 	})

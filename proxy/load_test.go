@@ -26,6 +26,7 @@ inbound:
     idleTimeout: 5m
     handshakeTimeout: 10s
     maxConnections: 1000
+    proxyProtocol: v2
 outbound:
   - name: backend
     listen: 127.0.0.1:15001
@@ -47,7 +48,7 @@ func TestParseExample(t *testing.T) {
 	}
 	in := cfg.Inbound[0]
 	if in.Name != "web" || in.Listen != "0.0.0.0:8443" || in.App != "127.0.0.1:8080" || in.IdleTimeout != 5*time.Minute ||
-		in.HandshakeTimeout != 10*time.Second || in.MaxConnections != 1000 || in.Allow.Len() != 3 {
+		in.HandshakeTimeout != 10*time.Second || in.MaxConnections != 1000 || in.Allow.Len() != 3 || !in.ProxyProtocol {
 		t.Errorf("inbound %+v", in)
 	}
 	for id, want := range map[string]bool{
@@ -112,6 +113,8 @@ func TestParseErrors(t *testing.T) {
 		{"unknown rule kind", in("    allow:\n      - prefix: spiffe://mesh.test/a\n"), []string{"t.yaml:6:9:", `unknown key "prefix"`}},
 		{"bad duration", in("    idleTimeout: 5 minutes\n"), []string{"t.yaml:5:18:", "inbound[0].idleTimeout", "not a duration"}},
 		{"negative duration", in("    handshakeTimeout: -1s\n"), []string{"t.yaml:5:23:", "negative"}},
+		{"PROXY protocol v1", in("    proxyProtocol: v1\n"), []string{"t.yaml:5:20:", "inbound[0].proxyProtocol", "only PROXY protocol version latch sends is v2"}},
+		{"PROXY protocol as a boolean", in("    proxyProtocol: true\n"), []string{"t.yaml:5:20:", "inbound[0].proxyProtocol", `"true"`}},
 		{"negative limit", in("    maxConnections: -1\n"), []string{"t.yaml:5:21:", "negative"}},
 		{"limit not a number", in("    maxConnections: many\n"), []string{"t.yaml:5:21:", "integer"}},
 		{"missing app", "inbound:\n  - name: web\n    listen: 127.0.0.1:8443\n", []string{"t.yaml:2:5:", "inbound[0].app", "required"}},
