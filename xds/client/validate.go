@@ -155,6 +155,9 @@ func (v Validator) Listener(a *anypb.Any) (Listener, error) {
 		return Listener{}, err
 	}
 	c.name = l.GetName()
+	if err := c.envoyRules(l); err != nil {
+		return Listener{}, err
+	}
 	if err := proxy.CheckName(c.name); err != nil {
 		return Listener{}, c.fail("name", "%v", err)
 	}
@@ -518,6 +521,9 @@ func (v Validator) Cluster(a *anypb.Any) (Cluster, error) {
 		return Cluster{}, err
 	}
 	c.name = cl.GetName()
+	if err := c.envoyRules(cl); err != nil {
+		return Cluster{}, err
+	}
 	if c.name == "" {
 		return Cluster{}, c.fail("name", "missing")
 	}
@@ -629,6 +635,9 @@ func (v Validator) Endpoints(a *anypb.Any) (Endpoints, error) {
 		return Endpoints{}, err
 	}
 	c.name = cla.GetClusterName()
+	if err := c.envoyRules(cla); err != nil {
+		return Endpoints{}, err
+	}
 	if c.name == "" {
 		return Endpoints{}, c.fail("cluster_name", "missing")
 	}

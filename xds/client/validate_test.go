@@ -410,7 +410,9 @@ var hostileCases = []struct {
 	}, `listener "outbound|9001"`, "transport_socket: an INBOUND listener must terminate TLS"},
 	{"tcp_proxy weighted clusters", func(r *translate.Resources) {
 		editTCP(listenerNamed(*r, in), func(x *tcpproxy.TcpProxy) {
-			x.ClusterSpecifier = &tcpproxy.TcpProxy_WeightedClusters{WeightedClusters: &tcpproxy.TcpProxy_WeightedCluster{}}
+			x.ClusterSpecifier = &tcpproxy.TcpProxy_WeightedClusters{WeightedClusters: &tcpproxy.TcpProxy_WeightedCluster{
+				Clusters: []*tcpproxy.TcpProxy_WeightedCluster_ClusterWeight{{Name: app, Weight: 1}},
+			}}
 		})
 	}, `listener "inbound|8443"`, "typed_config.weighted_clusters: not supported"},
 	{"tcp_proxy idle timeout disabled", func(r *translate.Resources) {
@@ -418,8 +420,49 @@ var hostileCases = []struct {
 	}, `listener "inbound|8443"`, "idle_timeout: 0s: must be positive"},
 	{"tcp_proxy typed config of another type", func(r *translate.Resources) {
 		l := listenerNamed(*r, in)
-		l.FilterChains[0].Filters[1].ConfigType = &listener.Filter_TypedConfig{TypedConfig: mustAny(&rbac.RBAC{})}
+		l.FilterChains[0].Filters[1].ConfigType = &listener.Filter_TypedConfig{TypedConfig: mustAny(&rbac.RBAC{StatPrefix: "x"})}
 	}, `listener "inbound|8443"`, "filters[1].typed_config: type type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC is not supported here"},
+	// Envoy's own rules (protoc-gen-validate, go-control-plane's
+	// ValidateAll), checked first: on the resource and on every typed
+	// config inside it, which ValidateAll alone does not open.
+	{"Envoy: tcp_proxy without stat_prefix", func(r *translate.Resources) {
+		editTCP(listenerNamed(*r, in), func(x *tcpproxy.TcpProxy) { x.StatPrefix = "" })
+	}, `listener "inbound|8443"`, "filter_chains[0].filters[1].typed_config.stat_prefix: value length must be at least 1 runes (Envoy's rule)"},
+	{"Envoy: RBAC without stat_prefix", func(r *translate.Resources) {
+		editRBAC(listenerNamed(*r, in), func(x *rbac.RBAC) { x.StatPrefix = "" })
+	}, `listener "inbound|8443"`, "filter_chains[0].filters[0].typed_config.stat_prefix: value length must be at least 1 runes (Envoy's rule)"},
+	{"Envoy: tcp_proxy weighted clusters empty", func(r *translate.Resources) {
+		editTCP(listenerNamed(*r, in), func(x *tcpproxy.TcpProxy) {
+			x.ClusterSpecifier = &tcpproxy.TcpProxy_WeightedClusters{WeightedClusters: &tcpproxy.TcpProxy_WeightedCluster{}}
+		})
+	}, `listener "inbound|8443"`, "typed_config.weighted_clusters.clusters: value must contain at least 1 item(s) (Envoy's rule)"},
+	{"Envoy: TLS version outside the enum", func(r *translate.Resources) {
+		editDownstream(listenerNamed(*r, in), func(d *tlsv3.DownstreamTlsContext) {
+			d.CommonTlsContext.TlsParams = &tlsv3.TlsParameters{TlsMinimumProtocolVersion: 42}
+		})
+	}, `listener "inbound|8443"`, "transport_socket.typed_config.common_tls_context.tls_params.tls_minimum_protocol_version: value must be one of the defined enum values (Envoy's rule)"},
+	{"Envoy: SAN type unspecified", func(r *translate.Resources) {
+		editUpstream(clusterNamed(*r, out), func(u *tlsv3.UpstreamTlsContext) {
+			u.CommonTlsContext.GetCombinedValidationContext().DefaultValidationContext.MatchTypedSubjectAltNames[0].SanType = tlsv3.SubjectAltNameMatcher_SAN_TYPE_UNSPECIFIED
+		})
+	}, `cluster "outbound|9001"`, "match_typed_subject_alt_names[0].san_type: value must not be in list [SAN_TYPE_UNSPECIFIED] (Envoy's rule)"},
+	{"Envoy: port above 65535", func(r *translate.Resources) {
+		listenerNamed(*r, in).Address.GetSocketAddress().PortSpecifier = &core.SocketAddress_PortValue{PortValue: 70000}
+	}, `listener "inbound|8443"`, "address.socket_address.port_value: value must be less than or equal to 65535 (Envoy's rule)"},
+	{"Envoy: negative connect timeout", func(r *translate.Resources) {
+		clusterNamed(*r, out).ConnectTimeout = durationpb.New(-time.Second)
+	}, `cluster "outbound|9001"`, "connect_timeout: value must be greater than 0s (Envoy's rule)"},
+	{"Envoy: endpoint priority above 128", func(r *translate.Resources) {
+		r.Endpoints[0].Endpoints[1].Priority = 129
+	}, `endpoints "outbound|9001"`, "endpoints[1].priority: value must be less than or equal to 128 (Envoy's rule)"},
+	{"Envoy: cluster load balancing policy outside the enum", func(r *translate.Resources) {
+		clusterNamed(*r, outD).LbPolicy = 99
+	}, `cluster "outbound|9002"`, "lb_policy: value must be one of the defined enum values (Envoy's rule)"},
+	{"Envoy: unspecified RBAC principal", func(r *translate.Resources) {
+		editRBAC(listenerNamed(*r, in), func(x *rbac.RBAC) {
+			*principals(x) = append(*principals(x), &rbacconfig.Principal{})
+		})
+	}, `listener "inbound|8443"`, `filter_chains[0].filters[0].typed_config.rules.policies[allow].principals[4].identifier: value is required (Envoy's rule)`},
 	{"unknown proto fields", func(r *translate.Resources) {
 		l := listenerNamed(*r, in)
 		l.ProtoReflect().SetUnknown([]byte{0xf8, 0xff, 0x3f, 0x01}) // field 1048575, varint 1

@@ -4,13 +4,21 @@ import (
 	"bytes"
 	"encoding/json"
 	"flag"
+	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"testing"
+
+	tcpproxy "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
+	"google.golang.org/protobuf/types/known/anypb"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	"latch.dev/latch/xds/policy"
 )
@@ -132,28 +140,148 @@ func render(t *testing.T, r Resources) []byte {
 	return out.Bytes()
 }
 
-// TestEnvoyValid: every resource passes Envoy's own proto constraints
-// (protoc-gen-validate), so Envoy would accept what latch's sidecars get.
+// shapes are declarations of every shape the decoder accepts, beyond the
+// golden cases: each rule kind alone and together, several ports, host names
+// and IPv6 literals for the app and upstreams, one endpoint and as many as a
+// declaration may list, idle timeouts on both sides.
+var shapes = []struct{ name, spec string }{
+	{"inbound_id_only", `  inbound:
+    - port: 1
+      appAddress: 127.0.0.1:1
+      allow: [{id: spiffe://mesh.test/a}]
+`},
+	{"inbound_trust_domain_only", `  inbound:
+    - port: 65535
+      appAddress: "[::1]:65535"
+      allow: [{trustDomain: mesh.test}]
+`},
+	{"inbound_path_prefix_only", `  inbound:
+    - port: 8443
+      appAddress: app.shop.svc.cluster.local:8080
+      allow: [{pathPrefix: spiffe://mesh.test/ns/shop}]
+`},
+	{"many_ports_both_ways", `  inbound:
+    - port: 8443
+      appAddress: 127.0.0.1:8080
+      allow: [{id: spiffe://mesh.test/ns/shop/sa/frontend}, {trustDomain: partner.test}]
+    - port: 9443
+      appAddress: 127.0.0.1:9090
+      idleTimeout: 1s
+  outbound:
+    - port: 9001
+      endpoints: ["10.0.0.1:8443"]
+      serverID: spiffe://mesh.test/ns/shop/sa/db
+      idleTimeout: 1h
+    - port: 9002
+      endpoints: ["[fd00::1]:8443", "[fd00::2]:8443"]
+      serverID: spiffe://mesh.test/ns/shop/sa/cache
+    - port: 9003
+      target: "[fd00::3]:443"
+      serverID: spiffe://partner.test/pay
+    - port: 9004
+      endpoints: ["db-0.db:5432", "db-1.db:5432"]
+      serverID: spiffe://mesh.test/ns/shop/sa/db
+`},
+	{"outbound_only", `  outbound:
+    - port: 15100
+      target: 127.0.0.1:9
+      serverID: spiffe://mesh.test/ns/shop/sa/db
+`},
+	{"outbound_many_endpoints", "  outbound:\n    - port: 9001\n      serverID: spiffe://mesh.test/ns/shop/sa/db\n      endpoints:\n" + manyEndpoints(32)},
+}
+
+func manyEndpoints(n int) string {
+	var sb strings.Builder
+	for i := range n {
+		fmt.Fprintf(&sb, "        - 10.0.%d.%d:8443\n", i/250, i%250+1)
+	}
+	return sb.String()
+}
+
+// TestEnvoyValid: every resource the translator emits, for every declaration
+// shape and inbound host, passes Envoy's own constraints (protoc-gen-validate,
+// as go-control-plane generates them), and so does every typed config inside
+// them (filters, transport sockets), which ValidateAll on the resource does
+// not look into. Envoy would accept what latch's sidecars get.
 func TestEnvoyValid(t *testing.T) {
-	type validator interface{ ValidateAll() error }
-	for _, tc := range cases {
-		r := Translate(decl(t, head+tc.spec), Options{})
-		var all []validator
-		for _, l := range r.Listeners {
-			all = append(all, l)
-		}
-		for _, c := range r.Clusters {
-			all = append(all, c)
-		}
-		for _, e := range r.Endpoints {
-			all = append(all, e)
-		}
-		for _, v := range all {
-			if err := v.ValidateAll(); err != nil {
-				t.Errorf("%s: %v", tc.name, err)
+	all := append(slices.Clone(cases), shapes...)
+	for _, tc := range all {
+		for _, host := range []string{"", "127.0.0.1", "::1", "0.0.0.0"} {
+			r := Translate(decl(t, head+tc.spec), Options{InboundHost: host})
+			var msgs []proto.Message
+			for _, l := range r.Listeners {
+				msgs = append(msgs, l)
+			}
+			for _, c := range r.Clusters {
+				msgs = append(msgs, c)
+			}
+			for _, e := range r.Endpoints {
+				msgs = append(msgs, e)
+			}
+			if tc.spec != "" && len(msgs) == 0 {
+				t.Fatalf("%s: no resources", tc.name)
+			}
+			for _, m := range msgs {
+				for _, err := range envoyErrors(t, m) {
+					t.Errorf("%s (inbound host %q): %s", tc.name, host, err)
+				}
 			}
 		}
 	}
+}
+
+// TestEnvoyValidCatches: the check above can fail: a resource breaking one of
+// Envoy's rules at the top and one inside a typed config are both reported.
+func TestEnvoyValidCatches(t *testing.T) {
+	r := Translate(decl(t, head+cases[0].spec), Options{})
+	l := r.Listeners[0]
+	l.FilterChains[0].Filters[1] = filter(TCPProxyFilter, &tcpproxy.TcpProxy{ClusterSpecifier: &tcpproxy.TcpProxy_Cluster{Cluster: "x"}}) // no stat_prefix
+	if errs := envoyErrors(t, l); len(errs) != 1 || !strings.Contains(errs[0], "StatPrefix") {
+		t.Errorf("typed config without stat_prefix: %q", errs)
+	}
+	r.Clusters[0].ConnectTimeout = durationpb.New(0)
+	if errs := envoyErrors(t, r.Clusters[0]); len(errs) != 1 || !strings.Contains(errs[0], "ConnectTimeout") {
+		t.Errorf("cluster with a zero connect timeout: %q", errs)
+	}
+}
+
+// envoyErrors runs ValidateAll on m and on every typed config (Any) inside
+// it, unpacked, recursively.
+func envoyErrors(t *testing.T, m proto.Message) []string {
+	t.Helper()
+	var out []string
+	if v, ok := m.(interface{ ValidateAll() error }); !ok {
+		t.Fatalf("%T has no ValidateAll", m)
+	} else if err := v.ValidateAll(); err != nil {
+		out = append(out, fmt.Sprintf("%T: %v", m, err))
+	}
+	var walk func(r protoreflect.Message)
+	walk = func(r protoreflect.Message) {
+		if a, ok := r.Interface().(*anypb.Any); ok {
+			inner, err := a.UnmarshalNew()
+			if err != nil {
+				out = append(out, fmt.Sprintf("typed config %s: %v", a.GetTypeUrl(), err))
+				return
+			}
+			out = append(out, envoyErrors(t, inner)...)
+			return
+		}
+		r.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
+			switch {
+			case fd.IsMap() && fd.MapValue().Message() != nil:
+				v.Map().Range(func(_ protoreflect.MapKey, mv protoreflect.Value) bool { walk(mv.Message()); return true })
+			case fd.IsList() && fd.Message() != nil:
+				for i := range v.List().Len() {
+					walk(v.List().Get(i).Message())
+				}
+			case !fd.IsList() && !fd.IsMap() && fd.Message() != nil:
+				walk(v.Message())
+			}
+			return true
+		})
+	}
+	walk(m.ProtoReflect())
+	return out
 }
 
 // TestInboundHost: the default inbound address is every address of the pod
