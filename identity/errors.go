@@ -32,6 +32,7 @@ const (
 	ClassNotTLS           Class = "not_tls"            // the other side does not speak TLS
 	ClassTimeout          Class = "timeout"            // the handshake did not complete in time
 	ClassNoHandshake      Class = "no_handshake"       // the peer closed before sending a byte: a TCP health check or a port scan, not a TLS client
+	ClassClientRefused    Class = "client_refused"     // a client's view: the server refused its certificate or its identity (see RefusedCertificate)
 	ClassOther            Class = "other"              // anything else
 )
 
@@ -40,7 +41,7 @@ func Classes() []Class {
 	return []Class{
 		ClassUnknownCA, ClassWrongTrustDomain, ClassExpired, ClassNotYetValid,
 		ClassBadSVID, ClassBadKeyUsage, ClassNotAllowed, ClassWrongServerID,
-		ClassProtocolVersion, ClassNoSharedCipher, ClassNotTLS, ClassTimeout, ClassNoHandshake, ClassOther,
+		ClassProtocolVersion, ClassNoSharedCipher, ClassNotTLS, ClassTimeout, ClassNoHandshake, ClassClientRefused, ClassOther,
 	}
 }
 
@@ -133,6 +134,27 @@ func ClassOf(err error) Class {
 		}
 	}
 	return ClassOther
+}
+
+// RefusedCertificate reports whether err carries an alert by which the other
+// side refused the certificate this side presented: bad_certificate,
+// unsupported_certificate, certificate_revoked, certificate_expired,
+// certificate_unknown, unknown_ca, access_denied or certificate_required.
+// A latch server sends bad_certificate for every refusal of a client, from
+// an unknown CA to a SPIFFE ID its allow-list does not name. In TLS 1.3 the
+// client's handshake completes before the server has judged its
+// certificate, so the client reads the alert on its first read.
+func RefusedCertificate(err error) bool {
+	a, ok := alertOf(err)
+	if !ok {
+		return false
+	}
+	switch a {
+	case alertBadCertificate, alertUnsupportedCertificate, alertCertificateRevoked, alertCertificateExpired,
+		alertCertificateUnknown, alertUnknownCA, alertAccessDenied, alertCertificateRequired:
+		return true
+	}
+	return false
 }
 
 // alertOf finds the TLS alert in err: tls.AlertError as QUIC returns it, or

@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"testing"
 	"time"
@@ -62,8 +63,8 @@ func TestClassesAreDistinctAndComplete(t *testing.T) {
 		}
 		seen[c] = true
 	}
-	if len(seen) != 14 {
-		t.Errorf("%d classes, want 14", len(seen))
+	if len(seen) != 15 {
+		t.Errorf("%d classes, want 15", len(seen))
 	}
 }
 
@@ -95,5 +96,25 @@ func TestClassOfAlertsFromStockServer(t *testing.T) {
 			srv.next(t)
 			wantRefused(t, "client", client, tt.want, "remote error")
 		})
+	}
+}
+
+func TestRefusedCertificate(t *testing.T) {
+	for _, tt := range []struct {
+		err  error
+		want bool
+	}{
+		{tls.AlertError(42), true},                             // bad_certificate: what a latch server sends
+		{tls.AlertError(48), true},                             // unknown_ca
+		{tls.AlertError(49), true},                             // access_denied
+		{fmt.Errorf("reading: %w", tls.AlertError(116)), true}, // certificate_required
+		{tls.AlertError(40), false},                            // handshake_failure: nothing in common, not a refusal of us
+		{tls.AlertError(70), false},                            // protocol_version
+		{io.EOF, false},
+		{nil, false},
+	} {
+		if got := identity.RefusedCertificate(tt.err); got != tt.want {
+			t.Errorf("RefusedCertificate(%v) = %v, want %v", tt.err, got, tt.want)
+		}
 	}
 }

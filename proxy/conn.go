@@ -74,9 +74,19 @@ type conn struct {
 
 	remoteAddr string // the peer sidecar's address
 	appAddr    string // the local app's address
-	resumed    bool   // the TLS handshake resumed a session
-	bytesIn    atomic.Int64
-	bytesOut   atomic.Int64
+	// What the handshake negotiated (zero before it completed); the TLS
+	// version, cipher suite and key exchange group of the access log, so
+	// that operators see which connections still use a classical group.
+	resumed  bool
+	version  uint16
+	cipher   uint16
+	group    tls.CurveID
+	bytesIn  atomic.Int64
+	bytesOut atomic.Int64
+	// class is the handshake failure class of a connection whose pipe
+	// ended because the upstream refused this sidecar's certificate after
+	// the handshake (TLS 1.3, see clientRefused); under mu.
+	class identity.Class
 }
 
 func newConn(l *listener, raw net.Conn) *conn {
@@ -360,8 +370,9 @@ func (c *conn) handshake(tc *tls.Conn, raw net.Conn, r *route) error {
 		return err
 	}
 	raw.SetDeadline(time.Time{})
-	c.resumed = tc.ConnectionState().DidResume
-	c.l.metrics.handshakeOK(time.Since(begin).Seconds())
+	cs := tc.ConnectionState()
+	c.resumed, c.version, c.cipher, c.group = cs.DidResume, cs.Version, cs.CipherSuite, cs.CurveID
+	c.l.metrics.handshakeOK(time.Since(begin).Seconds(), cs.CurveID)
 	return nil
 }
 
@@ -413,26 +424,54 @@ func (c *conn) refused(err error) {
 	class := identity.ClassOf(err)
 	level := slog.LevelWarn
 	msg := "handshake refused"
-	if c.l.dir == DirectionInbound && c.tr != nil && c.tr.closedSilently(err) {
+	switch {
+	case c.l.dir == DirectionInbound && c.tr != nil && c.tr.closedSilently(err):
 		class, level, msg = identity.ClassNoHandshake, slog.LevelDebug, "closed before the handshake"
+	case c.l.dir == DirectionOutbound && identity.RefusedCertificate(err):
+		// The alert says the upstream refused our certificate: what the
+		// refused side knows, not which check of the upstream's failed.
+		class = identity.ClassClientRefused
 	}
+	var peer spiffeid.ID
+	if ve, ok := errors.AsType[*identity.VerifyError](err); ok {
+		peer = ve.Peer
+	}
+	c.logRefusal(level, msg, class, peer, err)
+	c.kill(reasonHandshakeFailed)
+	c.closeRaw()
+	c.l.metrics.connClosed(reasonHandshakeFailed)
+}
+
+// clientRefused handles an outbound connection whose upstream refused this
+// sidecar's certificate after the handshake: in TLS 1.3 the client's
+// handshake completes before the server has judged the client's
+// certificate, and the refusal (an alert) arrives on the first read. It is
+// logged and counted as the refused handshake it is, and the access-log
+// line of the connection carries its class. The connection itself ends as
+// the reset it is for the app.
+func (c *conn) clientRefused(err error) {
+	c.mu.Lock()
+	c.class = identity.ClassClientRefused
+	c.mu.Unlock()
+	c.logRefusal(slog.LevelWarn, "handshake refused", identity.ClassClientRefused, *c.peer.Load(), err)
+}
+
+// logRefusal writes the one line of a refused handshake and counts it.
+func (c *conn) logRefusal(level slog.Level, msg string, class identity.Class, peer spiffeid.ID, err error) {
 	c.l.metrics.handshakeFailed(class)
 	attrs := []any{
 		"listener", c.l.name,
 		"direction", string(c.l.dir),
 		"remote_addr", c.remoteAddr,
 	}
-	if ve, ok := errors.AsType[*identity.VerifyError](err); ok && !ve.Peer.IsZero() {
-		attrs = append(attrs, "peer_id", ve.Peer.String())
+	if !peer.IsZero() {
+		attrs = append(attrs, "peer_id", peer.String())
 	}
 	if c.l.dir == DirectionOutbound {
 		attrs = append(attrs, "app_addr", c.appAddr)
 	}
 	attrs = append(attrs, "class", string(class), "reason", err.Error())
 	c.log().Log(context.Background(), level, msg, attrs...)
-	c.kill(reasonHandshakeFailed)
-	c.closeRaw()
-	c.l.metrics.connClosed(reasonHandshakeFailed)
 }
 
 func (c *conn) closeRaw() {
@@ -477,8 +516,20 @@ func (c *conn) finish() {
 		"bytes_out", c.bytesOut.Load(),
 		"duration", time.Since(c.start),
 		"reason", reason,
-		"tls_resumed", c.resumed,
 	}
+	c.mu.Lock()
+	class := c.class
+	c.mu.Unlock()
+	if class != "" {
+		attrs = append(attrs, "class", string(class))
+	}
+	if c.version != 0 {
+		attrs = append(attrs,
+			"tls_version", identity.VersionName(c.version),
+			"tls_cipher_suite", tls.CipherSuiteName(c.cipher),
+			"tls_key_exchange_group", groupLabel(c.group))
+	}
+	attrs = append(attrs, "tls_resumed", c.resumed)
 	c.log().Info("connection closed", attrs...)
 }
 

@@ -10,6 +10,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"latch.dev/latch/identity"
 )
 
 // copyBufferSize and bulkBufferSize are the sizes of the pooled copy
@@ -199,6 +201,9 @@ func (c *conn) ended(r halfResult) {
 	if r.truncated {
 		c.kill(reasonTruncated)
 		return
+	}
+	if r.upstream && c.l.dir == DirectionOutbound && c.bytesOut.Load() == 0 && identity.RefusedCertificate(r.err) {
+		c.clientRefused(r.err)
 	}
 	if r.upstream {
 		c.kill(reasonUpstreamReset)

@@ -66,8 +66,12 @@
 // One line per connection at close, message "connection closed", with
 // listener, direction, peer_id (the verified SPIFFE ID of the other
 // sidecar), remote_addr (that sidecar's address), app_addr (the local app's
-// address), bytes_in, bytes_out, duration (nanoseconds in JSON), reason and
-// tls_resumed.
+// address), bytes_in, bytes_out, duration, reason, class (only when a
+// handshake failure class explains the end, see below), tls_version
+// ("TLS 1.3"), tls_cipher_suite (the IANA name), tls_key_exchange_group
+// ("X25519MLKEM768" is the post-quantum hybrid; "X25519" and "P-256" are
+// classical) and tls_resumed. latch_handshakes_total counts handshakes by
+// the same group.
 //
 // bytes_in counts what the accepted side sent through the proxy and bytes_out
 // what went back to it: for an inbound listener bytes_in is peer → app and
@@ -87,4 +91,10 @@
 // inbound connection closed (FIN or RST) before its first byte is a TCP
 // health check or a port scan, not a TLS client: it is counted under class
 // no_handshake and logged at debug level as "closed before the handshake".
+// An outbound connection whose upstream refused this sidecar's certificate
+// (a certificate alert) is class client_refused, the class latch check
+// gives the same refusal. In TLS 1.3 the client's handshake completes
+// before the server judges the client's certificate, so the alert arrives
+// on the first read: the refusal line is logged then, and the connection's
+// access-log line (reason upstream_reset) carries the class.
 package proxy

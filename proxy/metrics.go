@@ -1,6 +1,8 @@
 package proxy
 
 import (
+	"crypto/tls"
+
 	"github.com/prometheus/client_golang/prometheus"
 
 	"latch.dev/latch/identity"
@@ -16,6 +18,7 @@ type Metrics struct {
 	maxConns          *prometheus.GaugeVec
 	closed            *prometheus.CounterVec
 	handshakeDuration *prometheus.HistogramVec
+	handshakes        *prometheus.CounterVec
 	handshakeFailures *prometheus.CounterVec
 	denials           *prometheus.CounterVec
 	bytes             *prometheus.CounterVec
@@ -55,6 +58,10 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Help:    "Duration of successful mTLS handshakes.",
 			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5},
 		}, []string{"listener", "direction"}),
+		handshakes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "latch_handshakes_total",
+			Help: "Completed mTLS handshakes, by key exchange group: X25519MLKEM768 is the post-quantum hybrid, X25519 and P-256 are classical, none is a TLS 1.2 resumption without a key exchange.",
+		}, []string{"listener", "direction", "group"}),
 		handshakeFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "latch_handshake_failures_total",
 			Help: "Failed or refused mTLS handshakes, by class.",
@@ -77,7 +84,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		}, []string{"version", "source"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.accepted, m.active, m.maxConns, m.closed, m.handshakeDuration, m.handshakeFailures,
+		reg.MustRegister(m.accepted, m.active, m.maxConns, m.closed, m.handshakeDuration, m.handshakes, m.handshakeFailures,
 			m.denials, m.bytes, m.connectFailures, m.configInfo)
 	}
 	return m
@@ -102,6 +109,8 @@ type listenerMetrics struct {
 	accepted          prometheus.Counter
 	active            prometheus.Gauge
 	handshakeDuration prometheus.Observer
+	handshakes        map[tls.CurveID]prometheus.Counter // by group, see groupLabel
+	otherHandshakes   prometheus.Counter
 	denials           prometheus.Counter
 	connectFailures   prometheus.Counter
 	appToPeer         prometheus.Counter
@@ -128,7 +137,25 @@ func (m *Metrics) forListener(name string, dir Direction) listenerMetrics {
 	if dir == DirectionInbound {
 		lm.denials = m.denials.WithLabelValues(name)
 	}
+	lm.handshakes = make(map[tls.CurveID]prometheus.Counter, len(handshakeGroups))
+	for _, g := range handshakeGroups {
+		lm.handshakes[g] = m.handshakes.WithLabelValues(name, d, groupLabel(g))
+	}
+	lm.otherHandshakes = m.handshakes.WithLabelValues(name, d, "other")
 	return lm
+}
+
+// handshakeGroups are the values of the group label: every key exchange
+// group a profile may allow (Validate refuses others), and 0 for none. A
+// group outside them, which no handshake of latch's can negotiate, would be
+// counted as "other".
+var handshakeGroups = append([]tls.CurveID{0}, identity.Intermediate().Curves...)
+
+func groupLabel(g tls.CurveID) string {
+	if g == 0 {
+		return "none"
+	}
+	return identity.GroupName(g)
 }
 
 // setLimit publishes the listener's connection limit (set on every Apply, as
@@ -161,9 +188,15 @@ func (lm *listenerMetrics) connClosed(reason string) {
 	}
 }
 
-func (lm *listenerMetrics) handshakeOK(seconds float64) {
-	if lm.on {
-		lm.handshakeDuration.Observe(seconds)
+func (lm *listenerMetrics) handshakeOK(seconds float64, group tls.CurveID) {
+	if !lm.on {
+		return
+	}
+	lm.handshakeDuration.Observe(seconds)
+	if c, ok := lm.handshakes[group]; ok {
+		c.Inc()
+	} else {
+		lm.otherHandshakes.Inc()
 	}
 }
 
