@@ -3,6 +3,7 @@ package inject
 import (
 	"fmt"
 	"net"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -30,6 +31,10 @@ const (
 	// AnnotationOutbound declares upstreams the application reaches through
 	// a loopback port: "15001=backend.default.svc:8443@spiffe://td/ns/default/sa/backend".
 	AnnotationOutbound = "latch.dev/outbound"
+	// AnnotationProxyProtocol lists the inbound sidecar ports (of
+	// latch.dev/inbound) whose app gets a PROXY protocol v2 header naming
+	// the peer before its bytes: "8443" or "8443,9443".
+	AnnotationProxyProtocol = "latch.dev/proxy-protocol"
 	// AnnotationPolicy "control-plane" takes the whole policy from the
 	// control plane over xDS instead of from the annotations above.
 	AnnotationPolicy = "latch.dev/policy"
@@ -98,6 +103,8 @@ type Spec struct {
 type InboundPort struct {
 	Port    int
 	AppPort int
+	// ProxyProtocol: the app gets a PROXY protocol v2 header first.
+	ProxyProtocol bool
 }
 
 // OutboundPort is one loopback port and the upstream it leads to.
@@ -122,14 +129,15 @@ func ParseSpec(ann map[string]string, controlPlane bool, adminPort int) (Spec, e
 	_, hasIn := ann[AnnotationInbound]
 	_, hasAllow := ann[AnnotationAllow]
 	_, hasOut := ann[AnnotationOutbound]
-	static := hasIn || hasAllow || hasOut
+	_, hasPP := ann[AnnotationProxyProtocol]
+	static := hasIn || hasAllow || hasOut || hasPP
 
 	if v, ok := ann[AnnotationPolicy]; ok {
 		if v != PolicyControlPlane {
 			return Spec{}, annErr(ann, AnnotationPolicy, "the only value is %q (or leave it out and declare %s/%s)", PolicyControlPlane, AnnotationInbound, AnnotationOutbound)
 		}
 		if static {
-			return Spec{}, annErr(ann, AnnotationPolicy, "conflicts with %s: the policy comes either from the control plane or from the pod's annotations", firstPresent(ann, AnnotationInbound, AnnotationAllow, AnnotationOutbound))
+			return Spec{}, annErr(ann, AnnotationPolicy, "conflicts with %s: the policy comes either from the control plane or from the pod's annotations", firstPresent(ann, AnnotationInbound, AnnotationAllow, AnnotationOutbound, AnnotationProxyProtocol))
 		}
 		if !controlPlane {
 			return Spec{}, annErr(ann, AnnotationPolicy, "this cluster's injector has no control plane configured (chart value sidecar.controlPlane.address)")
@@ -196,6 +204,30 @@ func ParseSpec(ann map[string]string, controlPlane bool, adminPort int) (Spec, e
 		}
 		if !hasAllow {
 			return Spec{}, annErr(ann, AnnotationInbound, "no %s: every peer would be refused; list the SPIFFE IDs allowed to connect", AnnotationAllow)
+		}
+	}
+
+	if hasPP {
+		if !hasIn {
+			return Spec{}, annErr(ann, AnnotationProxyProtocol, "applies to inbound ports, but %s is not set", AnnotationInbound)
+		}
+		entries, err := split(ann, AnnotationProxyProtocol)
+		if err != nil {
+			return Spec{}, err
+		}
+		for _, e := range entries {
+			port, err := parsePort(e)
+			if err != nil {
+				return Spec{}, annErr(ann, AnnotationProxyProtocol, "entry %q: %v", e, err)
+			}
+			i := slices.IndexFunc(s.Inbound, func(in InboundPort) bool { return in.Port == port })
+			switch {
+			case i < 0:
+				return Spec{}, annErr(ann, AnnotationProxyProtocol, "port %d is not an inbound sidecar port of %s", port, AnnotationInbound)
+			case s.Inbound[i].ProxyProtocol:
+				return Spec{}, annErr(ann, AnnotationProxyProtocol, "port %d listed twice", port)
+			}
+			s.Inbound[i].ProxyProtocol = true
 		}
 	}
 

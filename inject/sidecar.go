@@ -168,10 +168,11 @@ type staticTLS struct {
 }
 
 type staticInbound struct {
-	Name   string              `yaml:"name"`
-	Listen string              `yaml:"listen"`
-	App    string              `yaml:"app"`
-	Allow  []map[string]string `yaml:"allow"`
+	Name          string              `yaml:"name"`
+	Listen        string              `yaml:"listen"`
+	App           string              `yaml:"app"`
+	Allow         []map[string]string `yaml:"allow"`
+	ProxyProtocol string              `yaml:"proxyProtocol,omitempty"`
 }
 
 type staticOutbound struct {
@@ -197,12 +198,16 @@ func StaticConfig(spec Spec) ([]byte, error) {
 		allow = append(allow, map[string]string{r.Kind().String(): r.Value()})
 	}
 	for _, in := range spec.Inbound {
-		f.Inbound = append(f.Inbound, staticInbound{
+		si := staticInbound{
 			Name:   "inbound-" + strconv.Itoa(in.Port),
 			Listen: anyAddress(in.Port),
 			App:    "127.0.0.1:" + strconv.Itoa(in.AppPort),
 			Allow:  allow,
-		})
+		}
+		if in.ProxyProtocol {
+			si.ProxyProtocol = "v2"
+		}
+		f.Inbound = append(f.Inbound, si)
 	}
 	for _, out := range spec.Outbound {
 		f.Outbound = append(f.Outbound, staticOutbound{

@@ -1,6 +1,7 @@
 package inject_test
 
 import (
+	"maps"
 	"slices"
 	"strings"
 	"testing"
@@ -9,6 +10,7 @@ import (
 
 	"latch.dev/latch/identity"
 	"latch.dev/latch/inject"
+	"latch.dev/latch/proxy"
 )
 
 // TestStaticConfigRefusesWhatTheSidecarRefuses: StaticConfig runs the file it
@@ -77,5 +79,34 @@ func TestParseSpecRendersCheckedTarget(t *testing.T) {
 	}
 	if _, err := inject.StaticConfig(spec); err != nil {
 		t.Fatalf("rendered config refused: %v", err)
+	}
+}
+
+// TestProxyProtocolAnnotation: the ports named in latch.dev/proxy-protocol,
+// and only those, send their app a PROXY protocol header, in the file the
+// sidecar reads.
+func TestProxyProtocolAnnotation(t *testing.T) {
+	spec, err := inject.ParseSpec(map[string]string{
+		inject.AnnotationInbound:       "8443:8080,9443:9090",
+		inject.AnnotationAllow:         "spiffe://mesh.test/ns/shop/sa/frontend",
+		inject.AnnotationProxyProtocol: " 9443 ",
+	}, false, 15000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	file, err := inject.StaticConfig(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := proxy.Parse("rendered", file)
+	if err != nil {
+		t.Fatalf("sidecar refuses the rendered file: %v\n%s", err, file)
+	}
+	got := map[string]bool{}
+	for _, in := range cfg.Inbound {
+		got[in.Name] = in.ProxyProtocol
+	}
+	if want := map[string]bool{"inbound-8443": false, "inbound-9443": true}; !maps.Equal(got, want) {
+		t.Errorf("proxyProtocol by listener %v, want %v\n%s", got, want, file)
 	}
 }

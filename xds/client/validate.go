@@ -17,6 +17,8 @@ import (
 	rbacconfig "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
 	rbac "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/rbac/v3"
 	tcpproxy "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
+	proxyprotocol "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/proxy_protocol/v3"
+	rawbuffer "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/raw_buffer/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	matcher "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -86,6 +88,9 @@ type Cluster struct {
 	Endpoints      []string
 	ConnectTimeout time.Duration
 	TLS            *identity.Profile
+	// ProxyProtocol: a plain cluster whose connections start with latch's
+	// PROXY protocol v2 header (an inbound listener's app only).
+	ProxyProtocol bool
 }
 
 // Endpoints is a validated ClusterLoadAssignment.
@@ -284,6 +289,81 @@ func (c *checker) transportSocket(ts *core.TransportSocket, path string) error {
 		return c.fail(path+".name", "transport socket %q is not supported (want %s)", ts.GetName(), translate.TLSTransportSocket)
 	}
 	return nil
+}
+
+// proxyProtocol accepts exactly the PROXY protocol socket the translation
+// emits: version 2, latch's TLVs with their format strings (in any order,
+// each once), over a raw buffer. Anything else would have the sidecar send
+// the app a header other than the one its owner declared, so it is refused
+// rather than approximated.
+func (c *checker) proxyProtocol(ts *core.TransportSocket, path string) error {
+	if err := c.only(ts, path, "name", "typed_config"); err != nil {
+		return err
+	}
+	tp := path + ".typed_config"
+	pp, err := unpack(c, ts.GetTypedConfig(), tp, &proxyprotocol.ProxyProtocolUpstreamTransport{})
+	if err != nil {
+		return err
+	}
+	if err := c.only(pp, tp, "config", "transport_socket"); err != nil {
+		return err
+	}
+	cfg := pp.GetConfig()
+	cp := tp + ".config"
+	if cfg == nil {
+		return c.fail(cp, "missing")
+	}
+	if err := c.only(cfg, cp, "version", "added_tlvs"); err != nil {
+		return err
+	}
+	if cfg.GetVersion() != core.ProxyProtocolConfig_V2 {
+		return c.fail(cp+".version", "%v is not supported (latch sends PROXY protocol v2 only)", cfg.GetVersion())
+	}
+	want := translate.ProxyProtocolTLVs()
+	got := cfg.GetAddedTlvs()
+	seen := make([]bool, len(want))
+	for i, tlv := range got {
+		match := slices.IndexFunc(want, func(w *core.TlvEntry) bool { return proto.Equal(w, tlv) })
+		switch {
+		case match < 0:
+			return c.fail(fmt.Sprintf("%s.added_tlvs[%d]", cp, i), "type %#x with %v is not one of the TLVs latch sends (%s)", tlv.GetType(), tlv.GetFormatString(), describeTLVs(want))
+		case seen[match]:
+			return c.fail(fmt.Sprintf("%s.added_tlvs[%d]", cp, i), "type %#x given twice", tlv.GetType())
+		}
+		seen[match] = true
+	}
+	if len(got) != len(want) {
+		return c.fail(cp+".added_tlvs", "want exactly latch's TLVs (%s), got %d", describeTLVs(want), len(got))
+	}
+	inner := pp.GetTransportSocket()
+	ip := tp + ".transport_socket"
+	if inner == nil {
+		return c.fail(ip, "missing (want %s: the app is reached in plain TCP)", translate.RawBufferTransportSocket)
+	}
+	if err := c.only(inner, ip, "name", "typed_config"); err != nil {
+		return err
+	}
+	if inner.GetName() != translate.RawBufferTransportSocket {
+		return c.fail(ip+".name", "transport socket %q is not supported under the PROXY protocol (want %s: the app is reached in plain TCP)", inner.GetName(), translate.RawBufferTransportSocket)
+	}
+	if inner.GetTypedConfig() != nil {
+		rb, err := unpack(c, inner.GetTypedConfig(), ip+".typed_config", &rawbuffer.RawBuffer{})
+		if err != nil {
+			return err
+		}
+		if err := c.only(rb, ip+".typed_config"); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func describeTLVs(tlvs []*core.TlvEntry) string {
+	s := make([]string, len(tlvs))
+	for i, t := range tlvs {
+		s[i] = fmt.Sprintf("%#x %s", t.GetType(), t.GetFormatString().GetTextFormatSource().GetInlineString())
+	}
+	return strings.Join(s, ", ")
 }
 
 // commonTLS checks the SVID reference and narrows the profile by tls_params.
@@ -570,6 +650,14 @@ func (v Validator) Cluster(a *anypb.Any) (Cluster, error) {
 	if ts == nil {
 		return out, nil // plain: only valid behind an inbound listener (checked in Build)
 	}
+	if ts.GetName() == translate.ProxyProtocolTransportSocket {
+		// Plain too, with the PROXY protocol header first.
+		if err := c.proxyProtocol(ts, "transport_socket"); err != nil {
+			return Cluster{}, err
+		}
+		out.ProxyProtocol = true
+		return out, nil
+	}
 	if err := c.transportSocket(ts, "transport_socket"); err != nil {
 		return Cluster{}, err
 	}
@@ -749,9 +837,12 @@ func (v Validator) Build(s Set, version string) (*proxy.Config, error) {
 			}
 			cfg.Inbound = append(cfg.Inbound, proxy.Inbound{
 				Name: n, Listen: l.Listen, App: addrs[0], Allow: l.Allow,
-				IdleTimeout: l.Idle, ConnectTimeout: cl.ConnectTimeout,
+				IdleTimeout: l.Idle, ConnectTimeout: cl.ConnectTimeout, ProxyProtocol: cl.ProxyProtocol,
 			})
 			continue
+		}
+		if cl.ProxyProtocol {
+			return nil, &ValidationError{Type: "cluster", Resource: cl.Name, Field: "transport_socket", Reason: fmt.Sprintf("used by outbound listener %q: the PROXY protocol header is for the app behind an inbound listener, an upstream gets mTLS", n)}
 		}
 		if len(addrs) == 0 {
 			// proxy.Config refuses an outbound listener without upstreams; say

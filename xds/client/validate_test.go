@@ -13,6 +13,7 @@ import (
 	rbacconfig "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
 	rbac "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/rbac/v3"
 	tcpproxy "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
+	proxyprotocol "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/proxy_protocol/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	matcher "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -42,6 +43,7 @@ spec:
     - port: 8443
       appAddress: 127.0.0.1:8080
       idleTimeout: 90s
+      proxyProtocol: v2
       allow:
         - id: spiffe://mesh.test/ns/shop/sa/frontend
         - trustDomain: mesh.test
@@ -108,7 +110,7 @@ func TestBuildGood(t *testing.T) {
 		t.Fatalf("config: %+v", cfg)
 	}
 	in := cfg.Inbound[0]
-	if in.Name != "inbound|8443" || in.Listen != ":8443" || in.App != "127.0.0.1:8080" || in.IdleTimeout != 90*time.Second {
+	if in.Name != "inbound|8443" || in.Listen != ":8443" || in.App != "127.0.0.1:8080" || in.IdleTimeout != 90*time.Second || !in.ProxyProtocol {
 		t.Errorf("inbound: %+v", in)
 	}
 	want := identity.NewAllowList(
@@ -218,6 +220,18 @@ func editUpstream(c *cluster.Cluster, f func(*tlsv3.UpstreamTlsContext)) {
 	tc := ts.GetTypedConfig()
 	editTyped(&tc, &tlsv3.UpstreamTlsContext{}, f)
 	ts.ConfigType = &core.TransportSocket_TypedConfig{TypedConfig: tc}
+}
+
+func editProxyProtocol(c *cluster.Cluster, f func(*proxyprotocol.ProxyProtocolUpstreamTransport)) {
+	ts := c.TransportSocket
+	tc := ts.GetTypedConfig()
+	editTyped(&tc, &proxyprotocol.ProxyProtocolUpstreamTransport{}, f)
+	ts.ConfigType = &core.TransportSocket_TypedConfig{TypedConfig: tc}
+}
+
+func inlineFormat(s string) *core.SubstitutionFormatString {
+	return &core.SubstitutionFormatString{Format: &core.SubstitutionFormatString_TextFormatSource{
+		TextFormatSource: &core.DataSource{Specifier: &core.DataSource_InlineString{InlineString: s}}}}
 }
 
 func principals(r *rbac.RBAC) *[]*rbacconfig.Principal {
@@ -496,6 +510,49 @@ var hostileCases = []struct {
 	{"TLS towards the app", func(r *translate.Resources) {
 		clusterNamed(*r, app).TransportSocket = clusterNamed(*r, out).TransportSocket
 	}, `cluster "inbound|8443|app"`, "transport_socket: used by inbound listener"},
+	// The PROXY protocol header: exactly the socket the translation emits.
+	{"PROXY protocol v1", func(r *translate.Resources) {
+		editProxyProtocol(clusterNamed(*r, app), func(p *proxyprotocol.ProxyProtocolUpstreamTransport) { p.Config.Version = core.ProxyProtocolConfig_V1 })
+	}, `cluster "inbound|8443|app"`, "config.version: V1 is not supported"},
+	{"PROXY protocol TLV with a static value", func(r *translate.Resources) {
+		editProxyProtocol(clusterNamed(*r, app), func(p *proxyprotocol.ProxyProtocolUpstreamTransport) {
+			p.Config.AddedTlvs = append(p.Config.AddedTlvs, &core.TlvEntry{Type: 0xE0, Value: []byte("spiffe://mesh.test/ns/shop/sa/admin")})
+		})
+	}, `cluster "inbound|8443|app"`, "config.added_tlvs[2]: type 0xe0"},
+	{"PROXY protocol SPIFFE ID TLV filled with something else", func(r *translate.Resources) {
+		editProxyProtocol(clusterNamed(*r, app), func(p *proxyprotocol.ProxyProtocolUpstreamTransport) {
+			p.Config.AddedTlvs[0].FormatString = inlineFormat("%REQ(x-spiffe-id)%")
+		})
+	}, `cluster "inbound|8443|app"`, "config.added_tlvs[0]: type 0xe0"},
+	{"PROXY protocol TLV twice", func(r *translate.Resources) {
+		editProxyProtocol(clusterNamed(*r, app), func(p *proxyprotocol.ProxyProtocolUpstreamTransport) {
+			p.Config.AddedTlvs[1] = p.Config.AddedTlvs[0]
+		})
+	}, `cluster "inbound|8443|app"`, "config.added_tlvs[1]: type 0xe0 given twice"},
+	{"PROXY protocol without the fingerprint TLV", func(r *translate.Resources) {
+		editProxyProtocol(clusterNamed(*r, app), func(p *proxyprotocol.ProxyProtocolUpstreamTransport) {
+			p.Config.AddedTlvs = p.Config.AddedTlvs[:1]
+		})
+	}, `cluster "inbound|8443|app"`, "config.added_tlvs: want exactly latch's TLVs"},
+	{"PROXY protocol pass-through TLVs", func(r *translate.Resources) {
+		editProxyProtocol(clusterNamed(*r, app), func(p *proxyprotocol.ProxyProtocolUpstreamTransport) {
+			p.Config.PassThroughTlvs = &core.ProxyProtocolPassThroughTLVs{}
+		})
+	}, `cluster "inbound|8443|app"`, "config.pass_through_tlvs: not supported"},
+	{"PROXY protocol with unspecified addresses", func(r *translate.Resources) {
+		editProxyProtocol(clusterNamed(*r, app), func(p *proxyprotocol.ProxyProtocolUpstreamTransport) { p.AllowUnspecifiedAddress = true })
+	}, `cluster "inbound|8443|app"`, "allow_unspecified_address: not supported"},
+	{"PROXY protocol over TLS to the app", func(r *translate.Resources) {
+		editProxyProtocol(clusterNamed(*r, app), func(p *proxyprotocol.ProxyProtocolUpstreamTransport) {
+			p.TransportSocket = clusterNamed(*r, out).TransportSocket
+		})
+	}, `cluster "inbound|8443|app"`, "typed_config.transport_socket.name"},
+	{"PROXY protocol without a config", func(r *translate.Resources) {
+		editProxyProtocol(clusterNamed(*r, app), func(p *proxyprotocol.ProxyProtocolUpstreamTransport) { p.Config = nil })
+	}, `cluster "inbound|8443|app"`, "typed_config.config: missing"},
+	{"PROXY protocol towards an upstream", func(r *translate.Resources) {
+		clusterNamed(*r, out).TransportSocket = clusterNamed(*r, app).TransportSocket
+	}, `cluster "outbound|9001"`, "transport_socket: used by outbound listener \"outbound|9001\": the PROXY protocol header is for the app"},
 	{"original destination cluster", func(r *translate.Resources) {
 		clusterNamed(*r, outD).ClusterDiscoveryType = &cluster.Cluster_Type{Type: cluster.Cluster_ORIGINAL_DST}
 	}, `cluster "outbound|9002"`, "type: ORIGINAL_DST is not supported"},

@@ -41,6 +41,9 @@ type Inbound struct {
 	// Allow lists the peers allowed, in declaration order. Empty denies all.
 	Allow       []identity.Rule
 	IdleTimeout time.Duration // zero: the proxy's default
+	// ProxyProtocol sends the app a PROXY protocol v2 header naming the
+	// peer (proxy.Inbound.ProxyProtocol).
+	ProxyProtocol bool
 }
 
 // Outbound is a loopback port through which the application reaches an
@@ -504,6 +507,15 @@ func (d *decoder) inbound(n *yaml.Node, path string) (Inbound, bool) {
 	}
 	if v := f["idleTimeout"]; v != nil {
 		in.IdleTimeout, _ = d.duration(v, path+".idleTimeout")
+	}
+	if v := f["proxyProtocol"]; v != nil {
+		if s, ok := d.str(v, path+".proxyProtocol"); ok {
+			if s != "v2" {
+				d.fail(v, "%s.proxyProtocol: %q: the only PROXY protocol version latch sends is v2 (leave the field out for none)", path, s)
+			} else {
+				in.ProxyProtocol = true
+			}
+		}
 	}
 	if v := f["allow"]; v != nil {
 		items, _ := d.list(v, inboundSchema.prop("allow"), path+".allow")

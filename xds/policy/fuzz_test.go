@@ -27,6 +27,7 @@ spec:
     - port: 8443
       appAddress: 127.0.0.1:8080
       idleTimeout: 90s
+      proxyProtocol: v2
       allow:
         - id: spiffe://mesh.test/ns/shop/sa/frontend
         - trustDomain: mesh.test
@@ -58,6 +59,8 @@ func FuzzDeclarationToProxy(f *testing.F) {
 		strings.Replace(fuzzGoodDecl, "port: 9001", "port: 0", 1),
 		strings.Replace(fuzzGoodDecl, "127.0.0.1:8080", "0.0.0.0:8080", 1),
 		strings.Replace(fuzzGoodDecl, "idleTimeout: 90s", "idleTimeout: -1s", 1),
+		strings.Replace(fuzzGoodDecl, "proxyProtocol: v2", "proxyProtocol: v1", 1),
+		strings.Replace(fuzzGoodDecl, "      proxyProtocol: v2\n", "", 1),
 		strings.Replace(fuzzGoodDecl, "idleTimeout: 90s", "idleTimeout: 0s", 1),
 		strings.Replace(fuzzGoodDecl, "serverID: spiffe://mesh.test/ns/shop/sa/db", "serverID: spiffe://mesh.test", 1),
 		strings.Replace(fuzzGoodDecl, "target: db.local:8443", "target: \"db local:8443\"", 1),
@@ -103,7 +106,14 @@ func FuzzDeclarationToProxy(f *testing.F) {
 			if len(cfg.Inbound) != len(d.Inbound) || len(cfg.Outbound) != len(d.Outbound) {
 				t.Fatalf("config has %d/%d listeners, declaration %d/%d", len(cfg.Inbound), len(cfg.Outbound), len(d.Inbound), len(d.Outbound))
 			}
+			pp := map[string]bool{}
+			for _, in := range d.Inbound {
+				pp[translate.InboundName(in.Port)] = in.ProxyProtocol
+			}
 			for _, in := range cfg.Inbound {
+				if in.ProxyProtocol != pp[in.Name] {
+					t.Fatalf("listener %s: proxyProtocol %v in the sidecar's config, %v in the declaration", in.Name, in.ProxyProtocol, pp[in.Name])
+				}
 				for _, r := range in.Allow.Rules() {
 					if r.TrustDomain() != fuzzTD {
 						t.Fatalf("allow rule %s outside the trust domain", r)

@@ -82,6 +82,30 @@ func TestParseGood(t *testing.T) {
 	}
 }
 
+// TestParseProxyProtocol: proxyProtocol takes v2 and nothing else, and is
+// off where it is not written.
+func TestParseProxyProtocol(t *testing.T) {
+	with := func(v string) string {
+		return strings.Replace(good, "      idleTimeout: 30m\n", "      idleTimeout: 30m\n      proxyProtocol: "+v+"\n", 1)
+	}
+	decls, err := Parse("p.yaml", []byte(with("v2")), testOpts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !decls[0].Inbound[0].ProxyProtocol {
+		t.Error("proxyProtocol: v2 not read")
+	}
+	if decls, err = Parse("p.yaml", []byte(good), testOpts); err != nil || decls[0].Inbound[0].ProxyProtocol {
+		t.Errorf("without proxyProtocol: %v, %+v", err, decls)
+	}
+	for _, bad := range []string{"v1", "true", "V2", "[v2]"} {
+		_, err := Parse("p.yaml", []byte(with(bad)), testOpts)
+		if err == nil || !strings.Contains(err.Error(), "p.yaml:12: spec.inbound[0].proxyProtocol") {
+			t.Errorf("proxyProtocol: %s: %v, want a refusal at p.yaml:12", bad, err)
+		}
+	}
+}
+
 // TestParseHostile: every refusal names the file, the line and the reason.
 func TestParseHostile(t *testing.T) {
 	tests := []struct {

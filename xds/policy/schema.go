@@ -142,6 +142,8 @@ var (
 			{"appAddress", hostPortSchema("host:port of the application, normally on loopback.")},
 			{"allow", &schema{typ: "array", description: "Peers allowed to connect. Empty denies everyone.", items: allowSchema, maxItems: i64(maxAllow)}},
 			{"idleTimeout", &schema{typ: "string", description: "Close a connection idle this long (Go duration, e.g. 30m).", pattern: durationPattern}},
+			{"proxyProtocol", &schema{typ: "string", description: "v2: send the application a PROXY protocol v2 header with the peer's address, SPIFFE ID and TLS parameters before its bytes. Leave out for none.",
+				enum: []string{"v2"}}},
 		},
 		required: []string{"port", "appAddress"},
 	}

@@ -18,6 +18,8 @@ import (
 	rbacconfig "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
 	rbac "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/rbac/v3"
 	tcpproxy "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
+	proxyprotocol "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/proxy_protocol/v3"
+	rawbuffer "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/raw_buffer/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	matcher "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -27,6 +29,7 @@ import (
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"latch.dev/latch/identity"
+	"latch.dev/latch/proxy"
 	"latch.dev/latch/xds/policy"
 )
 
@@ -35,7 +38,32 @@ const (
 	RBACFilter         = "envoy.filters.network.rbac"
 	TCPProxyFilter     = "envoy.filters.network.tcp_proxy"
 	TLSTransportSocket = "envoy.transport_sockets.tls"
+	// ProxyProtocolTransportSocket sends a PROXY protocol header on an
+	// upstream connection; on an inbound listener's app cluster it is
+	// latch's proxyProtocol: v2. It wraps RawBufferTransportSocket: the
+	// connection to the app is plain TCP.
+	ProxyProtocolTransportSocket = "envoy.transport_sockets.upstream_proxy_protocol"
+	RawBufferTransportSocket     = "envoy.transport_sockets.raw_buffer"
 )
+
+// ProxyProtocolTLVs are the added_tlvs of an app cluster's PROXY protocol
+// transport socket: the TLVs latch adds besides PP2_TYPE_SSL, each with the
+// Envoy format string that fills it with the same value (docs/configuration.md
+// lists them). Envoy itself sends no PP2_TYPE_SSL on upstream connections;
+// a latch sidecar always does, the connection it carries being TLS.
+func ProxyProtocolTLVs() []*core.TlvEntry {
+	entry := func(typ byte, format string) *core.TlvEntry {
+		return &core.TlvEntry{Type: uint32(typ), FormatString: &core.SubstitutionFormatString{
+			Format: &core.SubstitutionFormatString_TextFormatSource{TextFormatSource: &core.DataSource{
+				Specifier: &core.DataSource_InlineString{InlineString: format},
+			}},
+		}}
+	}
+	return []*core.TlvEntry{
+		entry(proxy.TLVSPIFFEID, "%DOWNSTREAM_PEER_URI_SAN%"),
+		entry(proxy.TLVPeerCertSHA256, "%DOWNSTREAM_PEER_FINGERPRINT_256%"),
+	}
+}
 
 // DefaultSDSCluster is the Envoy cluster name SPIRE's documentation gives the
 // agent's SDS service; latch resolves the secrets from the Workload API and
@@ -88,7 +116,11 @@ func Translate(d policy.Declaration, opts Options) Resources {
 	var r Resources
 	for _, in := range d.Inbound {
 		r.Listeners = append(r.Listeners, t.inboundListener(in))
-		r.Clusters = append(r.Clusters, plainCluster(AppClusterName(in.Port), in.App))
+		app := plainCluster(AppClusterName(in.Port), in.App)
+		if in.ProxyProtocol {
+			app.TransportSocket = proxyProtocolSocket()
+		}
+		r.Clusters = append(r.Clusters, app)
 	}
 	for _, out := range d.Outbound {
 		r.Listeners = append(r.Listeners, t.outboundListener(out))
@@ -323,6 +355,18 @@ func tcpProxy(statPrefix, clusterName string, idle time.Duration) *tcpproxy.TcpP
 
 func filter(name string, cfg proto.Message) *listener.Filter {
 	return &listener.Filter{Name: name, ConfigType: &listener.Filter_TypedConfig{TypedConfig: mustAny(cfg)}}
+}
+
+// proxyProtocolSocket is the app cluster's transport socket of a listener
+// with proxyProtocol: v2: Envoy's upstream PROXY protocol socket, version 2
+// with latch's TLVs, over plain TCP.
+func proxyProtocolSocket() *core.TransportSocket {
+	return &core.TransportSocket{Name: ProxyProtocolTransportSocket, ConfigType: &core.TransportSocket_TypedConfig{TypedConfig: mustAny(
+		&proxyprotocol.ProxyProtocolUpstreamTransport{
+			Config: &core.ProxyProtocolConfig{Version: core.ProxyProtocolConfig_V2, AddedTlvs: ProxyProtocolTLVs()},
+			TransportSocket: &core.TransportSocket{Name: RawBufferTransportSocket,
+				ConfigType: &core.TransportSocket_TypedConfig{TypedConfig: mustAny(&rawbuffer.RawBuffer{})}},
+		})}}
 }
 
 func transportSocket(cfg proto.Message) *core.TransportSocket {

@@ -51,6 +51,13 @@ var cases = []struct{ name, spec string }{
         - trustDomain: partner.test
         - pathPrefix: spiffe://mesh.test/ns/ops
 `},
+	{"inbound_proxy_protocol", `  inbound:
+    - port: 8443
+      appAddress: 127.0.0.1:8080
+      proxyProtocol: v2
+      allow:
+        - id: spiffe://mesh.test/ns/shop/sa/frontend
+`},
 	{"inbound_deny_all", `  inbound:
     - port: 8443
       appAddress: localhost:8080
