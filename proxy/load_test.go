@@ -3,6 +3,7 @@ package proxy
 import (
 	"crypto/tls"
 	"errors"
+	"net/netip"
 	"slices"
 	"strings"
 	"testing"
@@ -194,6 +195,73 @@ func TestValidate(t *testing.T) {
 			fe, ok := errors.AsType[*FieldError](err)
 			if !ok || fe.Field != tc.field {
 				t.Fatalf("Validate() = %v, want a FieldError on %s", err, tc.field)
+			}
+		})
+	}
+}
+
+// TestValidateRefusesOwnListenerAsApp: an inbound listener whose app is one
+// of the sidecar's own listeners would hand every admitted peer what is
+// behind it as this workload (an outbound listener's upstream), or loop. A
+// typo or a hostile control plane can write it, in any spelling of the
+// address.
+func TestValidateRefusesOwnListenerAsApp(t *testing.T) {
+	pod := netip.MustParseAddr("192.0.2.10") // stands for an address of this host
+	defer func(f func(netip.Addr) bool) { isLocalAddr = f }(isLocalAddr)
+	isLocalAddr = func(a netip.Addr) bool { return a == pod }
+	cfg := func(app string) *Config {
+		return &Config{
+			TLS: identity.Modern(),
+			Inbound: []Inbound{
+				{Name: "web", Listen: ":8443", App: app},
+				{Name: "v4", Listen: "0.0.0.0:7443", App: "127.0.0.1:7080"},
+				{Name: "v6", Listen: "[::]:9443", App: "127.0.0.1:9080"},
+			},
+			Outbound: []Outbound{
+				{Name: "db", Listen: "127.0.0.1:15001", Upstreams: []string{"db:8443"}, ServerID: mustID(t, backendID)},
+				{Name: "cache", Listen: "[::1]:15002", Upstreams: []string{"cache:8443"}, ServerID: mustID(t, backendID)},
+				{Name: "queue", Listen: "localhost:15003", Upstreams: []string{"queue:8443"}, ServerID: mustID(t, backendID)},
+			},
+		}
+	}
+	for _, tc := range []struct {
+		app, own string // own: the listener named in the error; "" accepted
+	}{
+		{"127.0.0.1:15001", `outbound[0] "db"`},
+		{"localhost:15001", `outbound[0] "db"`},
+		{"LOCALHOST:15001", `outbound[0] "db"`},
+		{"[::ffff:127.0.0.1]:15001", `outbound[0] "db"`},
+		{"127.0.0.1:015001", `outbound[0] "db"`},
+		{"0.0.0.0:15001", `outbound[0] "db"`}, // dialing the unspecified address reaches this host
+		{"[::]:15001", `outbound[0] "db"`},
+		{"[::1]:15002", `outbound[1] "cache"`},
+		{"localhost:15002", `outbound[1] "cache"`},
+		{"127.0.0.1:15003", `outbound[2] "queue"`},
+		{"[::1]:15003", `outbound[2] "queue"`},
+		{"127.0.0.1:8443", `inbound[0] "web"`},  // itself
+		{"127.0.0.9:8443", `inbound[0] "web"`},  // a wildcard listener takes all of 127.0.0.0/8
+		{"192.0.2.10:8443", `inbound[0] "web"`}, // and the pod's own address
+		{"127.0.0.1:7443", `inbound[1] "v4"`},
+		{"[::1]:9443", `inbound[2] "v6"`},
+		{"192.0.2.10:9443", `inbound[2] "v6"`},
+
+		{"127.0.0.1:8080", ""},
+		{"127.0.0.2:15001", ""},   // another loopback address than the listener's
+		{"[::1]:15001", ""},       // the listener is IPv4 only
+		{"192.0.2.99:8443", ""},   // not this host
+		{"db.internal:15001", ""}, // a DNS name is not resolved
+	} {
+		t.Run(tc.app, func(t *testing.T) {
+			err := cfg(tc.app).Validate()
+			if tc.own == "" {
+				if err != nil {
+					t.Fatalf("refused: %v", err)
+				}
+				return
+			}
+			fe, ok := errors.AsType[*FieldError](err)
+			if !ok || fe.Field != "inbound[0].app" || !strings.Contains(err.Error(), "own listener "+tc.own) {
+				t.Fatalf("Validate() = %v, want inbound[0].app refused as listener %s", err, tc.own)
 			}
 		})
 	}

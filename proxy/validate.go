@@ -32,8 +32,9 @@ const maxNameLen = 64
 
 // Validate checks the whole snapshot and returns the first problem found. A
 // Config that passes can be applied: every address parses, names and listen
-// addresses are unique, outbound listeners are on loopback, every outbound has
-// a server ID and at least one upstream, limits are not negative, and the TLS
+// addresses are unique, outbound listeners are on loopback, no inbound
+// listener's app is one of the Config's own listeners, every outbound has a
+// server ID and at least one upstream, limits are not negative, and the TLS
 // profile is no weaker than intermediate.
 func (c *Config) Validate() error {
 	if c == nil {
@@ -106,7 +107,106 @@ func (c *Config) Validate() error {
 			return err
 		}
 	}
+	for i, in := range c.Inbound {
+		if field, listen := c.ownListener(in.App); field != "" {
+			return &FieldError{fmt.Sprintf("inbound[%d].app", i), fmt.Errorf("%q is this sidecar's own listener %s (listen %q): a peer admitted here would reach it through the sidecar, as this workload", in.App, field, listen)}
+		}
+	}
 	return nil
+}
+
+// ownListener returns the field and listen address of the listener of c that
+// a connection to app would reach, "" if none. An inbound listener whose app
+// is an outbound listener would hand every admitted peer the upstream behind
+// it, with this workload's identity; one whose app is an inbound listener
+// loops. Addresses are compared as the kernel would route them: the port,
+// then the host, where a wildcard listener (0.0.0.0, ::, or no host) takes
+// any address of this host, localhost is 127.0.0.1 and ::1, and 0.0.0.0 or ::
+// dialed is this host. A DNS name other than localhost is not resolved.
+func (c *Config) ownListener(app string) (field, listen string) {
+	appHost, appPort, err := net.SplitHostPort(app)
+	if err != nil {
+		return "", ""
+	}
+	check := func(l string) bool {
+		host, port, err := net.SplitHostPort(l)
+		return err == nil && port != "0" && samePort(port, appPort) && sameHost(appHost, host)
+	}
+	for i, in := range c.Inbound {
+		if check(in.Listen) {
+			return fmt.Sprintf("inbound[%d] %q", i, in.Name), in.Listen
+		}
+	}
+	for i, out := range c.Outbound {
+		if check(out.Listen) {
+			return fmt.Sprintf("outbound[%d] %q", i, out.Name), out.Listen
+		}
+	}
+	return "", ""
+}
+
+func samePort(a, b string) bool {
+	x, errX := strconv.ParseUint(a, 10, 16)
+	y, errY := strconv.ParseUint(b, 10, 16)
+	return errX == nil && errY == nil && x == y
+}
+
+// sameHost says whether dialing appHost can reach a socket bound to
+// listenHost on this host.
+func sameHost(appHost, listenHost string) bool {
+	apps, appAny := hostAddrs(appHost)
+	listens, listenAny := hostAddrs(listenHost)
+	if appAny {
+		// Dialing the unspecified address connects to this host.
+		return listenAny || len(listens) > 0
+	}
+	for _, a := range apps {
+		if listenAny && (a.IsLoopback() || isLocalAddr(a)) {
+			return true
+		}
+		for _, l := range listens {
+			if a == l {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// hostAddrs returns the addresses a host stands for, or any for a wildcard
+// (the empty host, 0.0.0.0, ::). A DNS name other than localhost gives none.
+func hostAddrs(host string) (addrs []netip.Addr, any bool) {
+	if host == "" {
+		return nil, true
+	}
+	if strings.EqualFold(host, "localhost") {
+		return []netip.Addr{netip.AddrFrom4([4]byte{127, 0, 0, 1}), netip.IPv6Loopback()}, false
+	}
+	ip, err := netip.ParseAddr(host)
+	if err != nil {
+		return nil, false
+	}
+	ip = ip.Unmap().WithZone("")
+	if ip.IsUnspecified() {
+		return nil, true
+	}
+	return []netip.Addr{ip}, false
+}
+
+// isLocalAddr says whether a is an address of one of this host's interfaces
+// (a pod IP, say), which a wildcard listener also accepts on. It is a
+// variable for tests.
+var isLocalAddr = func(a netip.Addr) bool {
+	addrs, err := net.InterfaceAddrs()
+	if err != nil {
+		return false
+	}
+	for _, ia := range addrs {
+		if p, err := netip.ParsePrefix(ia.String()); err == nil && p.Addr().Unmap() == a {
+			return true
+		}
+	}
+	return false
 }
 
 func validateName(field, name string) error {
@@ -197,14 +297,22 @@ func CheckHost(host string) error {
 // reachable from the network it would be an open relay into the mesh.
 func requireLoopback(addr string) error {
 	host, _, _ := net.SplitHostPort(addr)
-	if host == "localhost" {
-		return nil
-	}
-	ip := net.ParseIP(host)
-	if ip == nil || !ip.IsLoopback() {
+	if !IsLoopbackHost(host) {
 		return fmt.Errorf("%q: outbound listeners must listen on a loopback address (127.0.0.1, ::1 or localhost): anything else would let the network use this workload's identity", addr)
 	}
 	return nil
+}
+
+// IsLoopbackHost says whether host, the host part of an address, is a
+// loopback address (127.0.0.0/8 or ::1, without a zone; IPv4 also written
+// as an IPv4-mapped IPv6 address) or the name localhost. The xDS validation holds inbound app
+// addresses to it.
+func IsLoopbackHost(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	ip, err := netip.ParseAddr(host)
+	return err == nil && ip.Zone() == "" && ip.Unmap().IsLoopback()
 }
 
 func validateLimits(field string, handshake, idle, connect time.Duration, maxConns int) error {

@@ -35,6 +35,7 @@ func runProxy(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	xdsAddr := fs.String("xds-address", "", "control plane `host:port`: take listeners and policy from it over ADS (mTLS)")
 	xdsID := fs.String("xds-server-id", "", "SPIFFE `ID` the control plane must prove (required with --xds-address)")
 	stateDir := fs.String("state-dir", "", "`directory` keeping the last good xDS resources across restarts")
+	allowRemoteApp := fs.Bool("allow-non-loopback-app", false, "accept inbound listeners from xDS whose app is not on loopback (admitted peers reach the app in plain TCP; off, the control plane cannot send them elsewhere)")
 	profileName := fs.String("tls-profile", identity.ProfileModern, "widest TLS profile xDS may use: modern or intermediate (a static file names its own)")
 	adminAddr := fs.String("admin-address", admin.DefaultAddr, "admin endpoint `host:port` (/healthz, /readyz, /metrics, /status); \"off\" disables it")
 	testEndpoint := fs.String("test-endpoint", "", "serve the TLS test endpoint (one JSON document about the negotiated connection) on `host:port`")
@@ -205,14 +206,15 @@ func runProxy(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	var xds *xdsclient.Client
 	if *xdsAddr != "" {
 		xds, err = xdsclient.New(xdsclient.Options{
-			Address:        *xdsAddr,
-			ControlPlaneID: cpID,
-			NodeID:         svid.ID,
-			TLS:            tlsc.ClientConfig(profile, cpID),
-			Profile:        profile,
-			StateDir:       *stateDir,
-			Logger:         log, // the client names its component itself
-			Metrics:        xdsclient.NewMetrics(reg),
+			Address:             *xdsAddr,
+			ControlPlaneID:      cpID,
+			NodeID:              svid.ID,
+			TLS:                 tlsc.ClientConfig(profile, cpID),
+			Profile:             profile,
+			AllowNonLoopbackApp: *allowRemoteApp,
+			StateDir:            *stateDir,
+			Logger:              log, // the client names its component itself
+			Metrics:             xdsclient.NewMetrics(reg),
 		}, apply)
 		if err != nil {
 			shutdownProxy(srv, 0, log)

@@ -45,6 +45,9 @@ type Options struct {
 	TLS *tls.Config
 	// Profile is the widest TLS profile; xDS may narrow it. Zero: modern.
 	Profile identity.Profile
+	// AllowNonLoopbackApp accepts inbound listeners whose app is not on
+	// loopback (see Validator).
+	AllowNonLoopbackApp bool
 	// StateDir, when set, keeps the last applied resources, so a restarted
 	// sidecar serves its last good policy before (or without) reaching the
 	// control plane.
@@ -157,7 +160,7 @@ func New(opts Options, apply func(*proxy.Config) error) (*Client, error) {
 	}
 	return &Client{
 		opts:    opts,
-		v:       Validator{NodeID: opts.NodeID, Profile: opts.Profile},
+		v:       Validator{NodeID: opts.NodeID, Profile: opts.Profile, AllowNonLoopbackApp: opts.AllowNonLoopbackApp},
 		log:     opts.Logger.With("component", "xds-client", "control_plane", opts.Address),
 		apply:   apply,
 		pending: newResources(),

@@ -61,11 +61,18 @@ func (e *ValidationError) Error() string {
 var ErrIncomplete = errors.New("update incomplete")
 
 // Validator holds what resources are checked against: the sidecar's own
-// identity (the only SVID it can present) and the TLS profile xDS may narrow
-// but never widen.
+// identity (the only SVID it can present), the TLS profile xDS may narrow
+// but never widen, and whether an inbound listener's app may be anywhere but
+// on loopback.
 type Validator struct {
 	NodeID  spiffeid.ID
 	Profile identity.Profile
+	// AllowNonLoopbackApp lets an inbound listener's app be a non-loopback
+	// address. Off, the control plane can only point inbound listeners at
+	// the pod's own loopback: an app elsewhere receives admitted peers in
+	// plain TCP, so a control plane that could choose it could relay them
+	// to any address the pod reaches.
+	AllowNonLoopbackApp bool
 }
 
 // Listener is a validated listener.
@@ -834,6 +841,13 @@ func (v Validator) Build(s Set, version string) (*proxy.Config, error) {
 			}
 			if len(addrs) != 1 {
 				return nil, &ValidationError{Type: "cluster", Resource: cl.Name, Field: "load_assignment", Reason: fmt.Sprintf("the app behind inbound listener %q needs exactly one endpoint, got %d", n, len(addrs))}
+			}
+			if host, _, _ := net.SplitHostPort(addrs[0]); !v.AllowNonLoopbackApp && !proxy.IsLoopbackHost(host) {
+				typ, res, field := "cluster", cl.Name, "load_assignment"
+				if cl.EDSName != "" {
+					typ, res, field = "endpoints", cl.EDSName, "endpoints"
+				}
+				return nil, &ValidationError{Type: typ, Resource: res, Field: field, Reason: fmt.Sprintf("the app of inbound listener %q is %s, not a loopback address: admitted peers reach the app in plain TCP, so the sidecar takes an app elsewhere only when started with --allow-non-loopback-app", n, addrs[0])}
 			}
 			cfg.Inbound = append(cfg.Inbound, proxy.Inbound{
 				Name: n, Listen: l.Listen, App: addrs[0], Allow: l.Allow,

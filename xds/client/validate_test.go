@@ -234,6 +234,36 @@ func inlineFormat(s string) *core.SubstitutionFormatString {
 		TextFormatSource: &core.DataSource{Specifier: &core.DataSource_InlineString{InlineString: s}}}}
 }
 
+// setApp points the inbound listener's app cluster at host:port.
+func setApp(r translate.Resources, host string, port uint32) {
+	sa := clusterNamed(r, app).LoadAssignment.Endpoints[0].LbEndpoints[0].GetEndpoint().Address.GetSocketAddress()
+	sa.Address, sa.PortSpecifier = host, &core.SocketAddress_PortValue{PortValue: port}
+}
+
+// TestNonLoopbackAppWhenAllowed: a sidecar started with
+// --allow-non-loopback-app takes an inbound app elsewhere than on loopback,
+// but never one of its own listeners.
+func TestNonLoopbackAppWhenAllowed(t *testing.T) {
+	v := validator()
+	v.AllowNonLoopbackApp = true
+	for _, host := range []string{"10.1.2.3", "app.shop.svc"} {
+		r := goodResources(t)
+		setApp(r, host, 8080)
+		cfg, err := build(v, r)
+		if err != nil {
+			t.Fatalf("app on %s: %v", host, err)
+		}
+		if got, want := cfg.Inbound[0].App, host+":8080"; got != want {
+			t.Errorf("app = %s, want %s", got, want)
+		}
+	}
+	r := goodResources(t)
+	setApp(r, "127.0.0.1", 9001)
+	if _, err := build(v, r); err == nil || !strings.Contains(err.Error(), "own listener") {
+		t.Errorf("app on the sidecar's own outbound listener: %v, want refused", err)
+	}
+}
+
 func principals(r *rbac.RBAC) *[]*rbacconfig.Principal {
 	return &r.Rules.Policies["allow"].Principals
 }
@@ -257,6 +287,22 @@ var hostileCases = []struct {
 	resource string // `listener "inbound|8443"` etc.
 	field    string // substring of the message naming the field
 }{
+	// A control plane choosing where an inbound listener's plain TCP goes.
+	{"inbound app is the sidecar's own outbound listener", func(r *translate.Resources) {
+		setApp(*r, "127.0.0.1", 9001)
+	}, `listener "inbound|8443"`, `(latch config) app: "127.0.0.1:9001" is this sidecar's own listener outbound[0] "outbound|9001"`},
+	{"inbound app is its own outbound listener, as localhost", func(r *translate.Resources) {
+		setApp(*r, "localhost", 9001)
+	}, `listener "inbound|8443"`, `(latch config) app: "localhost:9001" is this sidecar's own listener outbound[0] "outbound|9001"`},
+	{"inbound app is the inbound listener itself", func(r *translate.Resources) {
+		setApp(*r, "127.0.0.1", 8443)
+	}, `listener "inbound|8443"`, `(latch config) app: "127.0.0.1:8443" is this sidecar's own listener inbound[0] "inbound|8443"`},
+	{"inbound app on another address", func(r *translate.Resources) {
+		setApp(*r, "10.1.2.3", 8080)
+	}, `cluster "inbound|8443|app"`, `load_assignment: the app of inbound listener "inbound|8443" is 10.1.2.3:8080, not a loopback address`},
+	{"inbound app by DNS name", func(r *translate.Resources) {
+		setApp(*r, "app.shop.svc", 8080)
+	}, `cluster "inbound|8443|app"`, `load_assignment: the app of inbound listener "inbound|8443" is app.shop.svc:8080, not a loopback address`},
 	{"listener name with a control character", func(r *translate.Resources) {
 		listenerNamed(*r, in).Name = "inb\x7fund|8443"
 	}, `listener "inb\x7fund|8443"`, "name: \"inb\\x7fund|8443\": only letters"},

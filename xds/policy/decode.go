@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"regexp"
 	"slices"
 	"strconv"
@@ -468,6 +469,7 @@ func (d *decoder) spec(n *yaml.Node, decl *Declaration) {
 		}
 		ports[p] = fmt.Sprintf("%s (line %d)", strings.TrimSuffix(path, ".port"), n.Line)
 	}
+	var inboundNodes []*yaml.Node
 	if v := f["inbound"]; v != nil {
 		items, _ := d.list(v, specSchema.prop("inbound"), "spec.inbound")
 		for i, it := range items {
@@ -477,6 +479,7 @@ func (d *decoder) spec(n *yaml.Node, decl *Declaration) {
 				usePort(it, in.Port, path+".port")
 			}
 			decl.Inbound = append(decl.Inbound, in)
+			inboundNodes = append(inboundNodes, it)
 		}
 	}
 	if v := f["outbound"]; v != nil {
@@ -488,6 +491,28 @@ func (d *decoder) spec(n *yaml.Node, decl *Declaration) {
 				usePort(it, out.Port, path+".port")
 			}
 			decl.Outbound = append(decl.Outbound, out)
+		}
+	}
+	// The sidecar refuses an app address that reaches one of its own
+	// listeners (proxy.Config.Validate): refused here, with its line.
+	for i, in := range decl.Inbound {
+		host, port, err := net.SplitHostPort(in.App)
+		if err != nil {
+			continue
+		}
+		p, err := strconv.ParseUint(port, 10, 16)
+		if err != nil {
+			continue
+		}
+		ip, _ := netip.ParseAddr(host)
+		if own, ok := ports[uint32(p)]; ok && (proxy.IsLoopbackHost(host) || strings.EqualFold(host, "localhost") || ip.Unmap().IsUnspecified()) {
+			n := inboundNodes[i]
+			for j := 0; j+1 < len(n.Content); j += 2 {
+				if n.Content[j].Value == "appAddress" {
+					n = n.Content[j+1]
+				}
+			}
+			d.fail(n, "spec.inbound[%d].appAddress: %s is this workload's own listener %s: a peer admitted here would reach it through the sidecar", i, in.App, own)
 		}
 	}
 }

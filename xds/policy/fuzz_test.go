@@ -95,7 +95,9 @@ func FuzzDeclarationToProxy(f *testing.F) {
 				t.Fatalf("declaration for %s outside the configured trust domain", d.ID)
 			}
 			res := translate.Translate(d, translate.Options{})
-			v := client.Validator{NodeID: d.ID, Profile: identity.Modern()}
+			// The widest sidecar: the control plane cannot know whether a
+			// sidecar takes apps off loopback (--allow-non-loopback-app).
+			v := client.Validator{NodeID: d.ID, Profile: identity.Modern(), AllowNonLoopbackApp: true}
 			cfg, err := buildResources(v, res)
 			if err != nil {
 				t.Fatalf("declaration accepted but its resources are refused by the sidecar: %v\n%s", err, data)

@@ -151,6 +151,13 @@ func TestParseHostile(t *testing.T) {
 		{"duplicate inbound port", func(s string) string {
 			return strings.Replace(s, "  outbound:", "    - port: 8443\n      appAddress: 127.0.0.1:1\n  outbound:", 1)
 		}, 16, "port 8443 is already used"},
+		// The sidecar would refuse these (proxy.Config.Validate).
+		{"app is the workload's own outbound listener", func(s string) string { return strings.Replace(s, "127.0.0.1:8080", "127.0.0.1:9001", 1) }, 10,
+			"spec.inbound[0].appAddress: 127.0.0.1:9001 is this workload's own listener spec.outbound[0] (line 17)"},
+		{"app is the workload's own inbound listener, as localhost", func(s string) string { return strings.Replace(s, "127.0.0.1:8080", "localhost:8443", 1) }, 10,
+			"localhost:8443 is this workload's own listener spec.inbound[0] (line 9)"},
+		{"app is the workload's own listener, as ::", func(s string) string { return strings.Replace(s, "127.0.0.1:8080", `"[::]:9001"`, 1) }, 10,
+			"[::]:9001 is this workload's own listener spec.outbound[0]"},
 		{"port out of range", func(s string) string { return strings.Replace(s, "port: 8443", "port: 70000", 1) }, 9, "out of range"},
 		{"port as string", func(s string) string { return strings.Replace(s, "port: 8443", `port: "8443"`, 1) }, 9, "want a port number"},
 		{"app address without port", func(s string) string { return strings.Replace(s, "127.0.0.1:8080", "127.0.0.1", 1) }, 10, "is not host:port"},

@@ -154,12 +154,12 @@ func render(t *testing.T, r Resources) []byte {
 var shapes = []struct{ name, spec string }{
 	{"inbound_id_only", `  inbound:
     - port: 1
-      appAddress: 127.0.0.1:1
+      appAddress: 127.0.0.1:2
       allow: [{id: spiffe://mesh.test/a}]
 `},
 	{"inbound_trust_domain_only", `  inbound:
     - port: 65535
-      appAddress: "[::1]:65535"
+      appAddress: "[::1]:65534"
       allow: [{trustDomain: mesh.test}]
 `},
 	{"inbound_path_prefix_only", `  inbound:
