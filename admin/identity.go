@@ -21,7 +21,7 @@ import (
 )
 
 // Source is what the identity monitor reads: the current X.509-SVID and the
-// trust bundles. *workloadapi.X509Source and identity.Source satisfy it.
+// trust bundles. *identity.WorkloadSource satisfies it.
 type Source interface {
 	x509svid.Source
 	x509bundle.Source

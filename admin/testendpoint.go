@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"slices"
 	"sync"
 	"syscall"
 	"time"
@@ -34,7 +35,7 @@ type TestEndpointReply struct {
 // ServerTLS builds the server side of an mTLS connection; *identity.TLS
 // implements it.
 type ServerTLS interface {
-	ServerConfig(p identity.Profile, authorize func(peer spiffeid.ID) error) *tls.Config
+	ServerConfig(p identity.Profile, authorize func(peer spiffeid.ID) error, opts ...identity.PeerOption) *tls.Config
 }
 
 // TestEndpointOptions configure a TestEndpoint.
@@ -50,10 +51,16 @@ type TestEndpointOptions struct {
 	Profile identity.Profile
 	// TrustDomain is the local trust domain.
 	TrustDomain spiffeid.TrustDomain
+	// FederatesWith, when set, returns the foreign trust domains whose
+	// workloads are answered too, each verified against its own federated
+	// bundle (a sidecar passes those of its inbound listeners). It is asked
+	// at every handshake.
+	FederatesWith func() []spiffeid.TrustDomain
 	// Allow decides which clients get an answer. nil means every workload
-	// of TrustDomain: the answer says nothing secret, and a peer should be
-	// able to test before it is allowed on the real listeners. An explicit
-	// empty list denies everyone, as everywhere in latch.
+	// of TrustDomain and of FederatesWith: the answer says nothing secret,
+	// and a peer should be able to test before it is allowed on the real
+	// listeners. An explicit empty list denies everyone, as everywhere in
+	// latch.
 	Allow *identity.AllowList
 	// HandshakeTimeout bounds the handshake and the write; zero means 10s.
 	HandshakeTimeout time.Duration
@@ -96,9 +103,14 @@ func ListenTestEndpoint(opts TestEndpointOptions) (*TestEndpoint, error) {
 	if opts.MaxConnections <= 0 {
 		opts.MaxConnections = 64
 	}
-	allow := identity.NewAllowList(identity.AllowTrustDomain(opts.TrustDomain))
+	authorize := func(id spiffeid.ID) error {
+		if id.TrustDomain() == opts.TrustDomain || opts.FederatesWith != nil && slices.Contains(opts.FederatesWith(), id.TrustDomain()) {
+			return nil
+		}
+		return fmt.Errorf("peer %s: %w (the test endpoint answers workloads of %s and of the trust domains it federates with)", id, identity.ErrNotAllowed, opts.TrustDomain.Name())
+	}
 	if opts.Allow != nil {
-		allow = *opts.Allow
+		authorize = opts.Allow.Authorize
 	}
 	log := opts.Logger
 	if log == nil {
@@ -107,7 +119,7 @@ func ListenTestEndpoint(opts TestEndpointOptions) (*TestEndpoint, error) {
 	e := &TestEndpoint{
 		opts:      opts,
 		log:       log.With("listener", "tls-test-endpoint"),
-		authorize: allow.Authorize,
+		authorize: authorize,
 		results: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: MetricTestEndpointConnections,
 			Help: "Connections to the TLS test endpoint, by result (ok or the handshake failure class).",
@@ -184,7 +196,11 @@ func (e *TestEndpoint) answer(ctx context.Context, conn net.Conn) {
 
 	// A per-connection clone records the certificate actually served, so
 	// the reply describes this handshake even if the SVID rotates meanwhile.
-	cfg := e.opts.TLS.ServerConfig(e.opts.Profile, e.authorize).Clone()
+	var fed []identity.PeerOption
+	if e.opts.FederatesWith != nil {
+		fed = append(fed, identity.FederatesWithFunc(e.opts.FederatesWith))
+	}
+	cfg := e.opts.TLS.ServerConfig(e.opts.Profile, e.authorize, fed...).Clone()
 	var served *x509.Certificate
 	getCert := cfg.GetCertificate
 	cfg.GetCertificate = func(hi *tls.ClientHelloInfo) (*tls.Certificate, error) {
@@ -219,7 +235,7 @@ func (e *TestEndpoint) answer(ctx context.Context, conn net.Conn) {
 		return
 	}
 	e.results.WithLabelValues("ok").Inc()
-	e.log.Info("tls test endpoint: answered", "remote_addr", remote, "peer_id", reply.Connection.ClientSPIFFEID,
+	e.log.Info("tls test endpoint: answered", "remote_addr", remote, "peer_id", reply.Connection.ClientSPIFFEID, "peer_bundle", reply.Connection.ClientBundle,
 		"version", reply.Connection.Version, "cipher_suite", reply.Connection.CipherSuite, "group", reply.Connection.KeyExchangeGroup)
 	// close_notify, so the client reads the reply to its end.
 	_ = tc.CloseWrite()

@@ -11,6 +11,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"slices"
 	"sync"
 	"syscall"
 	"time"
@@ -25,7 +26,7 @@ import (
 // ClientTLS builds the client side of an mTLS connection; *identity.TLS
 // implements it.
 type ClientTLS interface {
-	ClientConfig(p identity.Profile, serverID spiffeid.ID) *tls.Config
+	ClientConfig(p identity.Profile, serverID spiffeid.ID, opts ...identity.PeerOption) *tls.Config
 	LocalCertificate() (*x509.Certificate, error)
 }
 
@@ -36,8 +37,13 @@ type Options struct {
 	// TLS supplies the local SVID and the verifier.
 	TLS ClientTLS
 	// ServerID is the SPIFFE ID the server must prove. Zero accepts any
-	// workload of the local trust domain (the trust domain of our SVID).
+	// workload of the local trust domain (the trust domain of our SVID) and
+	// of FederatesWith.
 	ServerID spiffeid.ID
+	// FederatesWith are foreign trust domains whose servers are accepted,
+	// each verified against its own federated bundle from the Workload API.
+	// A ServerID in a foreign trust domain adds that one.
+	FederatesWith []spiffeid.TrustDomain
 	// Profile is the TLS profile to offer; the zero Profile means modern.
 	Profile identity.Profile
 	// Timeout bounds the whole check (dial, handshake, first read); zero
@@ -121,6 +127,9 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	}
 	view := identity.DescribeConnectionLocal(conn.ConnectionState(), false, local)
 	res := &Result{Addr: opts.Addr, Source: SourceClient, Connection: view, ClientView: view}
+	if view.ServerBundle != "" && view.ServerBundle != td.Name() {
+		res.Notes = append(res.Notes, fmt.Sprintf("the server is of trust domain %s, verified against its federated bundle (the local trust domain is %s)", view.ServerBundle, td.Name()))
+	}
 
 	// A TLS 1.3 client finishes its handshake before the server has looked
 	// at the client certificate; a refusal arrives as an alert on the first
@@ -137,6 +146,9 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 		if err := json.Unmarshal(bytes.TrimSpace(body), &reply); err == nil && reply.Kind == admin.TestEndpointKind {
 			res.Source = SourceTestEndpoint
 			res.Connection = reply.Connection
+			// The server says which bundle verified us; we say which
+			// verified it.
+			res.Connection.ServerBundle = view.ServerBundle
 			if reply.Connection.ServerCertSHA256 != view.ServerCertSHA256 {
 				res.Notes = append(res.Notes, fmt.Sprintf(
 					"the server reports certificate %s but we received %s: something between us re-encrypts the connection",
@@ -212,7 +224,11 @@ func (s *seenState) info() *identity.ConnectionInfo {
 // trust domain and the key usage have been verified, so accepting that one
 // error, for a peer of td, accepts exactly a verified member of td.
 func clientConfig(opts Options, td spiffeid.TrustDomain) (*tls.Config, *seenState) {
-	cfg := opts.TLS.ClientConfig(opts.Profile, opts.ServerID).Clone()
+	fed := slices.Clone(opts.FederatesWith)
+	if std := opts.ServerID.TrustDomain(); !opts.ServerID.IsZero() && std != td && !slices.Contains(fed, std) {
+		fed = append(fed, std)
+	}
+	cfg := opts.TLS.ClientConfig(opts.Profile, opts.ServerID, identity.FederatesWith(fed...)).Clone()
 	// Each check is one full handshake: a resumed session would describe
 	// an earlier one.
 	cfg.ClientSessionCache = nil
@@ -224,7 +240,7 @@ func clientConfig(opts Options, td spiffeid.TrustDomain) (*tls.Config, *seenStat
 		err := verify(cs)
 		if err != nil && opts.ServerID.IsZero() {
 			if ve, ok := errors.AsType[*identity.VerifyError](err); ok &&
-				ve.Class == identity.ClassWrongServerID && ve.Peer.MemberOf(td) {
+				ve.Class == identity.ClassWrongServerID && (ve.Peer.MemberOf(td) || slices.Contains(fed, ve.Peer.TrustDomain())) {
 				return nil
 			}
 		}

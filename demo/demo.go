@@ -21,7 +21,6 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"github.com/spiffe/go-spiffe/v2/workloadapi"
 
 	"latch.dev/latch/admin"
 	"latch.dev/latch/check"
@@ -404,7 +403,7 @@ func (m *mesh) close() {
 	}
 }
 
-func (m *mesh) source(ctx context.Context, ca *devca.CA, name string, id spiffeid.ID) (*workloadapi.X509Source, error) {
+func (m *mesh) source(ctx context.Context, ca *devca.CA, name string, id spiffeid.ID) (*identity.WorkloadSource, error) {
 	sock, err := ca.AddWorkload(id.String())
 	if err != nil {
 		return nil, fmt.Errorf("registering %s with the dev CA: %w", name, err)

@@ -6,6 +6,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
 // chainCacheSize bounds the verified chains a TLS remembers. A sidecar sees
@@ -32,19 +34,27 @@ type chainCache struct {
 }
 
 type chainEntry struct {
-	intermediates [][]byte            // DER of the certificates after the leaf, as presented
-	authorities   []*x509.Certificate // the bundle's authorities when the chain verified
-	notBefore     time.Time           // latest NotBefore of the verified chain
-	notAfter      time.Time           // earliest NotAfter of the verified chain
+	trustDomain   spiffeid.TrustDomain // whose bundle verified the chain
+	intermediates [][]byte             // DER of the certificates after the leaf, as presented
+	authorities   []*x509.Certificate  // the bundle's authorities when the chain verified
+	notBefore     time.Time            // latest NotBefore of the verified chain
+	notAfter      time.Time            // earliest NotAfter of the verified chain
 }
 
-// verified reports whether certs verified before against a bundle with the
-// same authorities and is still inside its validity window at now.
-func (c *chainCache) verified(certs []*x509.Certificate, authorities []*x509.Certificate, now time.Time) bool {
+// verified reports whether certs verified before against the bundle of td
+// with the same authorities and is still inside its validity window at now.
+//
+// The trust domain is part of the answer, not only the authorities: two
+// trust domains' bundles may hold the same CA (CheckFederatedBundle refuses
+// a foreign bundle holding a local CA, but two foreign bundles may share
+// one), and a chain verified for one trust domain proves nothing for the
+// other. Today the leaf's own ID fixes the trust domain, so the two can
+// only differ if a caller passes another: the check keeps that so.
+func (c *chainCache) verified(certs []*x509.Certificate, td spiffeid.TrustDomain, authorities []*x509.Certificate, now time.Time) bool {
 	c.mu.Lock()
 	e := c.entries[string(certs[0].Raw)]
 	c.mu.Unlock()
-	if e == nil || now.Before(e.notBefore) || now.After(e.notAfter) || len(e.intermediates) != len(certs)-1 {
+	if e == nil || e.trustDomain != td || now.Before(e.notBefore) || now.After(e.notAfter) || len(e.intermediates) != len(certs)-1 {
 		return false
 	}
 	for i, der := range e.intermediates {
@@ -59,13 +69,13 @@ func (c *chainCache) verified(certs []*x509.Certificate, authorities []*x509.Cer
 	return true
 }
 
-// add records that certs verified as chain (leaf first, root last) against a
-// bundle holding authorities.
-func (c *chainCache) add(certs []*x509.Certificate, authorities []*x509.Certificate, chain []*x509.Certificate) {
+// add records that certs verified as chain (leaf first, root last) against
+// the bundle of td holding authorities.
+func (c *chainCache) add(certs []*x509.Certificate, td spiffeid.TrustDomain, authorities []*x509.Certificate, chain []*x509.Certificate) {
 	if len(chain) == 0 {
 		return
 	}
-	e := &chainEntry{authorities: authorities, notBefore: chain[0].NotBefore, notAfter: chain[0].NotAfter}
+	e := &chainEntry{trustDomain: td, authorities: authorities, notBefore: chain[0].NotBefore, notAfter: chain[0].NotAfter}
 	for _, cert := range chain[1:] {
 		if cert.NotBefore.After(e.notBefore) {
 			e.notBefore = cert.NotBefore

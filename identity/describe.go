@@ -28,6 +28,13 @@ type ConnectionInfo struct {
 	NotBefore        string `json:"not_before"`         // RFC 3339, UTC
 	NotAfter         string `json:"not_after"`          // RFC 3339, UTC
 	NotAfterASN1     string `json:"not_after_asn1"`     // YYMMDDhhmmssZ (ASN.1 UTCTime), UTC
+	// ServerBundle and ClientBundle name the trust domain whose bundle
+	// verified the server's and the client's certificate: that of the
+	// peer's own SPIFFE ID, the local trust domain's or a federated one's.
+	// Each is filled by the side that verified it, once the handshake
+	// completed: ServerBundle by a client, ClientBundle by a server.
+	ServerBundle string `json:"server_bundle,omitempty"`
+	ClientBundle string `json:"client_bundle,omitempty"`
 }
 
 // DescribeConnection describes cs as seen by the server (isServer) or the
@@ -61,6 +68,17 @@ func DescribeConnectionLocal(cs tls.ConnectionState, isServer bool, local *x509.
 	}
 	info.ClientSPIFFEID = spiffeIDOf(client)
 	info.ServerSPIFFEID = spiffeIDOf(server)
+	// latch verifies a peer against the bundle of its own ID's trust domain
+	// and no other, so a completed handshake names that bundle.
+	if peer != nil && cs.HandshakeComplete {
+		if id, err := x509svid.IDFromCert(peer); err == nil {
+			if isServer {
+				info.ClientBundle = id.TrustDomain().Name()
+			} else {
+				info.ServerBundle = id.TrustDomain().Name()
+			}
+		}
+	}
 	if server != nil {
 		sum := sha256.Sum256(server.Raw)
 		info.ServerCertSHA256 = hex.EncodeToString(sum[:])

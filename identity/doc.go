@@ -1,7 +1,8 @@
 // Package identity holds everything latch knows about who is who: the X.509-SVID
-// and trust bundle obtained from the SPIFFE Workload API, the TLS profile every
-// connection is held to, peer verification against the local trust domain only,
-// and authorization of peers by SPIFFE ID.
+// and trust bundles obtained from the SPIFFE Workload API, the TLS profile every
+// connection is held to, peer verification against the bundle of the peer's own
+// trust domain (the local one, or a federated one a configuration accepts), and
+// authorization of peers by SPIFFE ID.
 //
 // The proxy consumes this package through two small values: a *tls.Config built
 // per listener (certificates and bundles are looked up per handshake, so rotation
@@ -17,8 +18,11 @@
 // SPIFFE; system roots are never consulted. The peer is refused unless:
 //
 //   - its leaf holds exactly one URI SAN, a SPIFFE ID with a workload path;
-//   - that ID is in the trust domain of the local SVID (federation is not
-//     implemented: only the local trust domain's bundle is ever used);
+//   - that ID is in the trust domain of the local SVID, or in a foreign trust
+//     domain the configuration federates with (FederatesWith); the bundle it
+//     is verified against is the one of the trust domain its own ID names,
+//     never another's, and a federated bundle holding a CA of the local
+//     trust domain is refused whole (CheckFederatedBundle);
 //   - the leaf is not a CA certificate, has digitalSignature and neither
 //     keyCertSign nor cRLSign, and carries the extended key usage of its role
 //     (clientAuth for a client, serverAuth for a server). The X509-SVID

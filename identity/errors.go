@@ -19,8 +19,8 @@ type Class string
 
 // Handshake failure classes.
 const (
-	ClassUnknownCA        Class = "unknown_ca"         // chain does not verify against the local trust domain's bundle
-	ClassWrongTrustDomain Class = "wrong_trust_domain" // the peer's SPIFFE ID is in another trust domain
+	ClassUnknownCA        Class = "unknown_ca"         // chain does not verify against the bundle of the peer's trust domain, or there is no usable bundle of it
+	ClassWrongTrustDomain Class = "wrong_trust_domain" // the peer's SPIFFE ID is in a trust domain the configuration does not accept
 	ClassExpired          Class = "expired"            // a certificate of the chain has expired
 	ClassNotYetValid      Class = "not_yet_valid"      // a certificate of the chain is not valid yet
 	ClassBadSVID          Class = "bad_svid"           // not an X.509-SVID: no certificate, no/two/non-SPIFFE URI SANs, a CA certificate as leaf

@@ -1,6 +1,7 @@
 package identity
 
 import (
+	"bytes"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
@@ -16,7 +17,7 @@ import (
 )
 
 // Source yields the workload's current X.509-SVID and the trust bundles to
-// verify peers with. *workloadapi.X509Source satisfies it; so does
+// verify peers with. *WorkloadSource satisfies it; so do *workloadapi.X509Source and
 // identitytest.Source.
 type Source interface {
 	x509svid.Source
@@ -65,12 +66,59 @@ func NewTLS(src Source) *TLS {
 	}
 }
 
+// PeerOption widens what a configuration accepts of the other side beyond
+// the local trust domain. Without options, only peers of the local trust
+// domain are verified and everything else is refused.
+type PeerOption func(*peerPolicy)
+
+type peerPolicy struct {
+	// federated returns, at each handshake, the foreign trust domains whose
+	// peers are accepted, each verified against its own bundle.
+	federated func() []spiffeid.TrustDomain
+}
+
+func newPeerPolicy(opts []PeerOption) peerPolicy {
+	var p peerPolicy
+	for _, o := range opts {
+		o(&p)
+	}
+	return p
+}
+
+// accepts reports whether peers of td may be verified: the local trust
+// domain always, a foreign one when the configuration federates with it.
+func (p peerPolicy) accepts(td, local spiffeid.TrustDomain) bool {
+	if td == local {
+		return true
+	}
+	return p.federated != nil && slices.Contains(p.federated(), td)
+}
+
+// FederatesWith accepts peers of the foreign trust domains tds besides the
+// local one. A peer of one of them is verified against that trust domain's
+// bundle from the Source (a federated bundle of the Workload API), never
+// against another's; authorization still decides which of its IDs may
+// connect.
+func FederatesWith(tds ...spiffeid.TrustDomain) PeerOption {
+	tds = slices.Clone(tds)
+	return FederatesWithFunc(func() []spiffeid.TrustDomain { return tds })
+}
+
+// FederatesWithFunc is FederatesWith with the list asked for at every
+// handshake, so it can follow configuration changes the way an authorize
+// function does.
+func FederatesWithFunc(federated func() []spiffeid.TrustDomain) PeerOption {
+	return func(p *peerPolicy) { p.federated = federated }
+}
+
 // ServerConfig returns the configuration of an mTLS server: it presents the
 // current SVID, requires a client certificate, verifies it as an X.509-SVID of
-// the local trust domain, and lets authorize decide on the verified peer ID. A
-// nil authorize refuses everyone. Errors returned by authorize are reported
+// the local trust domain (or of a trust domain it federates with, see
+// PeerOption), and lets authorize decide on the verified peer ID. A nil
+// authorize refuses everyone. Errors returned by authorize are reported
 // wrapping ErrNotAllowed.
-func (t *TLS) ServerConfig(p Profile, authorize func(peer spiffeid.ID) error) *tls.Config {
+func (t *TLS) ServerConfig(p Profile, authorize func(peer spiffeid.ID) error, opts ...PeerOption) *tls.Config {
+	pol := newPeerPolicy(opts)
 	c := &tls.Config{
 		// Go only checks that a certificate was sent and proves possession of
 		// its key; verification is VerifyConnection's, against the SPIFFE
@@ -78,7 +126,7 @@ func (t *TLS) ServerConfig(p Profile, authorize func(peer spiffeid.ID) error) *t
 		ClientAuth:     tls.RequireAnyClientCert,
 		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return t.certificate() },
 		VerifyConnection: func(cs tls.ConnectionState) error {
-			id, err := t.verifyPeer(cs, x509.ExtKeyUsageClientAuth)
+			id, err := t.verifyPeer(cs, x509.ExtKeyUsageClientAuth, pol)
 			if err != nil {
 				return err
 			}
@@ -91,8 +139,10 @@ func (t *TLS) ServerConfig(p Profile, authorize func(peer spiffeid.ID) error) *t
 
 // ClientConfig returns the configuration of an mTLS client: it presents the
 // current SVID and accepts only a server that proves serverID with an
-// X.509-SVID of the local trust domain. A zero serverID refuses every server.
-func (t *TLS) ClientConfig(p Profile, serverID spiffeid.ID) *tls.Config {
+// X.509-SVID of the local trust domain, or of a trust domain it federates
+// with (see PeerOption). A zero serverID refuses every server.
+func (t *TLS) ClientConfig(p Profile, serverID spiffeid.ID, opts ...PeerOption) *tls.Config {
+	pol := newPeerPolicy(opts)
 	c := &tls.Config{
 		// InsecureSkipVerify turns off Go's web-PKI checks (system roots,
 		// DNS names), which mean nothing for SPIFFE IDs. It does not turn off
@@ -101,7 +151,7 @@ func (t *TLS) ClientConfig(p Profile, serverID spiffeid.ID) *tls.Config {
 		InsecureSkipVerify:   true,
 		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return t.certificate() },
 		VerifyConnection: func(cs tls.ConnectionState) error {
-			id, err := t.verifyPeer(cs, x509.ExtKeyUsageServerAuth)
+			id, err := t.verifyPeer(cs, x509.ExtKeyUsageServerAuth, pol)
 			if err != nil {
 				return err
 			}
@@ -111,6 +161,72 @@ func (t *TLS) ClientConfig(p Profile, serverID spiffeid.ID) *tls.Config {
 	}
 	safeProfile(p).Apply(c)
 	return c
+}
+
+// LocalTrustDomain is the trust domain of the current SVID: the one whose
+// peers every configuration accepts.
+func (t *TLS) LocalTrustDomain() (spiffeid.TrustDomain, error) {
+	svid, err := t.src.GetX509SVID()
+	if err != nil {
+		return spiffeid.TrustDomain{}, fmt.Errorf("getting the local X.509-SVID: %w", err)
+	}
+	return svid.ID.TrustDomain(), nil
+}
+
+// TrustDomainUsable reports whether peers of td can be verified now: td is
+// the local trust domain, or the Source holds a bundle for it that passes
+// CheckFederatedBundle. The proxy asks it after every change of the bundles,
+// to cut the live connections of peers whose trust domain's bundle is gone.
+func (t *TLS) TrustDomainUsable(td spiffeid.TrustDomain) error {
+	local, err := t.src.GetX509SVID()
+	if err != nil {
+		return fmt.Errorf("getting the local X.509-SVID: %w", err)
+	}
+	if td == local.ID.TrustDomain() {
+		return nil
+	}
+	_, err = t.federatedBundle(td, local.ID.TrustDomain())
+	return err
+}
+
+// federatedBundle returns the bundle of foreign trust domain td, unless the
+// Source has none or it fails CheckFederatedBundle.
+func (t *TLS) federatedBundle(td, local spiffeid.TrustDomain) (*x509bundle.Bundle, error) {
+	b, err := t.src.GetX509BundleForTrustDomain(td)
+	if err != nil {
+		return nil, fmt.Errorf("no bundle of trust domain %q from the Workload API (not federated with this workload, or its bundle was removed): %w", td.Name(), err)
+	}
+	lb, err := t.src.GetX509BundleForTrustDomain(local)
+	if err != nil {
+		return nil, fmt.Errorf("getting the bundle of the local trust domain %q: %w", local.Name(), err)
+	}
+	if err := CheckFederatedBundle(b, lb); err != nil {
+		return nil, err
+	}
+	return b, nil
+}
+
+// ErrFederatedBundleHoldsLocalCA is wrapped by CheckFederatedBundle's
+// refusal.
+var ErrFederatedBundleHoldsLocalCA = errors.New("federated bundle holds a CA of the local trust domain")
+
+// CheckFederatedBundle refuses the bundle of a foreign trust domain that
+// holds a CA of the local bundle (the same public key, whatever certificate
+// wraps it). Such a bundle would let the local trust domain's CA vouch for
+// the foreign trust domain's identities, which that trust domain never
+// granted: it is a copy-paste of the wrong bundle, or a bundle endpoint
+// turned against us. The whole bundle is refused, not just the overlapping
+// CA: the rest came from the same source. (docs/security.md, "Federation".)
+func CheckFederatedBundle(foreign, local *x509bundle.Bundle) error {
+	for _, fa := range foreign.X509Authorities() {
+		for _, la := range local.X509Authorities() {
+			if bytes.Equal(fa.RawSubjectPublicKeyInfo, la.RawSubjectPublicKeyInfo) {
+				return fmt.Errorf("bundle of trust domain %q refused: %w %q (CA %q): a trust domain's bundle may hold only its own CAs",
+					foreign.TrustDomain().Name(), ErrFederatedBundleHoldsLocalCA, local.TrustDomain().Name(), la.Subject.String())
+			}
+		}
+	}
+	return nil
 }
 
 // LocalCertificate returns the leaf of the current SVID: what a handshake
@@ -147,13 +263,15 @@ func (t *TLS) certificate() (*tls.Certificate, error) {
 }
 
 // verifyPeer checks that cs's peer presented an X.509-SVID of the local trust
-// domain, valid now, that chains to that trust domain's current bundle and is
-// fit for the role named by eku. It returns the peer's SPIFFE ID.
+// domain or of a trust domain pol federates with, valid now, that chains to
+// the current bundle of the trust domain its own ID names and is fit for the
+// role named by eku. It returns the peer's SPIFFE ID, whose trust domain is
+// therefore the one whose bundle verified it.
 //
-// Federation is deliberately absent: the only bundle consulted is the local
-// trust domain's. Adding it means choosing, per trust domain, which bundle to
-// verify against here, and saying so in the configuration.
-func (t *TLS) verifyPeer(cs tls.ConnectionState, eku x509.ExtKeyUsage) (spiffeid.ID, error) {
+// The bundle is chosen by the peer's ID and by nothing else: a certificate
+// claiming trust domain A is checked against A's bundle only, so a CA of B
+// can never vouch for an identity of A.
+func (t *TLS) verifyPeer(cs tls.ConnectionState, eku x509.ExtKeyUsage, pol peerPolicy) (spiffeid.ID, error) {
 	fail := func(class Class, peer spiffeid.ID, format string, args ...any) error {
 		return &VerifyError{Class: class, Peer: peer, Resumed: cs.DidResume, Err: fmt.Errorf(format, args...)}
 	}
@@ -191,8 +309,13 @@ func (t *TLS) verifyPeer(cs tls.ConnectionState, eku x509.ExtKeyUsage) (spiffeid
 		return id, fail(ClassBadSVID, id, "peer %s: the ID of a trust domain, not of a workload", id)
 	}
 
-	if id.TrustDomain() != td {
-		return id, fail(ClassWrongTrustDomain, id, "peer %s: trust domain %q is not the local trust domain %q", id, id.TrustDomain().Name(), td.Name())
+	peerTD := id.TrustDomain()
+	if !pol.accepts(peerTD, td) {
+		if pol.federated == nil {
+			return id, fail(ClassWrongTrustDomain, id, "peer %s: trust domain %q is not the local trust domain %q", id, peerTD.Name(), td.Name())
+		}
+		return id, fail(ClassWrongTrustDomain, id, "peer %s: trust domain %q is neither the local trust domain %q nor one this configuration federates with (%s)",
+			id, peerTD.Name(), td.Name(), joinTrustDomains(pol.federated()))
 	}
 
 	// Shape of a leaf fit for the role.
@@ -215,22 +338,41 @@ func (t *TLS) verifyPeer(cs tls.ConnectionState, eku x509.ExtKeyUsage) (spiffeid
 		}
 	}
 
-	// Chain to the local trust domain's current bundle, at the current time.
-	bundle, err := t.src.GetX509BundleForTrustDomain(td)
-	if err != nil {
-		return id, fail(ClassOther, id, "verifying peer %s: getting the bundle of %q: %w", id, td.Name(), err)
+	// Chain to the current bundle of the peer's own trust domain, at the
+	// current time. A federated bundle is checked before the chain cache is
+	// asked, so a bundle refused now is refused for every chain.
+	var bundle *x509bundle.Bundle
+	if peerTD == td {
+		if bundle, err = t.src.GetX509BundleForTrustDomain(td); err != nil {
+			return id, fail(ClassOther, id, "verifying peer %s: getting the bundle of %q: %w", id, td.Name(), err)
+		}
+	} else if bundle, err = t.federatedBundle(peerTD, td); err != nil {
+		return id, fail(ClassUnknownCA, id, "peer %s: %w", id, err)
 	}
 	now := t.now()
 	authorities := bundle.X509Authorities()
-	if t.chains.verified(certs, authorities, now) {
+	if t.chains.verified(certs, peerTD, authorities, now) {
 		return id, nil
 	}
+	// x509svid.Verify looks the bundle up by the leaf's trust domain itself;
+	// given this one bundle, it can use no other.
 	_, chains, err := x509svid.Verify(certs, bundle, x509svid.WithTime(now))
 	if err != nil {
-		return id, chainError(fail, id, td, certs, bundle, now, err)
+		return id, chainError(fail, id, peerTD, certs, bundle, now, err)
 	}
-	t.chains.add(certs, authorities, chains[0])
+	t.chains.add(certs, peerTD, authorities, chains[0])
 	return id, nil
+}
+
+func joinTrustDomains(tds []spiffeid.TrustDomain) string {
+	if len(tds) == 0 {
+		return "none"
+	}
+	s := make([]string, len(tds))
+	for i, td := range tds {
+		s[i] = td.Name()
+	}
+	return strings.Join(s, ", ")
 }
 
 // chainError turns a chain verification failure into the class that explains

@@ -426,11 +426,14 @@ func TestDescribeConnection(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := identity.DescribeConnectionLocal(clientState, false, clientLocal); got != want {
-		t.Errorf("client side:\n got %+v\nwant %+v", got, want)
+	// Each side names the bundle that verified its peer.
+	wantClient, wantServer := want, want
+	wantClient.ServerBundle, wantServer.ClientBundle = "mesh.test", "mesh.test"
+	if got := identity.DescribeConnectionLocal(clientState, false, clientLocal); got != wantClient {
+		t.Errorf("client side:\n got %+v\nwant %+v", got, wantClient)
 	}
-	if got := identity.DescribeConnectionLocal(serverState, true, serverLocal); got != want {
-		t.Errorf("server side:\n got %+v\nwant %+v", got, want)
+	if got := identity.DescribeConnectionLocal(serverState, true, serverLocal); got != wantServer {
+		t.Errorf("server side:\n got %+v\nwant %+v", got, wantServer)
 	}
 
 	// Without the local certificate, each side knows only its peer.

@@ -8,8 +8,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/spiffe/go-spiffe/v2/workloadapi"
-
 	"latch.dev/latch/identity"
 	"latch.dev/latch/identity/devca"
 )
@@ -53,7 +51,7 @@ func TestWorkloadSourceEndToEnd(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 
-	source := func(id string) *workloadapi.X509Source {
+	source := func(id string) *identity.WorkloadSource {
 		addr, err := ca.AddWorkload(id)
 		if err != nil {
 			t.Fatal(err)

@@ -199,10 +199,16 @@ func BenchmarkSnapshotLookup(b *testing.B) {
 // stubTLS builds empty configurations, for code that never handshakes.
 type stubTLS struct{}
 
-func (stubTLS) ServerConfig(identity.Profile, func(spiffeid.ID) error) *tls.Config {
+func (stubTLS) ServerConfig(identity.Profile, func(spiffeid.ID) error, ...identity.PeerOption) *tls.Config {
 	return &tls.Config{}
 }
-func (stubTLS) ClientConfig(identity.Profile, spiffeid.ID) *tls.Config { return &tls.Config{} }
+func (stubTLS) ClientConfig(identity.Profile, spiffeid.ID, ...identity.PeerOption) *tls.Config {
+	return &tls.Config{}
+}
+func (stubTLS) LocalTrustDomain() (spiffeid.TrustDomain, error) {
+	return spiffeid.RequireTrustDomainFromString(trustDomain), nil
+}
+func (stubTLS) TrustDomainUsable(spiffeid.TrustDomain) error { return nil }
 
 // BenchmarkIdleConnections measures what an idle proxied connection costs:
 // it opens idleConns connections through an outbound+inbound pair in this

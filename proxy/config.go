@@ -41,6 +41,11 @@ type Inbound struct {
 	// (see proxyHeader). Off, the app gets the peer's bytes and nothing else:
 	// an app that does not parse the header would take it for data.
 	ProxyProtocol bool
+	// FederatesWith lists the foreign trust domains whose peers this
+	// listener accepts besides the local one (default none). Each peer is
+	// verified against the federated bundle of the trust domain its own ID
+	// names; Allow still decides which of those IDs may connect.
+	FederatesWith []spiffeid.TrustDomain
 	// Timeouts and limits; zero means the package default.
 	HandshakeTimeout time.Duration
 	IdleTimeout      time.Duration
@@ -58,7 +63,12 @@ type Outbound struct {
 	// Upstreams are host:port endpoints, tried in order until one connects.
 	Upstreams []string
 	// ServerID is the SPIFFE ID the upstream must present.
-	ServerID         spiffeid.ID
+	ServerID spiffeid.ID
+	// FederatesWith lists the foreign trust domains whose servers this
+	// listener accepts besides the local one (default none): ServerID may
+	// name an ID in one of them, and is then verified against that trust
+	// domain's federated bundle.
+	FederatesWith    []spiffeid.TrustDomain
 	HandshakeTimeout time.Duration
 	IdleTimeout      time.Duration
 	ConnectTimeout   time.Duration

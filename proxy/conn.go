@@ -21,7 +21,8 @@ import (
 const (
 	reasonEOF                 = "eof"                  // both sides closed cleanly
 	reasonIdleTimeout         = "idle_timeout"         // no byte either way for the idle timeout
-	reasonPolicyRevoked       = "policy_revoked"       // the new allow-list no longer allows the peer
+	reasonPolicyRevoked       = "policy_revoked"       // the new allow-list, or federation list, no longer allows the peer
+	reasonTrustRevoked        = "trust_revoked"        // the federated bundle of the peer's trust domain was removed or is refused
 	reasonServerIDChanged     = "server_id_changed"    // the outbound listener now expects another server
 	reasonUpstreamReset       = "upstream_reset"       // the dialed side (app or upstream) failed mid-stream
 	reasonDownstreamReset     = "downstream_reset"     // the accepting side (peer or app) failed mid-stream
@@ -119,7 +120,7 @@ func (c *conn) log() *slog.Logger { return c.l.s.log }
 // a latch peer takes it for the normal end it is, not for a truncation.
 func resets(reason string) bool {
 	switch reason {
-	case reasonUpstreamReset, reasonDownstreamReset, reasonTruncated, reasonPolicyRevoked, reasonServerIDChanged, reasonDrain:
+	case reasonUpstreamReset, reasonDownstreamReset, reasonTruncated, reasonPolicyRevoked, reasonTrustRevoked, reasonServerIDChanged, reasonDrain:
 		return true
 	}
 	return false
@@ -393,6 +394,7 @@ func (c *conn) handshakeFailed(err error) {
 // this check, so a connection handshaking during an Apply is caught by one
 // or the other.
 func (c *conn) authorized() error {
+	snap := c.l.s.snap.Load()
 	r := c.l.s.route(c.l.name, c.l.dir)
 	peer := *c.peer.Load()
 	switch {
@@ -400,6 +402,10 @@ func (c *conn) authorized() error {
 		return &identity.VerifyError{Class: identity.ClassNotAllowed, Peer: peer,
 			Err: fmt.Errorf("listener %q removed during the handshake: %w", c.l.name, identity.ErrNotAllowed)}
 	case r.in != nil:
+		if !snap.accepts(r.in, peer.TrustDomain()) {
+			return &identity.VerifyError{Class: identity.ClassWrongTrustDomain, Peer: peer,
+				Err: fmt.Errorf("peer %s: listener %q no longer federates with trust domain %q", peer, c.l.name, peer.TrustDomain().Name())}
+		}
 		if err := r.in.Allow.Authorize(peer); err != nil {
 			return &identity.VerifyError{Class: identity.ClassNotAllowed, Peer: peer, Err: err}
 		}

@@ -9,8 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/spiffe/go-spiffe/v2/workloadapi"
-
 	"latch.dev/latch/identity"
 	"latch.dev/latch/identity/devca"
 )
@@ -20,8 +18,8 @@ import (
 type devMesh struct {
 	*mesh
 	ca       *devca.CA
-	frontend *workloadapi.X509Source
-	backend  *workloadapi.X509Source
+	frontend *identity.WorkloadSource
+	backend  *identity.WorkloadSource
 }
 
 func newDevMesh(t *testing.T, opts devca.Options) *devMesh {
@@ -32,7 +30,7 @@ func newDevMesh(t *testing.T, opts devca.Options) *devMesh {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { ca.Close() })
-	src := func(id string) *workloadapi.X509Source {
+	src := func(id string) *identity.WorkloadSource {
 		addr, err := ca.AddWorkload(id)
 		if err != nil {
 			t.Fatal(err)
@@ -98,7 +96,7 @@ func (d *devMesh) traffic(t *testing.T, done func() bool) (rounds int, failures 
 	return rounds, failures
 }
 
-func leaf(t *testing.T, s *workloadapi.X509Source) *x509.Certificate {
+func leaf(t *testing.T, s *identity.WorkloadSource) *x509.Certificate {
 	t.Helper()
 	svid, err := s.GetX509SVID()
 	if err != nil {
@@ -113,7 +111,7 @@ func TestRotationDuringTraffic(t *testing.T) {
 	d := newDevMesh(t, devca.Options{SVIDTTL: 2 * time.Second, RotateEvery: time.Second})
 	seen := map[string]bool{}
 	rotations := func() bool {
-		for _, s := range []*workloadapi.X509Source{d.frontend, d.backend} {
+		for _, s := range []*identity.WorkloadSource{d.frontend, d.backend} {
 			seen[leaf(t, s).SerialNumber.String()] = true
 		}
 		// Two initial SVIDs, then at least two rotations of each.
@@ -150,7 +148,7 @@ func TestCARolloverDuringTraffic(t *testing.T) {
 	}
 	after := 0
 	rolledOver := func() bool {
-		for _, s := range []*workloadapi.X509Source{d.frontend, d.backend} {
+		for _, s := range []*identity.WorkloadSource{d.frontend, d.backend} {
 			if leaf(t, s).CheckSignatureFrom(newCA) != nil {
 				return false
 			}

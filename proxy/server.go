@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -19,9 +20,15 @@ import (
 // TLSConfigs builds the tls.Configs of the data plane. *identity.TLS satisfies
 // it: the configurations verify peers (and call authorize on the verified ID)
 // inside the handshake, and pick the current SVID per handshake.
+//
+// LocalTrustDomain and TrustDomainUsable tell the Server which peers a
+// federation change or a bundle's removal leaves without trust, so that it
+// can cut their live connections.
 type TLSConfigs interface {
-	ServerConfig(p identity.Profile, authorize func(peer spiffeid.ID) error) *tls.Config
-	ClientConfig(p identity.Profile, serverID spiffeid.ID) *tls.Config
+	ServerConfig(p identity.Profile, authorize func(peer spiffeid.ID) error, opts ...identity.PeerOption) *tls.Config
+	ClientConfig(p identity.Profile, serverID spiffeid.ID, opts ...identity.PeerOption) *tls.Config
+	LocalTrustDomain() (spiffeid.TrustDomain, error)
+	TrustDomainUsable(td spiffeid.TrustDomain) error
 }
 
 var _ TLSConfigs = (*identity.TLS)(nil)
@@ -61,6 +68,13 @@ type ListenerStatus struct {
 	Addr string `json:"addr"`
 	// Active counts open connections, handshaking ones included.
 	Active int `json:"active"`
+	// FederatesWith are the foreign trust domains the listener accepts
+	// peers (inbound) or servers (outbound) of.
+	FederatesWith []string `json:"federates_with,omitempty"`
+	// PeersByTrustDomain counts the open connections whose peer is
+	// verified, by the trust domain whose bundle verified it (that of the
+	// peer's own ID).
+	PeersByTrustDomain map[string]int `json:"peers_by_trust_domain,omitempty"`
 }
 
 // Server runs the listeners of the Config it was last given. It starts empty:
@@ -111,6 +125,22 @@ func NewServer(tlsc TLSConfigs, opts Options) *Server {
 type snapshot struct {
 	cfg    *Config
 	routes map[string]*route
+	// local is the trust domain of the SVID when the snapshot was applied:
+	// peers of it need no federation.
+	local spiffeid.TrustDomain
+}
+
+// routeOf is snap's route named name; nil for a nil snapshot.
+func (snap *snapshot) routeOf(name string) *route {
+	if snap == nil {
+		return nil
+	}
+	return snap.routes[name]
+}
+
+// accepts reports whether an inbound listener of snap takes peers of td.
+func (snap *snapshot) accepts(in *Inbound, td spiffeid.TrustDomain) bool {
+	return td == snap.local || slices.Contains(in.FederatesWith, td)
 }
 
 // route is one listener's settings within a snapshot.
@@ -138,7 +168,7 @@ func (s *Server) newSnapshot(cfg *Config) *snapshot {
 		hs := orDuration(in.HandshakeTimeout, DefaultHandshakeTimeout)
 		snap.routes[in.Name] = &route{
 			name: in.Name, dir: DirectionInbound, listen: in.Listen, in: in,
-			tls:              guardResumption(s.tlsc.ServerConfig(cfg.TLS, s.authorizer(in.Name)), hs),
+			tls:              guardResumption(s.tlsc.ServerConfig(cfg.TLS, s.authorizer(in.Name), identity.FederatesWithFunc(s.federated(in.Name))), hs),
 			handshakeTimeout: hs,
 			idleTimeout:      orDuration(in.IdleTimeout, DefaultIdleTimeout),
 			connectTimeout:   orDuration(in.ConnectTimeout, DefaultConnectTimeout),
@@ -150,7 +180,7 @@ func (s *Server) newSnapshot(cfg *Config) *snapshot {
 		hs := orDuration(out.HandshakeTimeout, DefaultHandshakeTimeout)
 		snap.routes[out.Name] = &route{
 			name: out.Name, dir: DirectionOutbound, listen: out.Listen, out: out,
-			tls:              guardResumption(s.tlsc.ClientConfig(cfg.TLS, out.ServerID), hs),
+			tls:              guardResumption(s.tlsc.ClientConfig(cfg.TLS, out.ServerID, identity.FederatesWith(out.FederatesWith...)), hs),
 			handshakeTimeout: hs,
 			idleTimeout:      orDuration(out.IdleTimeout, DefaultIdleTimeout),
 			connectTimeout:   orDuration(out.ConnectTimeout, DefaultConnectTimeout),
@@ -188,6 +218,17 @@ func (s *Server) authorizer(name string) func(spiffeid.ID) error {
 	}
 }
 
+// federated is the federation list of an inbound listener's tls.Config: like
+// the authorizer, it reads the snapshot current at each handshake.
+func (s *Server) federated(name string) func() []spiffeid.TrustDomain {
+	return func() []spiffeid.TrustDomain {
+		if r := s.route(name, DirectionInbound); r != nil {
+			return r.in.FederatesWith
+		}
+		return nil
+	}
+}
+
 // Current returns the running Config, nil before the first Apply.
 func (s *Server) Current() *Config {
 	if snap := s.snap.Load(); snap != nil {
@@ -210,12 +251,20 @@ func (s *Server) Apply(cfg *Config) error {
 	if err := cfg.Validate(); err != nil {
 		return fmt.Errorf("applying proxy config: %w", err)
 	}
+	local, err := s.tlsc.LocalTrustDomain()
+	if err != nil {
+		return fmt.Errorf("applying proxy config %s: %w", cfg.Version, err)
+	}
+	if err := validateFederation(cfg, local); err != nil {
+		return fmt.Errorf("applying proxy config %s: %w", cfg.Version, err)
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
 		return ErrServerClosed
 	}
 	snap := s.newSnapshot(cfg)
+	snap.local = local
 
 	old := make(map[string]*listener, len(s.listeners))
 	for _, l := range s.listeners {
@@ -298,7 +347,7 @@ func (s *Server) revoke(ls []*listener, snap *snapshot) int {
 		for _, c := range l.connections() {
 			switch {
 			case r.in != nil:
-				if p := c.peer.Load(); p != nil && !r.in.Allow.Allows(*p) {
+				if p := c.peer.Load(); p != nil && (!snap.accepts(r.in, p.TrustDomain()) || !r.in.Allow.Allows(*p)) {
 					c.kill(reasonPolicyRevoked)
 					n++
 				}
@@ -308,6 +357,51 @@ func (s *Server) revoke(ls []*listener, snap *snapshot) int {
 					n++
 				}
 			}
+		}
+	}
+	return n
+}
+
+// RecheckTrust closes the live connections whose peer (inbound) or server
+// (outbound) is of a foreign trust domain whose bundle can no longer verify
+// anybody: it was removed from the Workload API's federated bundles, or is
+// now refused (identity.CheckFederatedBundle). New handshakes of such peers
+// already fail; this is the same decision for the connections they made
+// before, taken the way a policy revocation is: reset, reason
+// "trust_revoked". Call it whenever the bundles change. It returns how many
+// connections it closed.
+func (s *Server) RecheckTrust() int {
+	snap := s.snap.Load()
+	if snap == nil {
+		return 0
+	}
+	s.mu.Lock()
+	ls := append([]*listener(nil), s.listeners...)
+	for l := range s.draining {
+		ls = append(ls, l)
+	}
+	s.mu.Unlock()
+	usable := make(map[spiffeid.TrustDomain]error)
+	n := 0
+	for _, l := range ls {
+		for _, c := range l.connections() {
+			p := c.peer.Load()
+			if p == nil || p.TrustDomain() == snap.local {
+				continue
+			}
+			td := p.TrustDomain()
+			err, seen := usable[td]
+			if !seen {
+				err = s.tlsc.TrustDomainUsable(td)
+				usable[td] = err
+			}
+			if err == nil {
+				continue
+			}
+			s.log.Warn("closing a connection whose peer's trust domain is no longer trusted", "listener", l.name, "direction", string(l.dir),
+				"peer_id", p.String(), "remote_addr", c.remoteAddr, "reason", err.Error())
+			c.kill(reasonTrustRevoked)
+			n++
 		}
 	}
 	return n
@@ -335,8 +429,29 @@ func (s *Server) Listeners() []ListenerStatus {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	out := make([]ListenerStatus, 0, len(s.listeners))
+	snap := s.snap.Load()
 	for _, l := range s.listeners {
-		out = append(out, ListenerStatus{Name: l.name, Direction: l.dir, Addr: l.addr, Active: l.active()})
+		st := ListenerStatus{Name: l.name, Direction: l.dir, Addr: l.addr, Active: l.active()}
+		if r := snap.routeOf(l.name); r != nil {
+			var fed []spiffeid.TrustDomain
+			if r.in != nil {
+				fed = r.in.FederatesWith
+			} else if r.out != nil {
+				fed = r.out.FederatesWith
+			}
+			for _, td := range fed {
+				st.FederatesWith = append(st.FederatesWith, td.Name())
+			}
+		}
+		for _, c := range l.connections() {
+			if p := c.peer.Load(); p != nil {
+				if st.PeersByTrustDomain == nil {
+					st.PeersByTrustDomain = make(map[string]int)
+				}
+				st.PeersByTrustDomain[p.TrustDomain().Name()]++
+			}
+		}
+		out = append(out, st)
 	}
 	return out
 }

@@ -11,6 +11,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
 	"latch.dev/latch/identity"
 )
 
@@ -77,6 +79,9 @@ func (c *Config) Validate() error {
 		if err := unique(f, in.Name, in.Listen); err != nil {
 			return err
 		}
+		if err := validateTrustDomains(f+".federatesWith", in.FederatesWith); err != nil {
+			return err
+		}
 	}
 	for i, out := range c.Outbound {
 		f := fmt.Sprintf("outbound[%d]", i)
@@ -105,6 +110,45 @@ func (c *Config) Validate() error {
 		}
 		if err := unique(f, out.Name, out.Listen); err != nil {
 			return err
+		}
+		if err := validateTrustDomains(f+".federatesWith", out.FederatesWith); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func validateTrustDomains(field string, tds []spiffeid.TrustDomain) error {
+	for i, td := range tds {
+		if td.IsZero() {
+			return &FieldError{fmt.Sprintf("%s[%d]", field, i), errors.New("empty trust domain")}
+		}
+		if slices.Contains(tds[:i], td) {
+			return &FieldError{fmt.Sprintf("%s[%d]", field, i), fmt.Errorf("%s listed twice", td.Name())}
+		}
+	}
+	return nil
+}
+
+// validateFederation is the part of validation that needs the local trust
+// domain, which a Config does not hold: Apply runs it with the SVID's. A
+// listener federating with the local trust domain names nothing (its peers
+// are always accepted), and is probably a mistake for another name; an
+// outbound listener whose server ID is in a foreign trust domain it does
+// not federate with would refuse every server.
+func validateFederation(c *Config, local spiffeid.TrustDomain) error {
+	for i, in := range c.Inbound {
+		if j := slices.Index(in.FederatesWith, local); j >= 0 {
+			return &FieldError{fmt.Sprintf("inbound[%d].federatesWith[%d]", i, j), fmt.Errorf("%s is the local trust domain, whose peers are always accepted: list only foreign trust domains", local.Name())}
+		}
+	}
+	for i, out := range c.Outbound {
+		if j := slices.Index(out.FederatesWith, local); j >= 0 {
+			return &FieldError{fmt.Sprintf("outbound[%d].federatesWith[%d]", i, j), fmt.Errorf("%s is the local trust domain, whose servers are always accepted: list only foreign trust domains", local.Name())}
+		}
+		if td := out.ServerID.TrustDomain(); td != local && !slices.Contains(out.FederatesWith, td) {
+			return &FieldError{fmt.Sprintf("outbound[%d].serverID", i), fmt.Errorf("%s is in trust domain %s, neither the local trust domain %s nor one this listener federates with: add %s to federatesWith",
+				out.ServerID, td.Name(), local.Name(), td.Name())}
 		}
 	}
 	for i, in := range c.Inbound {

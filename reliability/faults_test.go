@@ -11,8 +11,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/spiffe/go-spiffe/v2/workloadapi"
-
 	"latch.dev/latch/identity"
 	"latch.dev/latch/identity/devca"
 	"latch.dev/latch/proxy"
@@ -134,7 +132,7 @@ func TestWorkloadAPIOutage(t *testing.T) {
 	m.ca.Close()
 	// Both SVIDs in hand now; the earlier expiry ends the pair's service.
 	var expiry time.Time
-	for _, src := range []*workloadapi.X509Source{front, back} {
+	for _, src := range []*identity.WorkloadSource{front, back} {
 		svid, err := src.GetX509SVID()
 		if err != nil {
 			t.Fatalf("source lost its SVID when the Workload API went away: %v", err)

@@ -18,7 +18,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"github.com/spiffe/go-spiffe/v2/workloadapi"
 	"golang.org/x/sys/unix"
 
 	"latch.dev/latch/identity"
@@ -57,7 +56,7 @@ func id(name string) spiffeid.ID {
 
 // source registers a workload and returns its Workload API source, as
 // latch proxy gets it.
-func (m *mesh) source(t testing.TB, name string) *workloadapi.X509Source {
+func (m *mesh) source(t testing.TB, name string) *identity.WorkloadSource {
 	t.Helper()
 	addr, err := m.ca.AddWorkload(id(name).String())
 	if err != nil {

@@ -184,7 +184,13 @@ func printInfo(w io.Writer, indent string, c identity.ConnectionInfo) {
 	row("cipher suite", c.CipherSuite)
 	row("key exchange group", c.KeyExchangeGroup)
 	row("server spiffe id", c.ServerSPIFFEID)
+	if c.ServerBundle != "" {
+		row("server verified by", "the bundle of "+c.ServerBundle)
+	}
 	row("client spiffe id", c.ClientSPIFFEID)
+	if c.ClientBundle != "" {
+		row("client verified by", "the bundle of "+c.ClientBundle)
+	}
 	row("sni", c.SNI)
 	row("server cert sha256", c.ServerCertSHA256)
 	row("server cert serial", c.ServerCertSerial)

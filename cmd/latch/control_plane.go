@@ -16,7 +16,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"github.com/spiffe/go-spiffe/v2/workloadapi"
 
 	"latch.dev/latch/admin"
 	"latch.dev/latch/identity"
@@ -125,7 +124,7 @@ func runControlPlane(ctx context.Context, args []string, stdout, stderr io.Write
 	errc := make(chan error, 4)
 	var (
 		wg  sync.WaitGroup
-		src *workloadapi.X509Source
+		src *identity.WorkloadSource
 	)
 	defer func() {
 		cancel()

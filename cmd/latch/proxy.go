@@ -16,7 +16,6 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"github.com/spiffe/go-spiffe/v2/workloadapi"
 
 	"latch.dev/latch/admin"
 	"latch.dev/latch/identity"
@@ -99,7 +98,7 @@ func runProxy(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	runCtx, stop := context.WithCancel(ctx)
 	var (
 		wg  sync.WaitGroup
-		src *workloadapi.X509Source
+		src *identity.WorkloadSource
 	)
 	defer func() {
 		stop()

@@ -12,8 +12,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/spiffe/go-spiffe/v2/workloadapi"
-
 	"latch.dev/latch/identity"
 )
 
@@ -60,9 +58,9 @@ func newIdentityWait(socket string, log *slog.Logger) (*identityWait, error) {
 
 // run waits for the first SVID and bundle until ctx ends, and returns the
 // source, which follows rotations until it is closed.
-func (w *identityWait) run(ctx context.Context) (*workloadapi.X509Source, error) {
+func (w *identityWait) run(ctx context.Context) (*identity.WorkloadSource, error) {
 	type result struct {
-		src *workloadapi.X509Source
+		src *identity.WorkloadSource
 		err error
 	}
 	got := make(chan result, 1)

@@ -3,6 +3,8 @@ package identitytest
 import (
 	"errors"
 	"fmt"
+	"slices"
+	"strings"
 	"sync"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
@@ -76,4 +78,19 @@ func (s *Source) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509bund
 		return nil, fmt.Errorf("identitytest: no bundle for trust domain %q", td)
 	}
 	return b.Clone(), nil
+}
+
+// X509Bundles returns a copy of every bundle held, ordered by trust domain
+// name, as identity.WorkloadSource lists the local and federated bundles.
+func (s *Source) X509Bundles() []*x509bundle.Bundle {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	out := make([]*x509bundle.Bundle, 0, len(s.bundles))
+	for _, b := range s.bundles {
+		out = append(out, b.Clone())
+	}
+	slices.SortFunc(out, func(a, b *x509bundle.Bundle) int {
+		return strings.Compare(a.TrustDomain().Name(), b.TrustDomain().Name())
+	})
+	return out
 }
