@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
 	"latch.dev/latch/identity"
 	"latch.dev/latch/identity/devca"
 )
@@ -96,4 +98,82 @@ func TestWorkloadSourceEndToEnd(t *testing.T) {
 		t.Error("server still serves its old SVID after rotation")
 	}
 	mustConnect(t, "server after rotation", srv.next(t))
+}
+
+// TestWorkloadSourceFederation: against two development CAs that federate
+// with each other over the real Workload API, a workload of each trust
+// domain admits the other's (each verified against the other's federated
+// bundle), the source lists both bundles, announces the removal of one on
+// Changed, and from then on the handshake is refused.
+func TestWorkloadSourceFederation(t *testing.T) {
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	newCA := func(td string) *devca.CA {
+		ca, err := devca.New(td, devca.Options{Logger: log})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ca.Close() })
+		return ca
+	}
+	mesh, partnerCA := newCA(trustDomain), newCA(partnerTD)
+	if err := mesh.FederateWith(partnerCA); err != nil {
+		t.Fatal(err)
+	}
+	if err := partnerCA.FederateWith(mesh); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	source := func(ca *devca.CA, id string) *identity.WorkloadSource {
+		addr, err := ca.AddWorkload(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		src, err := identity.NewWorkloadSource(ctx, addr, log)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { src.Close() })
+		return src
+	}
+	serverSrc, clientSrc := source(mesh, serverID), source(partnerCA, partnerClient)
+	waitBundles := func(src *identity.WorkloadSource, want ...string) {
+		t.Helper()
+		for {
+			changed := src.Changed()
+			var got []string
+			for _, b := range src.X509Bundles() {
+				got = append(got, b.TrustDomain().Name())
+			}
+			if strings.Join(got, " ") == strings.Join(want, " ") {
+				return
+			}
+			select {
+			case <-changed:
+			case <-ctx.Done():
+				t.Fatalf("bundles %v, want %v", got, want)
+			}
+		}
+	}
+	waitBundles(serverSrc, trustDomain, partnerTD)
+	waitBundles(clientSrc, trustDomain, partnerTD) // ordered by name
+
+	serverTLS := identity.NewTLS(serverSrc)
+	srv := startServer(t, serverTLS.ServerConfig(identity.Modern(), allowOnly(partnerClient), identity.FederatesWith(partner)))
+	cfg := identity.NewTLS(clientSrc).ClientConfig(identity.Modern(), mustID(serverID), identity.FederatesWith(spiffeid.RequireTrustDomainFromString(trustDomain)))
+	cfg.ClientSessionCache = nil
+	if _, h := dial(t, srv.addr, cfg); h.err != nil {
+		t.Fatalf("federated client refused: %v", h.err)
+	}
+	if got := identity.DescribeConnection(mustConnect(t, "server", srv.next(t)), true).ClientBundle; got != partnerTD {
+		t.Errorf("client verified by the bundle of %q", got)
+	}
+
+	mesh.RemoveFederatedBundle(partner)
+	waitBundles(serverSrc, trustDomain)
+	if err := serverTLS.TrustDomainUsable(partner); err == nil {
+		t.Error("partner.test still usable after its bundle was removed")
+	}
+	dial(t, srv.addr, cfg)
+	wantRefused(t, "server after the removal", srv.next(t), identity.ClassUnknownCA, `no bundle of trust domain "partner.test"`)
 }

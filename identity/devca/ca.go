@@ -90,6 +90,8 @@ type CA struct {
 	bundleGen   uint64        // bumped whenever the set of published authorities changes
 	changed     chan struct{} // closed and replaced on every change streams care about
 	subs        map[*subscriber]struct{}
+	federated   map[spiffeid.TrustDomain]*x509bundle.Bundle // served as federated bundles
+	following   map[spiffeid.TrustDomain]chan struct{}      // FederateWith followers, closed to stop
 
 	wake      chan struct{} // nudges the scheduler after a change of plan
 	done      chan struct{} // closed by Close
@@ -130,6 +132,8 @@ func New(trustDomain string, opts Options) (*CA, error) {
 		workloads:   make(map[spiffeid.ID]*workload),
 		changed:     make(chan struct{}),
 		subs:        make(map[*subscriber]struct{}),
+		federated:   make(map[spiffeid.TrustDomain]*x509bundle.Bundle),
+		following:   make(map[spiffeid.TrustDomain]chan struct{}),
 		wake:        make(chan struct{}, 1),
 		done:        make(chan struct{}),
 	}

@@ -224,6 +224,7 @@ func (ca *CA) x509SVIDResponse(id spiffeid.ID) (*workloadpb.X509SVIDResponse, x5
 			X509SvidKey: w.keyDER,
 			Bundle:      ca.bundleDERLocked(),
 		}},
+		FederatedBundles: ca.federatedDERLocked(),
 	}
 	return resp, x509State{svidDER: w.certDER, bundleGen: ca.bundleGen}, ca.changed, nil
 }
@@ -234,9 +235,11 @@ func (ca *CA) x509BundlesResponse() (*workloadpb.X509BundlesResponse, uint64, <-
 	if ca.closed {
 		return nil, 0, nil, status.Error(codes.Unavailable, "development CA closed")
 	}
-	resp := &workloadpb.X509BundlesResponse{
-		Bundles: map[string][]byte{ca.td.IDString(): ca.bundleDERLocked()},
+	bundles := map[string][]byte{ca.td.IDString(): ca.bundleDERLocked()}
+	for td, der := range ca.federatedDERLocked() {
+		bundles[td] = der
 	}
+	resp := &workloadpb.X509BundlesResponse{Bundles: bundles}
 	return resp, ca.bundleGen, ca.changed, nil
 }
 
