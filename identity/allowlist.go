@@ -68,16 +68,9 @@ func ParseRule(kind, value string) (Rule, error) {
 		}
 		return AllowID(id), nil
 	case "trustDomain":
-		// Only a bare name. spiffeid.TrustDomainFromString also takes a whole
-		// SPIFFE ID and keeps its trust domain, so "trustDomain:
-		// spiffe://td/ns/prod/sa/db" would quietly admit all of td: the
-		// opposite of what whoever wrote the path meant.
-		if strings.ContainsAny(value, ":/") {
-			return Rule{}, trustDomainNotBare(value)
-		}
-		td, err := spiffeid.TrustDomainFromString(value)
+		td, err := parseBareTrustDomain(value)
 		if err != nil {
-			return Rule{}, fmt.Errorf("trustDomain %q: %w", value, err)
+			return Rule{}, fmt.Errorf("trustDomain %w", err)
 		}
 		return AllowTrustDomain(td), nil
 	case "pathPrefix":
@@ -93,17 +86,37 @@ func ParseRule(kind, value string) (Rule, error) {
 	return Rule{}, fmt.Errorf("unknown allow rule kind %q (want id, trustDomain or pathPrefix)", kind)
 }
 
-// trustDomainNotBare explains the refusal of a trustDomain rule written as a
-// SPIFFE ID or a path, and names the rule that was probably meant.
+// ParseTrustDomain reads a trust domain as configuration names one (in a
+// trustDomain allow rule, in a federation list): a bare name such as
+// example.org. spiffeid.TrustDomainFromString also takes a whole SPIFFE ID
+// and keeps its trust domain, so "spiffe://td/ns/prod/sa/db" would quietly
+// stand for all of td: the opposite of what whoever wrote the path meant.
+func ParseTrustDomain(value string) (spiffeid.TrustDomain, error) {
+	return parseBareTrustDomain(value)
+}
+
+func parseBareTrustDomain(value string) (spiffeid.TrustDomain, error) {
+	if strings.ContainsAny(value, ":/") {
+		return spiffeid.TrustDomain{}, trustDomainNotBare(value)
+	}
+	td, err := spiffeid.TrustDomainFromString(value)
+	if err != nil {
+		return spiffeid.TrustDomain{}, fmt.Errorf("%q: %w", value, err)
+	}
+	return td, nil
+}
+
+// trustDomainNotBare explains the refusal of a trust domain written as a
+// SPIFFE ID or a path, and names the allow rule that was probably meant.
 func trustDomainNotBare(value string) error {
 	id, err := spiffeid.FromString(value)
 	switch {
 	case err != nil:
-		return fmt.Errorf("trustDomain %q: must be a bare trust domain name such as example.org; to allow one workload use id, to allow the IDs below a path use pathPrefix", value)
+		return fmt.Errorf("%q: must be a bare trust domain name such as example.org; to allow one workload use id, to allow the IDs below a path use pathPrefix", value)
 	case id.Path() == "":
-		return fmt.Errorf("trustDomain %q: must be a bare trust domain name: write %s", value, id.TrustDomain().Name())
+		return fmt.Errorf("%q: must be a bare trust domain name: write %s", value, id.TrustDomain().Name())
 	}
-	return fmt.Errorf("trustDomain %q: must be a bare trust domain name, not a SPIFFE ID: use id for exactly %s, pathPrefix for it and the IDs below it, or trustDomain: %s for every ID of the trust domain", value, id, id.TrustDomain().Name())
+	return fmt.Errorf("%q: must be a bare trust domain name, not a SPIFFE ID: use id for exactly %s, pathPrefix for it and the IDs below it, or trustDomain: %s for every ID of the trust domain", value, id, id.TrustDomain().Name())
 }
 
 // Kind reports how the rule matches.

@@ -79,7 +79,10 @@
 // and bytes_out upstream → app. (The latch_bytes_total metric says the same
 // with a flow label that needs no such convention: app_to_peer, peer_to_app.)
 //
-// Reasons: eof (both sides closed cleanly), idle_timeout, policy_revoked,
+// Reasons: eof (both sides closed cleanly), idle_timeout, policy_revoked
+// (the allow-list or the federation list no longer admits the peer),
+// trust_revoked (the federated bundle of the peer's trust domain was removed
+// from the Workload API or is refused; see Server.RecheckTrust),
 // server_id_changed, upstream_reset (the dialed side failed mid-stream),
 // downstream_reset (the accepted side did), truncated (the TLS side, the
 // peer inbound or the upstream outbound, ended without close_notify), drain,

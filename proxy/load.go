@@ -355,7 +355,7 @@ func (p *parser) limits(key string, v *yaml.Node, field string, hs, idle, conn *
 
 func (p *parser) inbound(n *yaml.Node, path string) (Inbound, error) {
 	var in Inbound
-	known := append([]string{"name", "listen", "app", "allow", "proxyProtocol"}, limitKeys...)
+	known := append([]string{"name", "listen", "app", "allow", "proxyProtocol", "federatesWith"}, limitKeys...)
 	err := p.fields(n, path, known, func(key string, v *yaml.Node, field string) error {
 		if ok, err := p.limits(key, v, field, &in.HandshakeTimeout, &in.IdleTimeout, &in.ConnectTimeout, &in.MaxConnections); ok {
 			return err
@@ -379,6 +379,8 @@ func (p *parser) inbound(n *yaml.Node, path string) (Inbound, error) {
 				return p.errAt(v, field, fmt.Errorf("%q: the only PROXY protocol version latch sends is v2 (leave the key out for none)", s))
 			}
 			in.ProxyProtocol = true
+		case "federatesWith":
+			in.FederatesWith, err = p.trustDomains(v, field)
 		}
 		return err
 	})
@@ -421,7 +423,7 @@ func (p *parser) allow(n *yaml.Node, path string) (identity.AllowList, error) {
 
 func (p *parser) outbound(n *yaml.Node, path string) (Outbound, error) {
 	var out Outbound
-	known := append([]string{"name", "listen", "upstreams", "serverID"}, limitKeys...)
+	known := append([]string{"name", "listen", "upstreams", "serverID", "federatesWith"}, limitKeys...)
 	err := p.fields(n, path, known, func(key string, v *yaml.Node, field string) error {
 		if ok, err := p.limits(key, v, field, &out.HandshakeTimeout, &out.IdleTimeout, &out.ConnectTimeout, &out.MaxConnections); ok {
 			return err
@@ -445,8 +447,28 @@ func (p *parser) outbound(n *yaml.Node, path string) (Outbound, error) {
 			if out.ServerID.Path() == "" {
 				return p.errAt(v, field, fmt.Errorf("%q names a trust domain, not a workload", s))
 			}
+		case "federatesWith":
+			out.FederatesWith, err = p.trustDomains(v, field)
 		}
 		return err
+	})
+	return out, err
+}
+
+// trustDomains reads a federation list: bare trust domain names.
+func (p *parser) trustDomains(n *yaml.Node, path string) ([]spiffeid.TrustDomain, error) {
+	var out []spiffeid.TrustDomain
+	err := p.items(n, path, func(_ int, item *yaml.Node, f string) error {
+		s, err := p.str(item, f)
+		if err != nil {
+			return err
+		}
+		td, err := identity.ParseTrustDomain(s)
+		if err != nil {
+			return p.errAt(item, f, err)
+		}
+		out = append(out, td)
+		return nil
 	})
 	return out, err
 }

@@ -28,12 +28,18 @@ inbound:
     handshakeTimeout: 10s
     maxConnections: 1000
     proxyProtocol: v2
+    federatesWith: [partner.test]
 outbound:
   - name: backend
     listen: 127.0.0.1:15001
     upstreams: [backend.svc:8443, 10.0.0.7:8443]
     serverID: spiffe://mesh.test/ns/default/sa/backend
     connectTimeout: 2s
+  - name: partner
+    listen: 127.0.0.1:15002
+    upstreams: [pay.partner.test:8443]
+    serverID: spiffe://partner.test/pay
+    federatesWith: [partner.test]
 `
 
 func TestParseExample(t *testing.T) {
@@ -62,6 +68,12 @@ func TestParseExample(t *testing.T) {
 		if got := in.Allow.Allows(mustID(t, id)); got != want {
 			t.Errorf("Allows(%s) = %v, want %v", id, got, want)
 		}
+	}
+	if len(in.FederatesWith) != 1 || in.FederatesWith[0].Name() != "partner.test" {
+		t.Errorf("inbound federatesWith %v", in.FederatesWith)
+	}
+	if p := cfg.Outbound[1]; len(p.FederatesWith) != 1 || p.FederatesWith[0].Name() != "partner.test" || p.ServerID.String() != "spiffe://partner.test/pay" {
+		t.Errorf("outbound to partner.test %+v", p)
 	}
 	out := cfg.Outbound[0]
 	if out.Name != "backend" || out.Listen != "127.0.0.1:15001" || len(out.Upstreams) != 2 ||
@@ -116,6 +128,10 @@ func TestParseErrors(t *testing.T) {
 		{"negative duration", in("    handshakeTimeout: -1s\n"), []string{"t.yaml:5:23:", "negative"}},
 		{"PROXY protocol v1", in("    proxyProtocol: v1\n"), []string{"t.yaml:5:20:", "inbound[0].proxyProtocol", "only PROXY protocol version latch sends is v2"}},
 		{"PROXY protocol as a boolean", in("    proxyProtocol: true\n"), []string{"t.yaml:5:20:", "inbound[0].proxyProtocol", `"true"`}},
+		{"federatesWith a SPIFFE ID", in("    federatesWith: [spiffe://partner.test/ns/x]\n"), []string{"t.yaml:5:21:", "inbound[0].federatesWith[0]", "bare trust domain name, not a SPIFFE ID"}},
+		{"federatesWith not a list", in("    federatesWith: partner.test\n"), []string{"t.yaml:5:20:", "inbound[0].federatesWith", "expected a list"}},
+		{"federatesWith twice the same", in("    federatesWith: [partner.test, partner.test]\n"), []string{"t.yaml:5:35:", "inbound[0].federatesWith[1]", "listed twice"}},
+		{"federatesWith an upper-case name", out("    listen: 127.0.0.1:15001\n    serverID: spiffe://mesh.test/b\n    federatesWith: [Partner.test]\n"), []string{"t.yaml:6:21:", "outbound[0].federatesWith[0]"}},
 		{"negative limit", in("    maxConnections: -1\n"), []string{"t.yaml:5:21:", "negative"}},
 		{"limit not a number", in("    maxConnections: many\n"), []string{"t.yaml:5:21:", "integer"}},
 		{"missing app", "inbound:\n  - name: web\n    listen: 127.0.0.1:8443\n", []string{"t.yaml:2:5:", "inbound[0].app", "required"}},

@@ -51,7 +51,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		}, []string{"listener", "direction"}),
 		closed: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "latch_connections_closed_total",
-			Help: "Connections closed, by reason (eof, idle_timeout, policy_revoked, server_id_changed, upstream_reset, downstream_reset, truncated, drain, handshake_failed, upstream_unreachable).",
+			Help: "Connections closed, by reason (eof, idle_timeout, policy_revoked, trust_revoked, server_id_changed, upstream_reset, downstream_reset, truncated, drain, handshake_failed, upstream_unreachable).",
 		}, []string{"listener", "direction", "reason"}),
 		handshakeDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "latch_handshake_duration_seconds",

@@ -115,6 +115,11 @@ func (c *Config) Validate() error {
 			return err
 		}
 	}
+	for i, in := range c.Inbound {
+		if field, listen := c.ownListener(in.App); field != "" {
+			return &FieldError{fmt.Sprintf("inbound[%d].app", i), fmt.Errorf("%q is this sidecar's own listener %s (listen %q): a peer admitted here would reach it through the sidecar, as this workload", in.App, field, listen)}
+		}
+	}
 	return nil
 }
 
@@ -149,11 +154,6 @@ func validateFederation(c *Config, local spiffeid.TrustDomain) error {
 		if td := out.ServerID.TrustDomain(); td != local && !slices.Contains(out.FederatesWith, td) {
 			return &FieldError{fmt.Sprintf("outbound[%d].serverID", i), fmt.Errorf("%s is in trust domain %s, neither the local trust domain %s nor one this listener federates with: add %s to federatesWith",
 				out.ServerID, td.Name(), local.Name(), td.Name())}
-		}
-	}
-	for i, in := range c.Inbound {
-		if field, listen := c.ownListener(in.App); field != "" {
-			return &FieldError{fmt.Sprintf("inbound[%d].app", i), fmt.Errorf("%q is this sidecar's own listener %s (listen %q): a peer admitted here would reach it through the sidecar, as this workload", in.App, field, listen)}
 		}
 	}
 	return nil

@@ -43,8 +43,9 @@ func policyEmpty(cfg *proxy.Config) bool {
 
 // admitsNobody lists the inbound listeners of cfg whose allow-list matches
 // no peer a sidecar of trust domain td can verify: an empty list (deny all),
-// or rules that all name other trust domains, whose peers fail verification
-// before the allow-list is asked.
+// or rules that all name trust domains other than td and those the listener
+// federates with, whose peers fail verification before the allow-list is
+// asked.
 func admitsNobody(cfg *proxy.Config, td spiffeid.TrustDomain) []string {
 	var out []string
 	for _, in := range cfg.Inbound {
@@ -55,7 +56,7 @@ func admitsNobody(cfg *proxy.Config, td spiffeid.TrustDomain) []string {
 		}
 		var others []string
 		for _, r := range rules {
-			if r.TrustDomain() == td {
+			if r.TrustDomain() == td || slices.Contains(in.FederatesWith, r.TrustDomain()) {
 				others = nil
 				break
 			}
@@ -64,7 +65,7 @@ func admitsNobody(cfg *proxy.Config, td spiffeid.TrustDomain) []string {
 		if others != nil {
 			slices.Sort(others)
 			out = append(out, fmt.Sprintf("inbound listener %q admits nobody: every allow rule names another trust domain (%s) than this sidecar's, %s, "+
-				"and peers are verified against the local trust domain only", in.Name, strings.Join(slices.Compact(others), ", "), td.Name()))
+				"and the listener federates with none of them (federatesWith)", in.Name, strings.Join(slices.Compact(others), ", "), td.Name()))
 		}
 	}
 	return out

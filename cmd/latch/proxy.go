@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -200,6 +201,20 @@ func runProxy(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 	}
 	spawn("identity monitor", mon.Run)
+	// A federated bundle removed (or now refused) leaves its peers' live
+	// connections without trust: cut them as a policy revocation would.
+	spawn("trust recheck", func(ctx context.Context) error {
+		for {
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-src.Changed():
+				if n := srv.RecheckTrust(); n > 0 {
+					log.Warn("connections closed: their peers' trust domain is no longer trusted", "closed", n)
+				}
+			}
+		}
+	})
 	spawn("memory release", func(ctx context.Context) error { return newReleaser().run(ctx, releaseTick) })
 
 	var xds *xdsclient.Client
@@ -225,7 +240,8 @@ func runProxy(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if *testEndpoint != "" {
 		te, err := admin.ListenTestEndpoint(admin.TestEndpointOptions{
 			Addr: *testEndpoint, TLS: tlsc, Profile: profile, TrustDomain: svid.ID.TrustDomain(),
-			Registerer: reg, Logger: log.With("component", "test-endpoint"),
+			FederatesWith: func() []spiffeid.TrustDomain { return inboundFederation(srv.Current()) },
+			Registerer:    reg, Logger: log.With("component", "test-endpoint"),
 		})
 		if err != nil {
 			stop()
@@ -312,6 +328,24 @@ func newProxyStatus(p *proxyParts, wait *identityWait) proxyStatus {
 		st.ControlPlane = &s
 	}
 	return st
+}
+
+// inboundFederation is every foreign trust domain an inbound listener of
+// cfg federates with: the TLS test endpoint answers their workloads too, so
+// a federated peer can test before it is allowed.
+func inboundFederation(cfg *proxy.Config) []spiffeid.TrustDomain {
+	if cfg == nil {
+		return nil
+	}
+	var out []spiffeid.TrustDomain
+	for _, in := range cfg.Inbound {
+		for _, td := range in.FederatesWith {
+			if !slices.Contains(out, td) {
+				out = append(out, td)
+			}
+		}
+	}
+	return out
 }
 
 func versionOf(cfg *proxy.Config) string {
