@@ -2,6 +2,7 @@ package kube_test
 
 import (
 	"context"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -17,13 +18,18 @@ import (
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/klog/v2"
 	"sigs.k8s.io/yaml"
 
 	"latch.dev/latch/internal/kubetest"
 	"latch.dev/latch/xds/policy"
 )
 
-func TestMain(m *testing.M) { os.Exit(kubetest.Main(m)) }
+func TestMain(m *testing.M) {
+	// client-go logs through klog; the tests' own logs say what matters.
+	klog.SetSlogLogger(slog.New(slog.DiscardHandler))
+	os.Exit(kubetest.Main(m))
+}
 
 var (
 	crdGVR = schema.GroupVersionResource{Group: "apiextensions.k8s.io", Version: "v1", Resource: "customresourcedefinitions"}
@@ -34,7 +40,7 @@ var (
 )
 
 // cluster returns the package's API server with the chart's CRD installed.
-func cluster(t *testing.T) *kubetest.Cluster {
+func cluster(t testing.TB) *kubetest.Cluster {
 	t.Helper()
 	c := kubetest.Shared(t)
 	crdMu.Lock()
@@ -76,7 +82,7 @@ func cluster(t *testing.T) *kubetest.Cluster {
 }
 
 // namespace creates a namespace for one test.
-func namespace(t *testing.T, c *kubetest.Cluster, name string) string {
+func namespace(t testing.TB, c *kubetest.Cluster, name string) string {
 	t.Helper()
 	cs := kubernetes.NewForConfigOrDie(c.Config)
 	_, err := cs.CoreV1().Namespaces().Create(context.Background(), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: name}}, metav1.CreateOptions{})

@@ -17,8 +17,11 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"k8s.io/klog/v2"
+
 	"latch.dev/latch/admin"
 	"latch.dev/latch/identity"
+	"latch.dev/latch/kube"
 	"latch.dev/latch/xds/policy"
 	"latch.dev/latch/xds/server"
 	"latch.dev/latch/xds/translate"
@@ -36,6 +39,12 @@ type controlPlaneFlags struct {
 	debounce     time.Duration
 	logs         logFlags
 	peerStreams  int
+	// The Kubernetes source: ServicePolicy objects read from the API server.
+	kubernetes bool
+	kubeconfig string
+	namespaces []string // nil: every namespace
+	idTemplate *policy.IDTemplate
+	leaseName  string
 	// oldSocketFlag is set when the socket was given under the flag's
 	// former name, --workload-api-socket.
 	oldSocketFlag bool
@@ -44,7 +53,12 @@ type controlPlaneFlags struct {
 func parseControlPlaneFlags(args []string, stdout io.Writer) (controlPlaneFlags, error) {
 	var f controlPlaneFlags
 	fs := flag.NewFlagSet("latch control-plane", flag.ContinueOnError)
-	fs.StringVar(&f.declarations, "declarations", "", "`directory` of ServicePolicy declarations (YAML, watched); required")
+	fs.StringVar(&f.declarations, "declarations", "", "`directory` of ServicePolicy declarations (YAML, watched); this or --kubernetes, or both")
+	fs.BoolVar(&f.kubernetes, "kubernetes", false, "read ServicePolicy objects from the Kubernetes API server (in-cluster, or --kubeconfig) and write their status")
+	fs.StringVar(&f.kubeconfig, "kubeconfig", "", "`file` to reach the API server with from outside the cluster (with --kubernetes)")
+	namespaces := fs.String("namespaces", "", "comma-separated namespaces to read ServicePolicy objects from (default: all)")
+	idTemplate := fs.String("id-template", policy.DefaultIDTemplate, "the SPIFFE IDs a ServicePolicy in a namespace may declare: {namespace} is its namespace, {trustDomain} any configured trust domain, {serviceAccount} any one path segment")
+	fs.StringVar(&f.leaseName, "lease-name", "latch-control-plane", "Lease the replicas elect their status writer with, in their own namespace; it also prefixes their ACK-report ConfigMaps")
 	fs.StringVar(&f.listen, "listen", ":15010", "`host:port` of the xDS (ADS) gRPC server; mTLS only")
 	fs.StringVar(&f.adminAddr, "admin-address", "127.0.0.1:15011", "`host:port` of the admin HTTP server (/healthz, /readyz, /metrics, /status)")
 	socket := workloadAPIFlag(fs)
@@ -57,7 +71,7 @@ func parseControlPlaneFlags(args []string, stdout io.Writer) (controlPlaneFlags,
 	fs.IntVar(&f.peerStreams, "max-streams-per-peer", server.DefaultStreamsPerPeer, "xDS streams, and connections, one workload instance (a SPIFFE ID from one IP address) may hold at once")
 	f.logs = defineLogFlags(fs)
 	fs.Usage = func() {
-		fmt.Fprintln(fs.Output(), "usage: latch control-plane --declarations DIR [flags]\n\nServes each sidecar, over mTLS ADS, the Envoy resources of the declaration for the SPIFFE ID it proves.\n\nflags:")
+		fmt.Fprintln(fs.Output(), "usage: latch control-plane {--declarations DIR | --kubernetes} [flags]\n\nServes each sidecar, over mTLS ADS, the Envoy resources of the declaration for the SPIFFE ID it proves.\n\nflags:")
 		fs.PrintDefaults()
 	}
 	if err := parseFlags(fs, args, stdout); err != nil {
@@ -73,10 +87,21 @@ func parseControlPlaneFlags(args []string, stdout io.Writer) (controlPlaneFlags,
 		}
 		f.socket, f.oldSocketFlag = *oldSocket, true
 	}
-	if f.declarations == "" {
-		return f, usagef("--declarations is required")
+	if f.declarations == "" && !f.kubernetes {
+		return f, usagef("give --declarations DIR, --kubernetes, or both: the control plane needs somewhere to read policy from")
+	}
+	if !f.kubernetes && (f.kubeconfig != "" || *namespaces != "") {
+		return f, usagef("--kubeconfig and --namespaces need --kubernetes")
+	}
+	for _, ns := range strings.Split(*namespaces, ",") {
+		if ns = strings.TrimSpace(ns); ns != "" {
+			f.namespaces = append(f.namespaces, ns)
+		}
 	}
 	var err error
+	if f.idTemplate, err = policy.ParseIDTemplate(*idTemplate); err != nil {
+		return f, usagef("--id-template: %w", err)
+	}
 	if f.trustDomains, err = parseTrustDomains(*trustDomains); err != nil {
 		return f, usageError{err}
 	}
@@ -195,11 +220,10 @@ func runControlPlane(ctx context.Context, args []string, stdout, stderr io.Write
 	}
 	spawn(func() error { return mon.Run(ctx) })
 
-	store, err := policy.NewStore(policy.Options{TrustDomains: tds}, log.With("component", "declarations"))
+	store, err := policy.NewStore(policy.Options{TrustDomains: tds, Owners: f.idTemplate}, log.With("component", "declarations"))
 	if err != nil {
 		return err
 	}
-	files := policy.NewFiles(store, f.declarations)
 	srv := server.New(ctx, server.Options{
 		Logger:    log.With("component", "xds-server"),
 		Metrics:   server.NewMetrics(reg),
@@ -207,7 +231,7 @@ func runControlPlane(ctx context.Context, args []string, stdout, stderr io.Write
 
 		StreamsPerPeer: f.peerStreams,
 	})
-	cp := &controlPlaneParts{tds: tds, mon: mon, srv: srv}
+	cp := &controlPlaneParts{tds: tds, mon: mon, srv: srv, store: store}
 	if err := reg.Register(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: metricUndeclaredNodes,
 		Help: "Connected sidecars whose SPIFFE ID no declaration names: they are served an empty policy and admit nobody.",
@@ -217,12 +241,45 @@ func runControlPlane(ctx context.Context, args []string, stdout, stderr io.Write
 
 	// Load before serving: a sidecar connecting to a control plane that has
 	// not read its declarations must wait, not be told it has no policy.
-	snap, _, err := files.Reload()
-	if err != nil {
-		return fmt.Errorf("reading declarations: %w", err)
+	// Files first: they are the operator's, and incumbents of any ID an
+	// object also claims.
+	var files *policy.Files
+	if f.declarations != "" {
+		files = policy.NewFiles(store, f.declarations)
+		if _, _, err := files.Reload(); err != nil {
+			return fmt.Errorf("reading declarations: %w", err)
+		}
 	}
-	cp.update(snap)
-	log.Info("declarations loaded", "dir", f.declarations, "declarations", len(snap.Declarations), "errors", len(snap.Errors))
+	if f.kubernetes {
+		// client-go (informers, leader election) logs through klog: into
+		// our log, in its format.
+		klog.SetSlogLogger(log.With("library", "client-go"))
+		cfg, err := kube.RESTConfig(f.kubeconfig)
+		if err != nil {
+			return err
+		}
+		pod, podNS, err := kube.PodIdentity()
+		if err != nil {
+			return err
+		}
+		cp.kube, err = kube.New(kube.Options{
+			Config: cfg, Store: store, Namespaces: f.namespaces, XDS: srv,
+			OnChange: func(policy.Change) { cp.publish() },
+			Identity: pod, Namespace: podNS, LeaseName: f.leaseName,
+			Logger: log.With("component", "kubernetes"), Metrics: kube.NewMetrics(reg),
+		})
+		if err != nil {
+			return err
+		}
+		if err := reg.Register(cp.kube.Collector()); err != nil {
+			return fmt.Errorf("registering ServicePolicy metrics: %w", err)
+		}
+		spawn(func() error { return cp.kube.Run(ctx) })
+	}
+	// Without the Kubernetes source this serves the files now; with it,
+	// once the informers have synced (the controller's first OnChange).
+	snap := cp.publish()
+	log.Info("declarations loaded", "dir", f.declarations, "kubernetes", f.kubernetes, "declarations", len(snap.Declarations), "errors", len(snap.Errors))
 	parts.Store(cp)
 
 	// Any workload of the configured trust domains may connect; which policy
@@ -246,9 +303,11 @@ func runControlPlane(ctx context.Context, args []string, stdout, stderr io.Write
 		}
 		return nil
 	})
-	spawn(func() error {
-		return files.Watch(ctx, f.debounce, func(s policy.Snapshot, _ policy.Change) { cp.update(s) })
-	})
+	if files != nil {
+		spawn(func() error {
+			return files.Watch(ctx, f.debounce, func(policy.Snapshot, policy.Change) { cp.publish() })
+		})
+	}
 	log.Info("control plane serving", "xds_address", lis.Addr().String(), "admin_address", adm.Addr().String(),
 		"spiffe_id", svid.ID.String(), "trust_domains", fmt.Sprint(tds))
 
@@ -278,20 +337,30 @@ const metricUndeclaredNodes = "latch_xds_undeclared_nodes"
 // and /status read; they exist once the first SVID has arrived and the
 // declarations have been read.
 type controlPlaneParts struct {
-	tds []spiffeid.TrustDomain
-	mon *admin.IdentityMonitor
-	srv *server.Server
+	tds   []spiffeid.TrustDomain
+	mon   *admin.IdentityMonitor
+	srv   *server.Server
+	store *policy.Store
+	kube  *kube.Controller // nil without --kubernetes
 
 	mu   sync.Mutex
 	last policy.Snapshot
 }
 
-// update serves a new snapshot of the declarations and keeps it for /status.
-func (p *controlPlaneParts) update(s policy.Snapshot) {
+// publish serves what the store holds now and keeps it for /status. Every
+// source calls it after a change; the lock keeps an older snapshot from
+// being served after a newer one. Until the Kubernetes source has read every
+// object it serves nothing: a sidecar must wait rather than be told that
+// its policy is gone.
+func (p *controlPlaneParts) publish() policy.Snapshot {
 	p.mu.Lock()
+	defer p.mu.Unlock()
+	s := p.store.Snapshot()
 	p.last = s
-	p.mu.Unlock()
-	p.srv.Update(s)
+	if p.kube == nil || p.kube.Synced() {
+		p.srv.Update(s)
+	}
+	return s
 }
 
 // parseTrustDomains reads --trust-domains; "" is nil (the control plane's
@@ -333,6 +402,15 @@ type controlPlaneDoc struct {
 	ConnectedStreams  int                  `json:"connected_streams"`
 	// UndeclaredNodes are connected sidecars no declaration names.
 	UndeclaredNodes []string `json:"undeclared_nodes"`
+	// Kubernetes is there with --kubernetes.
+	Kubernetes *kubernetesStatus `json:"kubernetes,omitempty"`
+}
+
+type kubernetesStatus struct {
+	// Synced: every ServicePolicy the API server listed has been read.
+	Synced bool `json:"synced"`
+	// Leading: this replica holds the Lease and writes status.
+	Leading bool `json:"leading"`
 }
 
 func controlPlaneStatus(p *controlPlaneParts, wait *identityWait, dir string) controlPlaneDoc {
@@ -364,6 +442,9 @@ func controlPlaneStatus(p *controlPlaneParts, wait *identityWait, dir string) co
 		doc.TrustDomains = append(doc.TrustDomains, td.Name())
 	}
 	doc.ConnectedStreams = p.srv.Connected()
+	if p.kube != nil {
+		doc.Kubernetes = &kubernetesStatus{Synced: p.kube.Synced(), Leading: p.kube.Leading()}
+	}
 	doc.UndeclaredNodes = append(doc.UndeclaredNodes, p.srv.Undeclared()...)
 	return doc
 }

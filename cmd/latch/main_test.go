@@ -45,7 +45,7 @@ func TestCommandLineConventions(t *testing.T) {
 
 		{args: []string{"control-plane", "-h"}, code: 0, stdout: "usage: latch control-plane"},
 		{args: []string{"control-plane", "--bogus"}, code: 2, stderr: "flag provided but not defined: -bogus"},
-		{args: []string{"control-plane"}, code: 2, stderr: "--declarations is required"},
+		{args: []string{"control-plane"}, code: 2, stderr: "give --declarations DIR, --kubernetes, or both"},
 		{args: []string{"control-plane", "--declarations", decls, "extra"}, code: 2, stderr: `unexpected arguments ["extra"]`},
 		{args: []string{"control-plane", "--declarations", decls, "--log-format", "xml"}, code: 2, stderr: `--log-format "xml"`},
 		{args: []string{"control-plane", "--declarations", decls, "--tls-profile", "legacy"}, code: 2, stderr: "--tls-profile"},

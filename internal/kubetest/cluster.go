@@ -13,7 +13,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"k8s.io/client-go/kubernetes"
@@ -72,18 +71,14 @@ func start(name, logFile string, bin string, args ...string) (*process, error) {
 	return p, nil
 }
 
-// stop ends the process, politely first.
-func (p *process) stop() {
+// kill ends the process at once: a test cluster's data is thrown away, and
+// a graceful kube-apiserver shutdown waits seconds for its watches.
+func (p *process) kill() {
 	if p == nil {
 		return
 	}
-	_ = p.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-p.done:
-	case <-time.After(10 * time.Second):
-		_ = p.cmd.Process.Kill()
-		<-p.done
-	}
+	_ = p.cmd.Process.Kill()
+	<-p.done
 }
 
 // tail is the end of the process's log, for error messages.
@@ -208,11 +203,12 @@ func (c *Cluster) StartAPIServer(ctx context.Context) error {
 	return nil
 }
 
-// StopAPIServer stops the API server, leaving etcd and its data.
+// StopAPIServer kills the API server, as a crash would, leaving etcd and
+// its data.
 func (c *Cluster) StopAPIServer() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.apiserver.stop()
+	c.apiserver.kill()
 }
 
 // waitReady polls /readyz until the API server is ready, it exits, or a
@@ -264,8 +260,8 @@ func waitTCP(ctx context.Context, p *process, addr string) error {
 func (c *Cluster) Stop() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.apiserver.stop()
-	c.etcd.stop()
+	c.apiserver.kill()
+	c.etcd.kill()
 	if c.dir != "" {
 		os.RemoveAll(c.dir)
 	}

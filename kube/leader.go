@@ -1,0 +1,84 @@
+package kube
+
+import (
+	"context"
+	"sync"
+	"time"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/tools/leaderelection"
+	"k8s.io/client-go/tools/leaderelection/resourcelock"
+	"k8s.io/client-go/util/workqueue"
+)
+
+// runElection takes part in electing the status writer until ctx is done:
+// one replica at a time holds the Lease and writes status; the others wait
+// to take over. The Lease is released as a replica stops, so the next one
+// takes over at once rather than after LeaseDuration.
+func (c *Controller) runElection(ctx context.Context) {
+	for ctx.Err() == nil {
+		le, err := leaderelection.NewLeaderElector(leaderelection.LeaderElectionConfig{
+			Lock: &resourcelock.LeaseLock{
+				LeaseMeta:  metav1.ObjectMeta{Namespace: c.opts.Namespace, Name: c.opts.LeaseName},
+				Client:     c.leases,
+				LockConfig: resourcelock.ResourceLockConfig{Identity: c.opts.Identity},
+			},
+			LeaseDuration:   c.opts.LeaseDuration,
+			RenewDeadline:   c.opts.RenewDeadline,
+			RetryPeriod:     c.opts.RetryPeriod,
+			ReleaseOnCancel: true,
+			Name:            c.opts.LeaseName,
+			Callbacks: leaderelection.LeaderCallbacks{
+				OnStartedLeading: c.lead,
+				OnStoppedLeading: func() {},
+				OnNewLeader: func(id string) {
+					c.log.Info("status writer elected", "lease", c.opts.LeaseName, "leader", id, "self", id == c.opts.Identity)
+				},
+			},
+		})
+		if err != nil {
+			c.log.Error("leader election misconfigured; this replica never writes status", "reason", err)
+			<-ctx.Done()
+			return
+		}
+		le.Run(ctx) // returns when leadership is lost, or ctx is done
+	}
+}
+
+// lead writes status while ctx (the leadership) lasts.
+func (c *Controller) lead(ctx context.Context) {
+	c.log.Info("leading: writing ServicePolicy status", "lease", c.opts.LeaseName)
+	q := workqueue.NewTypedRateLimitingQueueWithConfig(workqueue.DefaultTypedControllerRateLimiter[cache.ObjectName](),
+		workqueue.TypedRateLimitingQueueConfig[cache.ObjectName]{Name: "servicepolicy-status"})
+	c.status.Store(&q)
+	c.leading.Store(true)
+	c.opts.Metrics.setLeader(true)
+	c.enqueueAllStatus()
+
+	var wg sync.WaitGroup
+	for range 2 {
+		wg.Go(func() { c.runStatus(ctx, q) })
+	}
+	tick := time.NewTicker(c.opts.ReportHeartbeat)
+	defer tick.Stop()
+	for done := false; !done; {
+		select {
+		case <-ctx.Done():
+			done = true
+		case now := <-tick.C:
+			for _, name := range c.acks.expire(now, c.opts.ReportHeartbeat) {
+				c.deleteReport(name)
+			}
+		}
+	}
+	c.status.Store(nil)
+	q.ShutDown()
+	wg.Wait()
+	c.leading.Store(false)
+	c.opts.Metrics.setLeader(false)
+	c.mu.Lock()
+	clear(c.lastProgrammed)
+	c.mu.Unlock()
+	c.log.Info("no longer leading: status is another replica's to write", "lease", c.opts.LeaseName)
+}
