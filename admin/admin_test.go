@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -277,5 +278,53 @@ func TestTestEndpointShutdownWithStalledClient(t *testing.T) {
 	// test may bind the freed port at once.)
 	if r, _, err := dialEndpoint(t, ca, ep.Addr().String(), identity.Modern()); err == nil {
 		t.Errorf("endpoint still answering after shutdown: %+v", r)
+	}
+}
+
+// TestTestEndpointFederated: a workload of a trust domain the endpoint
+// federates with is answered, and the reply names the bundle that verified
+// it; once the federation list no longer names it, it is refused.
+func TestTestEndpointFederated(t *testing.T) {
+	ca := identitytest.NewCA(t, trustDomain)
+	partner := identitytest.NewCA(t, "partner.test")
+	partnerTD := spiffeid.RequireTrustDomainFromString("partner.test")
+	src := ca.Source(t, sidecarID)
+	src.SetBundle(partner.Bundle())
+	var federated atomic.Bool
+	federated.Store(true)
+	ep := startTestEndpoint(t, src, TestEndpointOptions{FederatesWith: func() []spiffeid.TrustDomain {
+		if federated.Load() {
+			return []spiffeid.TrustDomain{partnerTD}
+		}
+		return nil
+	}})
+	clientSrc := partner.Source(t, "spiffe://partner.test/ns/ops/sa/prober")
+	clientSrc.SetBundle(ca.Bundle())
+	cfg := identity.NewTLS(clientSrc).ClientConfig(identity.Modern(), spiffeid.RequireFromString(sidecarID), identity.FederatesWith(td))
+	cfg.ClientSessionCache = nil
+	ask := func() (*TestEndpointReply, error) {
+		conn, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", ep.Addr().String(), cfg)
+		if err != nil {
+			return nil, err
+		}
+		defer conn.Close()
+		_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
+		b, err := io.ReadAll(conn)
+		if err != nil {
+			return nil, err
+		}
+		var r TestEndpointReply
+		return &r, json.Unmarshal(b, &r)
+	}
+	r, err := ask()
+	if err != nil {
+		t.Fatalf("federated workload not answered: %v", err)
+	}
+	if r.Connection.ClientBundle != "partner.test" || r.Connection.ClientSPIFFEID != "spiffe://partner.test/ns/ops/sa/prober" {
+		t.Errorf("reply: client %s verified by the bundle of %q", r.Connection.ClientSPIFFEID, r.Connection.ClientBundle)
+	}
+	federated.Store(false)
+	if r, err := ask(); err == nil {
+		t.Errorf("answered after the federation was dropped: %+v", r)
 	}
 }

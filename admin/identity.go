@@ -18,6 +18,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"latch.dev/latch/identity"
 )
 
 // Source is what the identity monitor reads: the current X.509-SVID and the
@@ -35,7 +37,10 @@ type updater interface{ Updated() <-chan struct{} }
 type MonitorOptions struct {
 	// TrustDomain is the local trust domain; its bundle is watched.
 	TrustDomain spiffeid.TrustDomain
-	// Federated are further trust domains whose bundles are watched too.
+	// Federated are further trust domains whose bundles are watched too,
+	// even while the source holds none (the status then says so). A source
+	// that lists its bundles (identity.BundleLister, as the Workload API
+	// source does) has every federated bundle it holds watched anyway.
 	Federated []spiffeid.TrustDomain
 	// SVIDWarnBefore is how close to its expiry the SVID raises the alarm.
 	// Zero means a quarter of the SVID's lifetime: rotation is due at half
@@ -75,6 +80,7 @@ type IdentityMonitor struct {
 	svidExpiry  *prometheus.Desc
 	caExpiry    *prometheus.Desc
 	bundleSize  *prometheus.Desc
+	fedRefused  *prometheus.Desc
 	changes     *prometheus.CounterVec
 	rotations   prometheus.Counter
 	alarm       *prometheus.GaugeVec
@@ -93,6 +99,7 @@ const (
 	MetricSVIDExpiry    = "latch_svid_expiry_seconds"
 	MetricCAExpiry      = "latch_bundle_ca_expiry_seconds"
 	MetricBundleCAs     = "latch_bundle_cas"
+	MetricFedRefused    = "latch_federated_bundle_refused"
 	MetricBundleChanges = "latch_bundle_changes_total"
 	MetricSVIDRotations = "latch_svid_rotations_total"
 	MetricExpiryAlarm   = "latch_expiry_alarm"
@@ -127,7 +134,9 @@ func NewIdentityMonitor(src Source, opts MonitorOptions) *IdentityMonitor {
 			"Seconds until a CA certificate of a trust bundle expires.",
 			[]string{"trust_domain", "subject_key_id", "subject"}, nil),
 		bundleSize: prometheus.NewDesc(MetricBundleCAs,
-			"Number of CA certificates in a trust bundle.", []string{"trust_domain"}, nil),
+			"Number of CA certificates in a trust bundle, the local trust domain's and every federated one (latch_federated_bundle_refused exists for the federated ones).", []string{"trust_domain"}, nil),
+		fedRefused: prometheus.NewDesc(MetricFedRefused,
+			"1 for a federated bundle latch refuses (it holds a CA of the local trust domain), 0 for one it verifies peers with.", []string{"trust_domain"}, nil),
 		changes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: MetricBundleChanges,
 			Help: "CA certificates added to or removed from a trust bundle since start.",
@@ -149,8 +158,28 @@ func NewIdentityMonitor(src Source, opts MonitorOptions) *IdentityMonitor {
 	}
 }
 
+// trustDomains is the local trust domain, then the federated ones: those
+// configured and those the source holds bundles of, by name.
 func (m *IdentityMonitor) trustDomains() []spiffeid.TrustDomain {
-	return append([]spiffeid.TrustDomain{m.opts.TrustDomain}, m.opts.Federated...)
+	fed := slices.Clone(m.opts.Federated)
+	if l, ok := m.src.(identity.BundleLister); ok {
+		for _, b := range l.X509Bundles() {
+			fed = append(fed, b.TrustDomain())
+		}
+	}
+	fed = slices.DeleteFunc(fed, func(td spiffeid.TrustDomain) bool { return td == m.opts.TrustDomain })
+	slices.SortFunc(fed, func(a, b spiffeid.TrustDomain) int { return strings.Compare(a.Name(), b.Name()) })
+	return append([]spiffeid.TrustDomain{m.opts.TrustDomain}, slices.Compact(fed)...)
+}
+
+// federatedRefusal says why latch refuses the federated bundle b (nil: it
+// does not): identity.CheckFederatedBundle against the local bundle.
+func (m *IdentityMonitor) federatedRefusal(b *x509bundle.Bundle) error {
+	local, err := m.src.GetX509BundleForTrustDomain(m.opts.TrustDomain)
+	if err != nil {
+		return nil // no local bundle: nothing to compare, and no peer verifies anyway
+	}
+	return identity.CheckFederatedBundle(b, local)
 }
 
 // Describe implements prometheus.Collector.
@@ -158,6 +187,7 @@ func (m *IdentityMonitor) Describe(ch chan<- *prometheus.Desc) {
 	ch <- m.svidExpiry
 	ch <- m.caExpiry
 	ch <- m.bundleSize
+	ch <- m.fedRefused
 	m.changes.Describe(ch)
 	m.rotations.Describe(ch)
 	m.alarm.Describe(ch)
@@ -178,7 +208,15 @@ func (m *IdentityMonitor) Collect(ch chan<- prometheus.Metric) {
 			continue
 		}
 		cas := b.X509Authorities()
+		federated := td != m.opts.TrustDomain
 		ch <- prometheus.MustNewConstMetric(m.bundleSize, prometheus.GaugeValue, float64(len(cas)), td.Name())
+		if federated {
+			refused := 0.0
+			if m.federatedRefusal(b) != nil {
+				refused = 1
+			}
+			ch <- prometheus.MustNewConstMetric(m.fedRefused, prometheus.GaugeValue, refused, td.Name())
+		}
 		seen := make(map[string]bool, len(cas))
 		for _, ca := range cas {
 			// A CA re-issued with the same key and subject shares the key
@@ -232,9 +270,14 @@ type CertStatus struct {
 
 // BundleStatus describes one trust bundle in /status.
 type BundleStatus struct {
-	TrustDomain string       `json:"trust_domain"`
-	Error       string       `json:"error,omitempty"`
-	CAs         []CertStatus `json:"cas"`
+	TrustDomain string `json:"trust_domain"`
+	// Federated marks the bundle of a foreign trust domain, which verifies
+	// that trust domain's peers on listeners that federate with it.
+	Federated bool `json:"federated"`
+	// Refused says why latch verifies nobody with this federated bundle.
+	Refused string       `json:"refused,omitempty"`
+	Error   string       `json:"error,omitempty"`
+	CAs     []CertStatus `json:"cas"`
 }
 
 // IdentityStatus is the identity part of /status.
@@ -257,12 +300,17 @@ func (m *IdentityMonitor) Status() IdentityStatus {
 		st.SVID = &cs
 	}
 	for _, td := range m.trustDomains() {
-		bs := BundleStatus{TrustDomain: td.Name(), CAs: []CertStatus{}}
+		bs := BundleStatus{TrustDomain: td.Name(), Federated: td != m.opts.TrustDomain, CAs: []CertStatus{}}
 		if b, err := m.src.GetX509BundleForTrustDomain(td); err != nil {
 			bs.Error = err.Error()
 		} else {
 			for _, ca := range b.X509Authorities() {
 				bs.CAs = append(bs.CAs, certStatus(ca, now))
+			}
+			if bs.Federated {
+				if err := m.federatedRefusal(b); err != nil {
+					bs.Refused = err.Error()
+				}
 			}
 		}
 		st.Bundles = append(st.Bundles, bs)
@@ -360,11 +408,27 @@ func (m *IdentityMonitor) evaluate() {
 	m.alarm.WithLabelValues("svid").Set(float64(svidAlarms))
 
 	caAlarms := 0
-	for _, td := range m.trustDomains() {
+	tds := m.trustDomains()
+	for td, prev := range m.known {
+		if td == m.opts.TrustDomain || slices.Contains(tds, td) {
+			continue
+		}
+		// A federated bundle the Workload API no longer hands out: its
+		// peers are refused from now on, and cut (proxy.RecheckTrust).
+		m.changes.WithLabelValues(td.Name(), "removed").Add(float64(len(prev)))
+		m.log.Warn("federated bundle removed", "trust_domain", td.Name(), "cas", len(prev))
+		delete(m.known, td)
+	}
+	for _, td := range tds {
 		b, err := m.src.GetX509BundleForTrustDomain(td)
 		if err != nil {
 			m.warnLevel(slog.LevelWarn, "no-bundle:"+td.Name(), now, "", "no trust bundle", "trust_domain", td.Name(), "reason", err.Error())
 			continue
+		}
+		if td != m.opts.TrustDomain {
+			if err := m.federatedRefusal(b); err != nil {
+				m.warnLevel(slog.LevelWarn, "fed-refused:"+td.Name(), now, "", "federated bundle refused", "trust_domain", td.Name(), "reason", err.Error())
+			}
 		}
 		cas := b.X509Authorities()
 		current := make(map[string]*x509.Certificate, len(cas))

@@ -8,11 +8,13 @@ import (
 	"crypto/x509"
 	"log/slog"
 	"math"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"latch.dev/latch/identity"
 	"latch.dev/latch/identity/identitytest"
@@ -273,5 +275,80 @@ func TestReissuedCA(t *testing.T) {
 	fams := scrape(t, startServer(t, Options{Gatherer: reg}))
 	if n := len(fams[MetricCAExpiry].GetMetric()); n != 2 {
 		t.Errorf("%d CA expiry series, want 2", n)
+	}
+}
+
+// TestFederatedBundles: every federated bundle the source holds is listed in
+// /status and the metrics with its authorities and expiry, a federated
+// bundle holding the local CA is marked refused (status, metric, WARN), and
+// a federated bundle that goes away is logged.
+func TestFederatedBundles(t *testing.T) {
+	ca := identitytest.NewCA(t, trustDomain)
+	partner := identitytest.NewCA(t, "partner.test")
+	src := ca.Source(t, sidecarID)
+	src.SetBundle(partner.Bundle())
+	evil := spiffeid.RequireTrustDomainFromString("evil.test")
+	src.SetBundle(x509bundle.FromX509Authorities(evil, []*x509.Certificate{ca.Cert()}))
+	logs := newLogRecorder()
+	updated := make(chan struct{})
+	reg := prometheus.NewRegistry()
+	mon := NewIdentityMonitor(src, MonitorOptions{TrustDomain: td, Updated: updated, Interval: time.Hour, Logger: slog.New(logs)})
+	reg.MustRegister(mon)
+	base := startServer(t, Options{Gatherer: reg})
+	runMonitor(t, mon)
+	refusal := logs.wait(t, slog.LevelWarn, "federated bundle refused")
+	if refusal["trust_domain"] != "evil.test" || !strings.Contains(refusal["reason"], "holds a CA of the local trust domain") {
+		t.Errorf("refusal attributes %v", refusal)
+	}
+
+	st := mon.Status()
+	got := map[string]BundleStatus{}
+	var order []string
+	for _, b := range st.Bundles {
+		got[b.TrustDomain] = b
+		order = append(order, b.TrustDomain)
+	}
+	if strings.Join(order, " ") != "mesh.test evil.test partner.test" {
+		t.Errorf("bundles listed %v, want the local one first, then the federated ones by name", order)
+	}
+	if b := got["mesh.test"]; b.Federated || b.Refused != "" {
+		t.Errorf("local bundle %+v", b)
+	}
+	if b := got["partner.test"]; !b.Federated || b.Refused != "" || len(b.CAs) != 1 || b.CAs[0].Subject != partner.Cert().Subject.String() || b.CAs[0].ExpiresIn == "" {
+		t.Errorf("partner.test %+v", b)
+	}
+	if b := got["evil.test"]; !b.Federated || !strings.Contains(b.Refused, "holds a CA of the local trust domain") {
+		t.Errorf("evil.test %+v", b)
+	}
+
+	fams := scrape(t, base)
+	for _, c := range []struct {
+		name   string
+		labels []string
+		want   float64
+	}{
+		{MetricBundleCAs, []string{"trust_domain=partner.test"}, 1},
+		{MetricFedRefused, []string{"trust_domain=partner.test"}, 0},
+		{MetricFedRefused, []string{"trust_domain=evil.test"}, 1},
+	} {
+		if v, ok := value(fams, c.name, c.labels...); !ok || v != c.want {
+			t.Errorf("%s%v = %v (exported %v), want %v", c.name, c.labels, v, ok, c.want)
+		}
+	}
+	if v, ok := value(fams, MetricCAExpiry, "trust_domain=partner.test", "subject_key_id="+keyID(partner.Cert())); !ok || v < 3600 {
+		t.Errorf("partner.test CA expiry %v (exported %v)", v, ok)
+	}
+	if _, ok := value(fams, MetricFedRefused, "trust_domain=mesh.test"); ok {
+		t.Error("the local bundle has a federated_bundle_refused series")
+	}
+
+	src.RemoveBundle(spiffeid.RequireTrustDomainFromString("partner.test"))
+	updated <- struct{}{}
+	if gone := logs.wait(t, slog.LevelWarn, "federated bundle removed"); gone["trust_domain"] != "partner.test" {
+		t.Errorf("removal attributes %v", gone)
+	}
+	settle(updated)
+	if _, ok := value(scrape(t, base), MetricBundleCAs, "trust_domain=partner.test"); ok {
+		t.Error("a removed federated bundle is still exported")
 	}
 }

@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -355,4 +356,60 @@ func TestRolloverProcedure(t *testing.T) {
 	if ce, ok := errors.AsType[*Error](err); !ok || ce.Class != ClassClientRefused {
 		t.Errorf("canary without the old CA: %v, want client_refused", err)
 	}
+}
+
+// TestFederatedServer: a server of a federated trust domain passes the check
+// when it is named by --server-id (its trust domain's federated bundle
+// verifies it, and the result says so); unnamed, it is in another trust
+// domain; its ID signed by another trust domain's CA is an unknown CA.
+func TestFederatedServer(t *testing.T) {
+	w := newWorld(t)
+	partner := identitytest.NewCA(t, "partner.test")
+	src := w.ca.Source(t, clientID)
+	src.SetBundle(partner.Bundle())
+	client := identity.NewTLS(src)
+	const partnerServer = "spiffe://partner.test/ns/web/sa/backend"
+	good := serveTLS(t, certConfig(partner.TLSCertificate(t, partnerServer)))
+	forged := serveTLS(t, certConfig(w.ca.TLSCertificate(t, partnerServer)))
+
+	opts := w.opts(good)
+	opts.TLS, opts.ReadWait = client, 200*time.Millisecond
+	opts.ServerID = spiffeid.RequireFromString(partnerServer)
+	res, err := Run(context.Background(), opts)
+	if err != nil {
+		t.Fatalf("federated server named by its ID: %v", err)
+	}
+	if res.Connection.ServerBundle != "partner.test" {
+		t.Errorf("server verified by the bundle of %q", res.Connection.ServerBundle)
+	}
+	found := false
+	for _, n := range res.Notes {
+		found = found || strings.Contains(n, "verified against its federated bundle")
+	}
+	if !found {
+		t.Errorf("notes %q do not say the server is federated", res.Notes)
+	}
+
+	opts.ServerID = spiffeid.ID{}
+	if _, err := Run(context.Background(), opts); classOf(err) != ClassWrongTrustDomain {
+		t.Errorf("unnamed federated server: %v, want %s", err, ClassWrongTrustDomain)
+	}
+	opts.FederatesWith = []spiffeid.TrustDomain{partner.TrustDomain()}
+	if _, err := Run(context.Background(), opts); err != nil {
+		t.Errorf("unnamed server of a trust domain the check federates with: %v", err)
+	}
+
+	opts = w.opts(forged)
+	opts.TLS, opts.ServerID = client, spiffeid.RequireFromString(partnerServer)
+	if _, err := Run(context.Background(), opts); classOf(err) != ClassUnknownCA {
+		t.Errorf("partner.test ID signed by the local CA: %v, want %s", err, ClassUnknownCA)
+	}
+}
+
+func classOf(err error) Class {
+	var ce *Error
+	if errors.As(err, &ce) {
+		return ce.Class
+	}
+	return ""
 }

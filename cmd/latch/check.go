@@ -20,7 +20,7 @@ import (
 func runCheck(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("latch check", flag.ContinueOnError)
 	socket := workloadAPIFlag(fs)
-	serverID := fs.String("server-id", "", "SPIFFE `ID` the server must prove (default: any workload of the local trust domain)")
+	serverID := fs.String("server-id", "", "SPIFFE `ID` the server must prove (default: any workload of the local trust domain); an ID of a federated trust domain is verified against that trust domain's bundle")
 	profile := fs.String("profile", identity.ProfileModern, "TLS profile to offer: modern (TLS 1.3) or intermediate (TLS 1.2 and 1.3)")
 	timeout := fs.Duration("timeout", 5*time.Second, "time allowed for connecting, the handshake and the server's answer (per probe with --scan)")
 	asJSON := fs.Bool("json", false, "print one JSON document instead of text")
