@@ -15,7 +15,6 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"github.com/spiffe/go-spiffe/v2/workloadapi"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/client-go/dynamic"
@@ -56,7 +55,7 @@ type mesh struct {
 	log *slog.Logger
 
 	mu      sync.Mutex
-	sources map[spiffeid.ID]*workloadapi.X509Source
+	sources map[spiffeid.ID]*identity.WorkloadSource
 }
 
 func newMesh(t testing.TB, c *kubetest.Cluster, ns string) *mesh {
@@ -70,11 +69,11 @@ func newMesh(t testing.TB, c *kubetest.Cluster, ns string) *mesh {
 	t.Cleanup(func() { _ = ca.Close() })
 	return &mesh{t: t, c: c, ca: ca, ns: ns, log: testLogger(t),
 		sp:      dynamic.NewForConfigOrDie(c.Config).Resource(kube.GVR).Namespace(ns),
-		sources: map[spiffeid.ID]*workloadapi.X509Source{}}
+		sources: map[spiffeid.ID]*identity.WorkloadSource{}}
 }
 
 // source is id's SVID source, from the dev CA's Workload API.
-func (m *mesh) source(id spiffeid.ID) *workloadapi.X509Source {
+func (m *mesh) source(id spiffeid.ID) *identity.WorkloadSource {
 	m.t.Helper()
 	m.mu.Lock()
 	defer m.mu.Unlock()
