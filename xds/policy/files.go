@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/fsnotify/fsnotify"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
 // DefaultDebounce is how long Watch waits after the last file event before
@@ -25,13 +26,13 @@ type Files struct {
 	dir   string
 
 	mu    sync.Mutex
-	known map[string]bool // paths given to the store
+	known map[string]os.FileInfo // paths given to the store, as they were when read
 }
 
 // NewFiles returns the source of the declarations in dir. Nothing is read
 // until Reload or Watch.
 func NewFiles(store *Store, dir string) *Files {
-	return &Files{store: store, dir: dir, known: map[string]bool{}}
+	return &Files{store: store, dir: dir, known: map[string]os.FileInfo{}}
 }
 
 // Dir is the directory the source reads.
@@ -53,37 +54,96 @@ func (f *Files) Reload() (Snapshot, Change, error) {
 func (f *Files) reload() (Change, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	paths, err := f.list()
+	start := time.Now()
+	files, err := f.list()
 	if err != nil {
 		// Keep serving what we had: the directory is unreadable, not empty.
 		return Change{}, fmt.Errorf("listing declarations in %s: %w", f.dir, err)
 	}
-	var ch Change
-	now := map[string]bool{}
-	for _, p := range paths {
-		now[p] = true
-		data, err := os.ReadFile(p)
-		if err != nil {
-			ch.Merge(f.store.SetFileError(p, err))
+	var changes []Change
+	now := map[string]os.FileInfo{}
+	for _, file := range files {
+		p := file.path
+		if prev, ok := f.known[p]; ok && unchanged(prev, file.info) {
+			// Not read again: with one file per workload, reading them all
+			// was most of the cost of a one-file change.
+			now[p] = prev
 			continue
 		}
-		ch.Merge(f.store.SetFile(p, data))
+		now[p] = file.info
+		if racy(file.info, start) {
+			now[p] = nil // read again next time: see unchanged
+		}
+		data, err := os.ReadFile(p)
+		if err != nil {
+			now[p] = nil // retried next time
+			changes = append(changes, f.store.SetFileError(p, err))
+			continue
+		}
+		changes = append(changes, f.store.SetFile(p, data))
 	}
 	for p := range f.known {
-		if !now[p] {
-			ch.Merge(f.store.Remove(FileSource(p)))
+		if _, ok := now[p]; !ok {
+			changes = append(changes, f.store.Remove(FileSource(p)))
 		}
 	}
 	f.known = now
-	return ch, nil
+	return mergeChanges(changes), nil
 }
 
-func (f *Files) list() ([]string, error) {
+// unchanged reports whether a file is the one read before, untouched: the
+// same file (device and inode: a ConfigMap update, or an editor's rename
+// over it, makes a new one), size and modification time. File times are
+// coarse (a clock tick, milliseconds), so a file that was modified shortly
+// before it was read is never taken as unchanged (racy, which stores nil):
+// a second edit of the same size within the same tick would be missed.
+func unchanged(prev, cur os.FileInfo) bool {
+	return prev != nil && os.SameFile(prev, cur) && prev.Size() == cur.Size() && prev.ModTime().Equal(cur.ModTime())
+}
+
+// racyWindow is how recently modified a file may be when read and still be
+// trusted by its size and time afterwards; far above any file system's
+// timestamp granularity.
+const racyWindow = 2 * time.Second
+
+func racy(fi os.FileInfo, readAt time.Time) bool {
+	return fi.ModTime().After(readAt.Add(-racyWindow))
+}
+
+// mergeChanges merges changes in one pass (Change.Merge checks for
+// duplicates one by one, which is quadratic when every file changed).
+func mergeChanges(changes []Change) Change {
+	var out Change
+	ids := map[spiffeid.ID]bool{}
+	srcs := map[Source]bool{}
+	for _, c := range changes {
+		for _, id := range c.IDs {
+			if !ids[id] {
+				ids[id] = true
+				out.IDs = append(out.IDs, id)
+			}
+		}
+		for _, src := range c.Sources {
+			if !srcs[src] {
+				srcs[src] = true
+				out.Sources = append(out.Sources, src)
+			}
+		}
+	}
+	return out
+}
+
+type listedFile struct {
+	path string
+	info os.FileInfo
+}
+
+func (f *Files) list() ([]listedFile, error) {
 	entries, err := os.ReadDir(f.dir)
 	if err != nil {
 		return nil, err
 	}
-	var out []string
+	var out []listedFile
 	for _, e := range entries {
 		name := e.Name()
 		if strings.HasPrefix(name, ".") {
@@ -99,7 +159,7 @@ func (f *Files) list() ([]string, error) {
 		if err != nil || !fi.Mode().IsRegular() {
 			continue
 		}
-		out = append(out, p)
+		out = append(out, listedFile{p, fi})
 	}
 	return out, nil
 }
