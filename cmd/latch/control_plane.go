@@ -231,7 +231,7 @@ func runControlPlane(ctx context.Context, args []string, stdout, stderr io.Write
 
 		StreamsPerPeer: f.peerStreams,
 	})
-	cp := &controlPlaneParts{tds: tds, mon: mon, srv: srv, store: store}
+	cp := &controlPlaneParts{tds: tds, mon: mon, srv: srv, store: store, stale: true}
 	if err := reg.Register(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: metricUndeclaredNodes,
 		Help: "Connected sidecars whose SPIFFE ID no declaration names: they are served an empty policy and admit nobody.",
@@ -264,7 +264,7 @@ func runControlPlane(ctx context.Context, args []string, stdout, stderr io.Write
 		}
 		cp.kube, err = kube.New(kube.Options{
 			Config: cfg, Store: store, Namespaces: f.namespaces, XDS: srv,
-			OnChange: func(policy.Change) { cp.publish() },
+			OnChange: func(ch policy.Change) { cp.publish(&ch) },
 			Identity: pod, Namespace: podNS, LeaseName: f.leaseName,
 			Logger: log.With("component", "kubernetes"), Metrics: kube.NewMetrics(reg),
 		})
@@ -278,7 +278,7 @@ func runControlPlane(ctx context.Context, args []string, stdout, stderr io.Write
 	}
 	// Without the Kubernetes source this serves the files now; with it,
 	// once the informers have synced (the controller's first OnChange).
-	snap := cp.publish()
+	snap := cp.publish(nil)
 	log.Info("declarations loaded", "dir", f.declarations, "kubernetes", f.kubernetes, "declarations", len(snap.Declarations), "errors", len(snap.Errors))
 	parts.Store(cp)
 
@@ -305,7 +305,7 @@ func runControlPlane(ctx context.Context, args []string, stdout, stderr io.Write
 	})
 	if files != nil {
 		spawn(func() error {
-			return files.Watch(ctx, f.debounce, func(policy.Snapshot, policy.Change) { cp.publish() })
+			return files.Watch(ctx, f.debounce, func(_ policy.Snapshot, ch policy.Change) { cp.publish(&ch) })
 		})
 	}
 	log.Info("control plane serving", "xds_address", lis.Addr().String(), "admin_address", adm.Addr().String(),
@@ -345,20 +345,33 @@ type controlPlaneParts struct {
 
 	mu   sync.Mutex
 	last policy.Snapshot
+	// stale is set while changes are held back, and until the first
+	// snapshot is served.
+	stale bool
 }
 
 // publish serves what the store holds now and keeps it for /status. Every
-// source calls it after a change; the lock keeps an older snapshot from
-// being served after a newer one. Until the Kubernetes source has read every
-// object it serves nothing: a sidecar must wait rather than be told that
-// its policy is gone.
-func (p *controlPlaneParts) publish() policy.Snapshot {
+// source calls it after a change, with what it changed (nil: anything may
+// have); the lock keeps an older snapshot from being served after a newer
+// one. Until the Kubernetes source has read every object it serves nothing:
+// a sidecar must wait rather than be told that its policy is gone.
+//
+// Only the workloads a change names are translated again, so an edit costs
+// the same with ten workloads or ten thousand; the first snapshot served,
+// and the first after changes were held back, is compared whole.
+func (p *controlPlaneParts) publish(ch *policy.Change) policy.Snapshot {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	s := p.store.Snapshot()
 	p.last = s
-	if p.kube == nil || p.kube.Synced() {
+	switch {
+	case p.kube != nil && !p.kube.Synced():
+		p.stale = true
+	case ch == nil || p.stale:
 		p.srv.Update(s)
+		p.stale = false
+	default:
+		p.srv.UpdateChanged(s, *ch)
 	}
 	return s
 }
