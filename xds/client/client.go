@@ -15,15 +15,14 @@ import (
 	"sync"
 	"time"
 
-	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
-	rpcstatus "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/anypb"
 
 	"latch.dev/latch/identity"
@@ -59,8 +58,38 @@ type Options struct {
 	// SettleTimeout is how long a cluster or endpoint update whose version
 	// differs from the listeners' waits for the listeners to follow before
 	// it is applied alone; zero means one second. latch's control plane
-	// always sends them together.
+	// always sends them together, and in order (clusters, endpoints,
+	// listeners). Over delta xDS a type that did not change is not sent at
+	// all, so the wait there is a tenth of this: the types of one change
+	// arrive back to back.
 	SettleTimeout time.Duration
+	// Protocol is the xDS variant spoken; the zero value, Incremental, is
+	// delta xDS with a fallback to state of the world.
+	Protocol Protocol
+}
+
+// Protocol is a variant of the xDS protocol.
+type Protocol int
+
+const (
+	// Incremental is delta xDS: the control plane sends only the
+	// resources that changed and the names of those removed, and a
+	// reconnecting client says which versions it holds, so a restarted or
+	// another replica of the control plane sends it nothing it already has.
+	// A control plane that answers Unimplemented is spoken to in state of
+	// the world on the same connection.
+	Incremental Protocol = iota
+	// StateOfTheWorld is state-of-the-world xDS only: every response
+	// carries every resource of its type.
+	StateOfTheWorld
+)
+
+// String is the protocol's name in the status: "delta" or "sotw".
+func (p Protocol) String() string {
+	if p == StateOfTheWorld {
+		return "sotw"
+	}
+	return "delta"
 }
 
 // Client is the sidecar's ADS client. It keeps the last good configuration
@@ -82,7 +111,10 @@ type Client struct {
 // Status is what the client reports about itself (in the sidecar's
 // /status, with the snake_case keys of every latch JSON document).
 type Status struct {
-	Connected      bool   `json:"connected"`
+	Connected bool `json:"connected"`
+	// Protocol is the xDS variant of the current or last stream: "delta"
+	// or "sotw" ("" before the first).
+	Protocol       string `json:"protocol"`
 	AppliedVersion string `json:"applied_version"`
 	LastError      string `json:"last_error"` // last NACK or connection error
 }
@@ -93,6 +125,14 @@ type resources struct {
 	raw      map[string]map[string]*anypb.Any
 	versions map[string]string // by type URL; present once the type was received
 	set      Set
+	// resVersions are the delta versions of the resources in raw, by type
+	// URL and name: what a reconnecting delta stream says it holds. Empty
+	// for resources received over state of the world.
+	resVersions map[string]map[string]string
+	// latest is, over delta xDS, the system version of the latest
+	// response: the version of the whole, since a type that did not change
+	// is not sent again and keeps an older one.
+	latest string
 }
 
 // complete reports whether listeners and clusters have both been received:
@@ -105,25 +145,33 @@ func (r resources) complete() bool {
 
 func newResources() resources {
 	return resources{
-		raw:      map[string]map[string]*anypb.Any{ListenerType: {}, ClusterType: {}, EndpointType: {}},
-		versions: map[string]string{},
-		set:      Set{Listeners: map[string]Listener{}, Clusters: map[string]Cluster{}, Endpoints: map[string]Endpoints{}},
+		raw:         map[string]map[string]*anypb.Any{ListenerType: {}, ClusterType: {}, EndpointType: {}},
+		versions:    map[string]string{},
+		set:         Set{Listeners: map[string]Listener{}, Clusters: map[string]Cluster{}, Endpoints: map[string]Endpoints{}},
+		resVersions: map[string]map[string]string{ListenerType: {}, ClusterType: {}, EndpointType: {}},
 	}
 }
 
 func (r resources) clone() resources {
 	out := resources{raw: map[string]map[string]*anypb.Any{}, versions: maps.Clone(r.versions), set: Set{
 		Listeners: maps.Clone(r.set.Listeners), Clusters: maps.Clone(r.set.Clusters), Endpoints: maps.Clone(r.set.Endpoints),
-	}}
+	}, resVersions: map[string]map[string]string{}, latest: r.latest}
 	for t, m := range r.raw {
 		out.raw[t] = maps.Clone(m)
+	}
+	for t, m := range r.resVersions {
+		out.resVersions[t] = maps.Clone(m)
 	}
 	return out
 }
 
 // version names the combination: one version when every type agrees (as
-// with latch's control plane, whose snapshots are consistent), else each.
+// with latch's control plane, whose snapshots are consistent), else each;
+// over delta xDS, the latest response's.
 func (r resources) version() string {
+	if r.latest != "" {
+		return r.latest
+	}
 	l, c, e := r.versions[ListenerType], r.versions[ClusterType], r.versions[EndpointType]
 	if l == c && (e == "" || e == l) {
 		return l
@@ -248,31 +296,9 @@ func (c *Client) tlsConfig() *tls.Config {
 	return cfg
 }
 
-// stream state of one type on one ADS stream.
-type typeState struct {
-	nonce string
-	names []string // EDS only
-
-	// A control plane may answer a NACK by resending the very update it
-	// refused (go-control-plane's snapshot cache does, since the NACK names
-	// an older version). Repeated refusals of one version are sent with a
-	// growing delay, so the pair does not spin. The delay stays short: until
-	// the NACK is sent, the control plane cannot send this type again, the
-	// fix included.
-	nackedVersion string
-	nackDelay     time.Duration
-	deferred      *discovery.DiscoveryRequest
-	deferredAt    time.Time
-}
-
-type session struct {
-	c      *Client
-	stream discovery.AggregatedDiscoveryService_StreamAggregatedResourcesClient
-	node   *core.Node
-	types  map[string]*typeState
-	sent   bool // node sent
-}
-
+// session is one connection to the control plane: delta xDS first, unless
+// the options say otherwise, and state of the world on the same connection
+// when the control plane does not implement delta.
 func (c *Client) session(ctx context.Context) (gotResponse bool, err error) {
 	conn, err := grpc.NewClient(c.opts.Address,
 		grpc.WithTransportCredentials(credentials.NewTLS(c.tlsConfig())),
@@ -282,41 +308,39 @@ func (c *Client) session(ctx context.Context) (gotResponse bool, err error) {
 		return false, fmt.Errorf("dialing control plane: %w", err)
 	}
 	defer conn.Close()
-	sctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	stream, err := discovery.NewAggregatedDiscoveryServiceClient(conn).StreamAggregatedResources(sctx, grpc.WaitForReady(false))
-	if err != nil {
-		return false, fmt.Errorf("opening ADS stream: %w", err)
-	}
-	s := &session{
-		c:      c,
-		stream: stream,
-		node:   &core.Node{Id: c.opts.NodeID.String(), UserAgentName: "latch"},
-		types:  map[string]*typeState{ListenerType: {}, ClusterType: {}, EndpointType: {}},
-	}
-	// Clusters first, then listeners, as Envoy does: listeners refer to
-	// clusters, and the client waits until references resolve.
-	if err := s.request(ClusterType, "", nil); err != nil {
-		return false, err
-	}
-	if err := s.request(ListenerType, "", nil); err != nil {
-		return false, err
-	}
-	if names := c.edsNames(c.pending.set); len(names) > 0 {
-		s.types[EndpointType].names = names
-		if err := s.request(EndpointType, "", nil); err != nil {
-			return false, err
+	ads := discovery.NewAggregatedDiscoveryServiceClient(conn)
+	if c.opts.Protocol == Incremental {
+		got, err := c.deltaSession(ctx, ads)
+		if status.Code(err) != codes.Unimplemented || got {
+			return got, err
 		}
+		c.log.Info("the control plane does not serve delta xDS; using state of the world", "reason", err)
 	}
-	// Recv blocks, so it runs on its own goroutine; the loop below also
-	// waits for the settle timer.
-	resps := make(chan *discovery.DiscoveryResponse)
+	return c.sotwSession(ctx, ads)
+}
+
+// streamLoop is the loop of one stream, of either protocol: responses are
+// received on their own goroutine (Recv blocks), handled one at a time, and
+// interleaved with the settle timer (an update held back for the types that
+// should follow it) and the deferred NACKs' timer.
+type streamLoop[R any] struct {
+	recv   func() (R, error)
+	handle func(R) (waiting bool, err error)
+	// due sends the deferred NACKs whose time has come and returns when
+	// the next is due (zero if none); nil if the protocol defers none.
+	due    func(now time.Time) (time.Time, error)
+	settle time.Duration
+}
+
+func runLoop[R any](ctx context.Context, c *Client, l streamLoop[R]) (gotResponse bool, err error) {
+	sctx, cancel := context.WithCancel(ctx)
+	resps := make(chan R)
 	recvErr := make(chan error, 1)
 	recvDone := make(chan struct{})
 	go func() {
 		defer close(recvDone)
 		for {
-			resp, err := stream.Recv()
+			resp, err := l.recv()
 			if err != nil {
 				recvErr <- err
 				return
@@ -337,7 +361,10 @@ func (c *Client) session(ctx context.Context) (gotResponse bool, err error) {
 	nackTimer.Stop()
 	defer nackTimer.Stop()
 	armNACKs := func() error {
-		next, err := s.sendDue(time.Now())
+		if l.due == nil {
+			return nil
+		}
+		next, err := l.due(time.Now())
 		nackTimer.Stop()
 		if !next.IsZero() {
 			nackTimer.Reset(time.Until(next))
@@ -346,6 +373,8 @@ func (c *Client) session(ctx context.Context) (gotResponse bool, err error) {
 	}
 	for {
 		select {
+		case <-ctx.Done():
+			return gotResponse, ctx.Err()
 		case err := <-recvErr:
 			return gotResponse, fmt.Errorf("receiving from control plane: %w", err)
 		case <-nackTimer.C:
@@ -367,12 +396,12 @@ func (c *Client) session(ctx context.Context) (gotResponse bool, err error) {
 				c.setStatus(func(st *Status) { st.Connected = true })
 				c.log.Info("xds stream established", "node", c.opts.NodeID.String())
 			}
-			waiting, err := s.handle(resp)
+			waiting, err := l.handle(resp)
 			if err != nil {
 				return gotResponse, err
 			}
 			if waiting {
-				settle.Reset(c.opts.SettleTimeout)
+				settle.Reset(l.settle)
 			}
 			if err := armNACKs(); err != nil {
 				return gotResponse, err
@@ -381,165 +410,15 @@ func (c *Client) session(ctx context.Context) (gotResponse bool, err error) {
 	}
 }
 
-func (s *session) request(typeURL, version string, nack error) error {
-	return s.send(s.newRequest(typeURL, version, nack))
+// refused reports a refused update: logged, counted, in the status.
+func (c *Client) refused(typ, version string, err error) {
+	c.log.Warn("xds update refused", "type", shortType(typ), "version", version, "reason", err)
+	c.opts.Metrics.update("nacked")
+	c.setStatus(func(st *Status) { st.LastError = err.Error() })
 }
-
-func (s *session) newRequest(typeURL, version string, nack error) *discovery.DiscoveryRequest {
-	st := s.types[typeURL]
-	req := &discovery.DiscoveryRequest{
-		VersionInfo:   version,
-		ResponseNonce: st.nonce,
-		TypeUrl:       typeURL,
-		ResourceNames: st.names,
-	}
-	if !s.sent {
-		req.Node = s.node
-		s.sent = true
-	}
-	if nack != nil {
-		req.ErrorDetail = &rpcstatus.Status{Code: int32(codes.InvalidArgument), Message: nack.Error()}
-	}
-	return req
-}
-
-func (s *session) send(req *discovery.DiscoveryRequest) error {
-	if err := s.stream.Send(req); err != nil {
-		return fmt.Errorf("sending %s request: %w", shortType(req.GetTypeUrl()), err)
-	}
-	return nil
-}
-
-// sendDue sends the deferred NACKs whose time has come and returns when the
-// next one is due (zero if none).
-func (s *session) sendDue(now time.Time) (time.Time, error) {
-	var next time.Time
-	for _, st := range s.types {
-		if st.deferred == nil {
-			continue
-		}
-		if !st.deferredAt.After(now) {
-			req := st.deferred
-			st.deferred = nil
-			if err := s.send(req); err != nil {
-				return time.Time{}, err
-			}
-			continue
-		}
-		if next.IsZero() || st.deferredAt.Before(next) {
-			next = st.deferredAt
-		}
-	}
-	return next, nil
-}
-
-// handle validates one response, applies it if it completes an update, and
-// ACKs or NACKs it. waiting reports an update held back for the types that
-// should follow it.
-func (s *session) handle(resp *discovery.DiscoveryResponse) (waiting bool, _ error) {
-	c := s.c
-	typ := resp.GetTypeUrl()
-	st, ok := s.types[typ]
-	if !ok {
-		c.log.Warn("ignoring response of a type latch did not ask for", "type", typ)
-		return false, nil
-	}
-	st.nonce = resp.GetNonce()
-	st.deferred = nil // this response supersedes the one a deferred NACK answered
-	next := c.pending.clone()
-	err := c.decode(&next, typ, resp.GetResources())
-	if err == nil {
-		next.versions[typ] = resp.GetVersionInfo()
-		err = c.commit(next, typ)
-	}
-	if errors.Is(err, errWaiting) {
-		waiting, err = true, nil
-	}
-	if err != nil {
-		// Refuse the whole response; what was running keeps running.
-		c.log.Warn("xds update refused", "type", shortType(typ), "version", resp.GetVersionInfo(), "reason", err)
-		c.opts.Metrics.update("nacked")
-		c.setStatus(func(st *Status) { st.LastError = err.Error() })
-		req := s.newRequest(typ, c.pending.versions[typ], err)
-		if resp.GetVersionInfo() == st.nackedVersion {
-			st.nackDelay = min(max(2*st.nackDelay, 100*time.Millisecond), maxNACKDelay)
-			st.deferred, st.deferredAt = req, time.Now().Add(st.nackDelay)
-			return false, nil
-		}
-		st.nackedVersion, st.nackDelay = resp.GetVersionInfo(), 0
-		return false, s.send(req)
-	}
-	st.nackedVersion, st.nackDelay = "", 0
-	c.pending = next
-	if err := s.request(typ, resp.GetVersionInfo(), nil); err != nil {
-		return false, err
-	}
-	if typ == ClusterType {
-		// Follow the clusters with the endpoints they need.
-		names := c.edsNames(next.set)
-		eds := s.types[EndpointType]
-		if len(names) > 0 && !slices.Equal(names, eds.names) {
-			eds.names = names
-			return waiting, s.request(EndpointType, c.pending.versions[EndpointType], nil)
-		}
-	}
-	return waiting, nil
-}
-
-// maxNACKDelay bounds the delay of repeated NACKs of one version.
-const maxNACKDelay = 2 * time.Second
 
 // errWaiting holds an update back until the types that follow it arrive.
 var errWaiting = errors.New("waiting for the rest of the update")
-
-// decode validates every resource of one response into r, replacing what r
-// held for that type: state-of-the-world responses are complete.
-func (c *Client) decode(r *resources, typ string, in []*anypb.Any) error {
-	raw := map[string]*anypb.Any{}
-	switch typ {
-	case ListenerType:
-		set := map[string]Listener{}
-		for _, a := range in {
-			l, err := c.v.Listener(a)
-			if err != nil {
-				return err
-			}
-			if _, dup := set[l.Name]; dup {
-				return &ValidationError{Type: "listener", Resource: l.Name, Reason: "sent twice"}
-			}
-			set[l.Name], raw[l.Name] = l, a
-		}
-		r.set.Listeners = set
-	case ClusterType:
-		set := map[string]Cluster{}
-		for _, a := range in {
-			cl, err := c.v.Cluster(a)
-			if err != nil {
-				return err
-			}
-			if _, dup := set[cl.Name]; dup {
-				return &ValidationError{Type: "cluster", Resource: cl.Name, Reason: "sent twice"}
-			}
-			set[cl.Name], raw[cl.Name] = cl, a
-		}
-		r.set.Clusters = set
-	case EndpointType:
-		set := map[string]Endpoints{}
-		for _, a := range in {
-			e, err := c.v.Endpoints(a)
-			if err != nil {
-				return err
-			}
-			if _, dup := set[e.Name]; dup {
-				return &ValidationError{Type: "endpoints", Resource: e.Name, Reason: "sent twice"}
-			}
-			set[e.Name], raw[e.Name] = e, a
-		}
-		r.set.Endpoints = set
-	}
-	r.raw[typ] = raw
-	return nil
-}
 
 // commit builds the configuration of r and applies it when it differs from
 // what runs. An incomplete set is accepted and waits for the rest.
@@ -550,15 +429,12 @@ func (c *Client) decode(r *resources, typ string, in []*anypb.Any) error {
 // errWaiting, and only a listener update (or the settle timer, for a
 // control plane that changed clusters alone; arrived "") applies; otherwise
 // a mix of old listeners and new clusters, which no declaration ever said,
-// could run for a moment.
+// could run for a moment. A set that does not build is refused at once,
+// though: what is held back has been acknowledged, and over delta xDS the
+// listeners that would have shown the refusal may never be sent again.
 func (c *Client) commit(r resources, arrived string) error {
 	if !r.complete() {
 		return nil
-	}
-	l := r.versions[ListenerType]
-	agree := r.versions[ClusterType] == l && (len(c.edsNames(r.set)) == 0 || r.versions[EndpointType] == l)
-	if !agree && arrived != ListenerType && arrived != "" {
-		return errWaiting
 	}
 	cfg, err := c.v.Build(r.set, r.version())
 	if errors.Is(err, ErrIncomplete) {
@@ -567,6 +443,11 @@ func (c *Client) commit(r resources, arrived string) error {
 	}
 	if err != nil {
 		return err
+	}
+	l := r.versions[ListenerType]
+	agree := r.versions[ClusterType] == l && (len(c.edsNames(r.set)) == 0 || r.versions[EndpointType] == l)
+	if !agree && arrived != ListenerType && arrived != "" {
+		return errWaiting
 	}
 	key := configKey(cfg)
 	if key == c.appliedAt {

@@ -4,8 +4,11 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"io"
 	"net"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -304,5 +307,128 @@ func TestStateDirServesThroughTheDataPlane(t *testing.T) {
 	if c, err := intruder.call(addr); err == nil {
 		c.Close()
 		t.Fatal("saved policy let the intruder in")
+	}
+}
+
+// TestRemovalThroughTheDataPlane: resources removed by the control plane —
+// over delta xDS, removed_resources — take effect in the data plane: a
+// removed listener stops accepting and its live connections drain (they
+// keep working, then are closed at the drain timeout) while the other
+// listener is untouched; a removed declaration removes everything, so the
+// sidecar fails closed.
+func TestRemovalThroughTheDataPlane(t *testing.T) {
+	eachProtocol(t, func(t *testing.T, p client.Protocol) {
+		ca := identitytest.NewCA(t, "mesh.test")
+		app := echoServer(t)
+		p1, p2 := freePort(t), freePort(t)
+		a1, a2 := "127.0.0.1:"+strconv.Itoa(p1), "127.0.0.1:"+strconv.Itoa(p2)
+		decl := func(ports ...int) string {
+			s := fmt.Sprintf("apiVersion: latch.dev/v1alpha1\nkind: ServicePolicy\nmetadata: {name: backend}\nspec:\n  spiffeID: %s\n  inbound:\n", backend)
+			for _, port := range ports {
+				s += fmt.Sprintf("    - {port: %d, appAddress: %q, allow: [{id: %s}]}\n", port, app, frontend)
+			}
+			return s
+		}
+		dir := t.TempDir()
+		writeFile(t, dir, "backend.yaml", decl(p1, p2))
+		cp := startControlPlane(t, ca, dir, "127.0.0.1:0")
+
+		const drain = 1500 * time.Millisecond
+		dp := proxy.NewServer(identity.NewTLS(ca.Source(t, backend.String())), proxy.Options{Logger: logger(t), DrainTimeout: drain})
+		t.Cleanup(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			_ = dp.Shutdown(ctx)
+		})
+		applied := make(chan *proxy.Config, 16)
+		opts := sidecarOptsFor(t, p, ca, cp.addr, backend)
+		opts.MinBackoff, opts.MaxBackoff = 20*time.Millisecond, 200*time.Millisecond
+		c, err := client.New(opts, func(cfg *proxy.Config) error {
+			if err := dp.Apply(cfg); err != nil {
+				return err
+			}
+			applied <- cfg
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() { defer close(done); _ = c.Run(ctx) }()
+		t.Cleanup(func() { cancel(); <-done })
+		next := func() *proxy.Config {
+			t.Helper()
+			select {
+			case cfg := <-applied:
+				return cfg
+			case <-time.After(10 * time.Second):
+				t.Fatal("no policy applied")
+			}
+			return nil
+		}
+		if cfg := next(); len(cfg.Inbound) != 2 {
+			t.Fatalf("first config: %+v", cfg.Inbound)
+		}
+		if st := c.Status(); st.Protocol != p.String() {
+			t.Fatalf("protocol %q, want %q", st.Protocol, p)
+		}
+		fe := newPeer(t, ca, frontend)
+		live1, err := fe.call(a1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer live1.Close()
+		live2, err := fe.call(a2)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer live2.Close()
+
+		// The second port goes: its listener drains, the first is untouched.
+		writeFile(t, dir, "backend.yaml", decl(p1))
+		if cfg := next(); len(cfg.Inbound) != 1 || cfg.Inbound[0].Listen != a1 {
+			t.Fatalf("after removing a port: %+v", cfg.Inbound)
+		}
+		removed := time.Now()
+		if err := roundTrip(live2); err != nil {
+			t.Errorf("live connection of the removed listener cut before the drain timeout: %v", err)
+		}
+		if c, err := fe.call(a2); err == nil {
+			c.Close()
+			t.Error("the removed listener still accepts")
+		}
+		if err := roundTrip(live1); err != nil {
+			t.Errorf("the other listener's connection was disturbed: %v", err)
+		}
+		closedWithin(t, live2, removed, drain)
+
+		// The declaration goes: nothing is served, the sidecar fails closed.
+		if err := os.Remove(filepath.Join(dir, "backend.yaml")); err != nil {
+			t.Fatal(err)
+		}
+		if cfg := next(); len(cfg.Inbound)+len(cfg.Outbound) != 0 {
+			t.Fatalf("after removing the declaration: %+v", cfg)
+		}
+		removed = time.Now()
+		if c, err := fe.call(a1); err == nil {
+			c.Close()
+			t.Error("a sidecar whose declaration was removed still accepts")
+		}
+		closedWithin(t, live1, removed, drain)
+	})
+}
+
+// closedWithin checks that c is closed by the peer about drain after since.
+func closedWithin(t *testing.T, c net.Conn, since time.Time, drain time.Duration) {
+	t.Helper()
+	_ = c.SetReadDeadline(since.Add(drain + 5*time.Second))
+	_, err := c.Read(make([]byte, 1))
+	var ne net.Error
+	if err == nil || (errors.As(err, &ne) && ne.Timeout()) {
+		t.Fatalf("a draining connection was not closed after the drain timeout: %v", err)
+	}
+	if d := time.Since(since); d < drain/2 {
+		t.Errorf("a draining connection was closed after %v, before the drain timeout (%v)", d, drain)
 	}
 }

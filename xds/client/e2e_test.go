@@ -90,7 +90,7 @@ type controlPlane struct {
 func startControlPlane(t *testing.T, ca *identitytest.CA, dir, addr string) *controlPlane {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	store, err := policy.NewStore(policy.Options{TrustDomains: []spiffeid.TrustDomain{td, spiffeid.RequireTrustDomainFromString("partner.test")}}, nil)
+	store, err := policy.NewStore(policy.Options{TrustDomains: []spiffeid.TrustDomain{td, spiffeid.RequireTrustDomainFromString("partner.test")}}, logger(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -193,6 +193,21 @@ func (s *sidecar) noneFor(t *testing.T, d time.Duration) {
 	}
 }
 
+// eachProtocol runs f over delta xDS (the client's default) and state of
+// the world.
+func eachProtocol(t *testing.T, f func(t *testing.T, p client.Protocol)) {
+	for _, p := range []client.Protocol{client.Incremental, client.StateOfTheWorld} {
+		t.Run(p.String(), func(t *testing.T) { f(t, p) })
+	}
+}
+
+// sidecarOptsFor is sidecarOpts speaking protocol p.
+func sidecarOptsFor(t *testing.T, p client.Protocol, ca *identitytest.CA, addr string, id spiffeid.ID) client.Options {
+	o := sidecarOpts(t, ca, addr, id)
+	o.Protocol = p
+	return o
+}
+
 func sidecarOpts(t *testing.T, ca *identitytest.CA, addr string, id spiffeid.ID) client.Options {
 	return client.Options{
 		Address:        addr,
@@ -218,69 +233,73 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 }
 
 func TestEndToEndPropagation(t *testing.T) {
-	ca := identitytest.NewCA(t, "mesh.test")
-	dir := t.TempDir()
-	writeFile(t, dir, "backend.yaml", declaration(backend, 15001, frontend.String()))
-	cp := startControlPlane(t, ca, dir, "127.0.0.1:0")
-	sc := startSidecar(t, sidecarOpts(t, ca, cp.addr, backend))
+	eachProtocol(t, func(t *testing.T, p client.Protocol) {
+		ca := identitytest.NewCA(t, "mesh.test")
+		dir := t.TempDir()
+		writeFile(t, dir, "backend.yaml", declaration(backend, 15001, frontend.String()))
+		cp := startControlPlane(t, ca, dir, "127.0.0.1:0")
+		sc := startSidecar(t, sidecarOptsFor(t, p, ca, cp.addr, backend))
 
-	cfg := sc.next(t)
-	if cfg.Source != "xds" || cfg.Version != cp.srv.Version(backend.String()) {
-		t.Errorf("source %q version %q, want xds and %q", cfg.Source, cfg.Version, cp.srv.Version(backend.String()))
-	}
-	if !allows(cfg, frontend) || cfg.Inbound[0].Listen != "127.0.0.1:15001" || cfg.Inbound[0].App != "127.0.0.1:7001" {
-		t.Fatalf("first config: %+v", cfg.Inbound)
-	}
-
-	intruder := spiffeid.RequireFromString("spiffe://mesh.test/intruder")
-	var times []time.Duration
-	for i, allow := range [][]string{{frontend.String(), intruder.String()}, {intruder.String()}, {frontend.String()}} {
-		start := time.Now()
-		writeFile(t, dir, "backend.yaml", declaration(backend, 15001, allow...))
-		cfg = sc.next(t)
-		times = append(times, time.Since(start))
-		wantFrontend, wantIntruder := strings.Contains(strings.Join(allow, " "), "frontend"), strings.Contains(strings.Join(allow, " "), "intruder")
-		if allows(cfg, frontend) != wantFrontend || allows(cfg, intruder) != wantIntruder {
-			t.Fatalf("edit %d: allow-list %v", i, cfg.Inbound[0].Allow)
+		cfg := sc.next(t)
+		if cfg.Source != "xds" || cfg.Version != cp.srv.Version(backend.String()) {
+			t.Errorf("source %q version %q, want xds and %q", cfg.Source, cfg.Version, cp.srv.Version(backend.String()))
 		}
-	}
-	t.Logf("declaration edit → config applied in the sidecar: %v (watch debounce 10ms)", times)
+		if !allows(cfg, frontend) || cfg.Inbound[0].Listen != "127.0.0.1:15001" || cfg.Inbound[0].App != "127.0.0.1:7001" {
+			t.Fatalf("first config: %+v", cfg.Inbound)
+		}
 
-	// The sidecar reports ACKs: nothing refused.
-	if n := cp.srv.LastNACK(backend.String()); n != "" {
-		t.Errorf("control plane saw a NACK: %s", n)
-	}
-	waitFor(t, "the status to show the version", func() bool {
-		st := sc.c.Status()
-		return st.Connected && st.AppliedVersion == cfg.Version
+		intruder := spiffeid.RequireFromString("spiffe://mesh.test/intruder")
+		var times []time.Duration
+		for i, allow := range [][]string{{frontend.String(), intruder.String()}, {intruder.String()}, {frontend.String()}} {
+			start := time.Now()
+			writeFile(t, dir, "backend.yaml", declaration(backend, 15001, allow...))
+			cfg = sc.next(t)
+			times = append(times, time.Since(start))
+			wantFrontend, wantIntruder := strings.Contains(strings.Join(allow, " "), "frontend"), strings.Contains(strings.Join(allow, " "), "intruder")
+			if allows(cfg, frontend) != wantFrontend || allows(cfg, intruder) != wantIntruder {
+				t.Fatalf("edit %d: allow-list %v", i, cfg.Inbound[0].Allow)
+			}
+		}
+		t.Logf("declaration edit → config applied in the sidecar: %v (watch debounce 10ms)", times)
+
+		// The sidecar reports ACKs: nothing refused.
+		if n := cp.srv.LastNACK(backend.String()); n != "" {
+			t.Errorf("control plane saw a NACK: %s", n)
+		}
+		waitFor(t, "the status to show the version and protocol", func() bool {
+			st := sc.c.Status()
+			return st.Connected && st.AppliedVersion == cfg.Version && st.Protocol == p.String()
+		})
+		// The control plane knows the sidecar applied the version it serves,
+		// the version it would compute for the declaration.
+		waitFor(t, "the control plane to count the ACK", func() bool {
+			acks := cp.srv.Acks()
+			return len(acks) == 1 && acks[0] == server.NodeAcks{Node: backend.String(), Version: cfg.Version, Connected: 1, Acked: 1}
+		})
+		decl, ok := cp.store.Snapshot().Lookup(backend)
+		if !ok || cp.srv.VersionFor(decl) != cfg.Version {
+			t.Errorf("VersionFor = %q, want the served %q", cp.srv.VersionFor(decl), cfg.Version)
+		}
 	})
-	// The control plane knows the sidecar applied the version it serves,
-	// the version it would compute for the declaration.
-	waitFor(t, "the control plane to count the ACK", func() bool {
-		acks := cp.srv.Acks()
-		return len(acks) == 1 && acks[0] == server.NodeAcks{Node: backend.String(), Version: cfg.Version, Connected: 1, Acked: 1}
-	})
-	decl, ok := cp.store.Snapshot().Lookup(backend)
-	if !ok || cp.srv.VersionFor(decl) != cfg.Version {
-		t.Errorf("VersionFor = %q, want the served %q", cp.srv.VersionFor(decl), cfg.Version)
-	}
 }
 
 func TestUndeclaredNodeServesNothing(t *testing.T) {
-	ca := identitytest.NewCA(t, "mesh.test")
-	dir := t.TempDir()
-	writeFile(t, dir, "backend.yaml", declaration(backend, 15001))
-	cp := startControlPlane(t, ca, dir, "127.0.0.1:0")
-	sc := startSidecar(t, sidecarOpts(t, ca, cp.addr, frontend))
-	cfg := sc.next(t)
-	if len(cfg.Inbound)+len(cfg.Outbound) != 0 {
-		t.Fatalf("undeclared node got %+v", cfg)
-	}
-	// Declaring it later reaches it.
-	writeFile(t, dir, "frontend.yaml", declaration(frontend, 15002, backend.String()))
-	if cfg := sc.next(t); !allows(cfg, backend) {
-		t.Fatalf("after declaring: %+v", cfg)
-	}
+	eachProtocol(t, func(t *testing.T, p client.Protocol) {
+		ca := identitytest.NewCA(t, "mesh.test")
+		dir := t.TempDir()
+		writeFile(t, dir, "backend.yaml", declaration(backend, 15001))
+		cp := startControlPlane(t, ca, dir, "127.0.0.1:0")
+		sc := startSidecar(t, sidecarOptsFor(t, p, ca, cp.addr, frontend))
+		cfg := sc.next(t)
+		if len(cfg.Inbound)+len(cfg.Outbound) != 0 {
+			t.Fatalf("undeclared node got %+v", cfg)
+		}
+		// Declaring it later reaches it.
+		writeFile(t, dir, "frontend.yaml", declaration(frontend, 15002, backend.String()))
+		if cfg := sc.next(t); !allows(cfg, backend) {
+			t.Fatalf("after declaring: %+v", cfg)
+		}
+	})
 }
 
 // TestNodeIDSpoofingRefused: a sidecar proving one ID cannot ask for
@@ -357,118 +376,124 @@ func dial(t *testing.T, addr string, tlsc *tls.Config) *grpc.ClientConn {
 // because the data plane would not take it — leaves the running config in
 // place, and the reason reaches the control plane.
 func TestNACKKeepsLastGood(t *testing.T) {
-	ca := identitytest.NewCA(t, "mesh.test")
-	dir := t.TempDir()
-	writeFile(t, dir, "backend.yaml", declaration(backend, 15001, frontend.String()))
-	cp := startControlPlane(t, ca, dir, "127.0.0.1:0")
-	sc := startSidecar(t, sidecarOpts(t, ca, cp.addr, backend))
-	good := sc.next(t)
+	eachProtocol(t, func(t *testing.T, p client.Protocol) {
+		ca := identitytest.NewCA(t, "mesh.test")
+		dir := t.TempDir()
+		writeFile(t, dir, "backend.yaml", declaration(backend, 15001, frontend.String()))
+		cp := startControlPlane(t, ca, dir, "127.0.0.1:0")
+		sc := startSidecar(t, sidecarOptsFor(t, p, ca, cp.addr, backend))
+		good := sc.next(t)
 
-	// Valid for the control plane (partner.test is configured there), but
-	// the sidecar has no federation: it must refuse the whole update.
-	writeFile(t, dir, "backend.yaml", declaration(backend, 15001, frontend.String())+`  outbound:
+		// Valid for the control plane (partner.test is configured there), but
+		// the sidecar has no federation: it must refuse the whole update.
+		writeFile(t, dir, "backend.yaml", declaration(backend, 15001, frontend.String())+`  outbound:
     - port: 15100
       target: 127.0.0.1:9
       serverID: spiffe://partner.test/pay
 `)
-	waitFor(t, "the NACK at the control plane", func() bool { return cp.srv.LastNACK(backend.String()) != "" })
-	nack := cp.srv.LastNACK(backend.String())
-	if !strings.Contains(nack, `cluster "outbound|15100"`) || !strings.Contains(nack, "validation_context_sds_secret_config.name") {
-		t.Errorf("NACK does not name resource and field: %s", nack)
-	}
-	t.Logf("control plane saw: %s", nack)
-	sc.noneFor(t, 50*time.Millisecond)
-	waitFor(t, "the NACK in the ACK state", func() bool {
-		acks := cp.srv.Acks()
-		return len(acks) == 1 && acks[0].Connected == 1 && acks[0].Acked == 0 && acks[0].NACKed == 1 &&
-			strings.Contains(acks[0].NACK, `cluster "outbound|15100"`)
-	})
+		waitFor(t, "the NACK at the control plane", func() bool { return cp.srv.LastNACK(backend.String()) != "" })
+		nack := cp.srv.LastNACK(backend.String())
+		if !strings.Contains(nack, `cluster "outbound|15100"`) || !strings.Contains(nack, "validation_context_sds_secret_config.name") {
+			t.Errorf("NACK does not name resource and field: %s", nack)
+		}
+		t.Logf("control plane saw: %s", nack)
+		sc.noneFor(t, 50*time.Millisecond)
+		waitFor(t, "the NACK in the ACK state", func() bool {
+			acks := cp.srv.Acks()
+			return len(acks) == 1 && acks[0].Connected == 1 && acks[0].Acked == 0 && acks[0].NACKed == 1 &&
+				strings.Contains(acks[0].NACK, `cluster "outbound|15100"`)
+		})
 
-	// The data plane refuses the next one: NACK as well, nothing changes.
-	sc.mu.Lock()
-	sc.refuse = errors.New("listener inbound|15001: address in use")
-	sc.mu.Unlock()
-	writeFile(t, dir, "backend.yaml", declaration(backend, 15001))
-	waitFor(t, "the apply refusal at the control plane", func() bool {
-		return strings.Contains(cp.srv.LastNACK(backend.String()), "address in use")
-	})
-	sc.mu.Lock()
-	cur := sc.current
-	sc.refuse = nil
-	sc.mu.Unlock()
-	if cur != good {
-		t.Fatalf("running config changed after NACKs: %+v", cur)
-	}
+		// The data plane refuses the next one: NACK as well, nothing changes.
+		sc.mu.Lock()
+		sc.refuse = errors.New("listener inbound|15001: address in use")
+		sc.mu.Unlock()
+		writeFile(t, dir, "backend.yaml", declaration(backend, 15001))
+		waitFor(t, "the apply refusal at the control plane", func() bool {
+			return strings.Contains(cp.srv.LastNACK(backend.String()), "address in use")
+		})
+		sc.mu.Lock()
+		cur := sc.current
+		sc.refuse = nil
+		sc.mu.Unlock()
+		if cur != good {
+			t.Fatalf("running config changed after NACKs: %+v", cur)
+		}
 
-	// A good update goes through again and clears the NACK.
-	writeFile(t, dir, "backend.yaml", declaration(backend, 15001, "spiffe://mesh.test/new"))
-	if cfg := sc.next(t); !allows(cfg, spiffeid.RequireFromString("spiffe://mesh.test/new")) {
-		t.Fatalf("after recovery: %+v", cfg.Inbound)
-	}
-	waitFor(t, "the NACK to clear", func() bool { return cp.srv.LastNACK(backend.String()) == "" })
-	waitFor(t, "the ACK state to clear", func() bool {
-		acks := cp.srv.Acks()
-		return len(acks) == 1 && acks[0].Acked == 1 && acks[0].NACKed == 0 && acks[0].NACK == ""
+		// A good update goes through again and clears the NACK.
+		writeFile(t, dir, "backend.yaml", declaration(backend, 15001, "spiffe://mesh.test/new"))
+		if cfg := sc.next(t); !allows(cfg, spiffeid.RequireFromString("spiffe://mesh.test/new")) {
+			t.Fatalf("after recovery: %+v", cfg.Inbound)
+		}
+		waitFor(t, "the NACK to clear", func() bool { return cp.srv.LastNACK(backend.String()) == "" })
+		waitFor(t, "the ACK state to clear", func() bool {
+			acks := cp.srv.Acks()
+			return len(acks) == 1 && acks[0].Acked == 1 && acks[0].NACKed == 0 && acks[0].NACK == ""
+		})
 	})
 }
 
 // TestControlPlaneRestart: while the control plane is down the sidecar keeps
 // its config; once it is back the sidecar reconnects and follows changes.
 func TestControlPlaneRestart(t *testing.T) {
-	ca := identitytest.NewCA(t, "mesh.test")
-	dir := t.TempDir()
-	writeFile(t, dir, "backend.yaml", declaration(backend, 15001, frontend.String()))
-	cp := startControlPlane(t, ca, dir, "127.0.0.1:0")
-	sc := startSidecar(t, sidecarOpts(t, ca, cp.addr, backend))
-	first := sc.next(t)
+	eachProtocol(t, func(t *testing.T, p client.Protocol) {
+		ca := identitytest.NewCA(t, "mesh.test")
+		dir := t.TempDir()
+		writeFile(t, dir, "backend.yaml", declaration(backend, 15001, frontend.String()))
+		cp := startControlPlane(t, ca, dir, "127.0.0.1:0")
+		sc := startSidecar(t, sidecarOptsFor(t, p, ca, cp.addr, backend))
+		first := sc.next(t)
 
-	cp.stop()
-	waitFor(t, "the client to notice", func() bool { return !sc.c.Status().Connected })
-	sc.noneFor(t, 100*time.Millisecond) // reconnect attempts fail; nothing is applied
+		cp.stop()
+		waitFor(t, "the client to notice", func() bool { return !sc.c.Status().Connected })
+		sc.noneFor(t, 100*time.Millisecond) // reconnect attempts fail; nothing is applied
 
-	start := time.Now()
-	cp2 := startControlPlane(t, ca, dir, cp.addr)
-	waitFor(t, "the reconnect", func() bool { return sc.c.Status().Connected })
-	t.Logf("control plane back → sidecar reconnected in %v", time.Since(start))
-	// Same declarations, same version: the identical config is not re-applied.
-	sc.noneFor(t, 50*time.Millisecond)
-	if cp2.srv.Version(backend.String()) != first.Version {
-		t.Errorf("restarted control plane serves version %s, was %s: versions must be content hashes", cp2.srv.Version(backend.String()), first.Version)
-	}
-	writeFile(t, dir, "backend.yaml", declaration(backend, 15001))
-	if cfg := sc.next(t); allows(cfg, frontend) {
-		t.Fatalf("change after restart not applied: %+v", cfg.Inbound)
-	}
+		start := time.Now()
+		cp2 := startControlPlane(t, ca, dir, cp.addr)
+		waitFor(t, "the reconnect", func() bool { return sc.c.Status().Connected })
+		t.Logf("control plane back → sidecar reconnected in %v", time.Since(start))
+		// Same declarations, same version: the identical config is not re-applied.
+		sc.noneFor(t, 50*time.Millisecond)
+		if cp2.srv.Version(backend.String()) != first.Version {
+			t.Errorf("restarted control plane serves version %s, was %s: versions must be content hashes", cp2.srv.Version(backend.String()), first.Version)
+		}
+		writeFile(t, dir, "backend.yaml", declaration(backend, 15001))
+		if cfg := sc.next(t); allows(cfg, frontend) {
+			t.Fatalf("change after restart not applied: %+v", cfg.Inbound)
+		}
+	})
 }
 
 // TestStateDirRestart: a sidecar restarted while the control plane is down
 // serves its last good policy from the state directory.
 func TestStateDirRestart(t *testing.T) {
-	ca := identitytest.NewCA(t, "mesh.test")
-	dir, state := t.TempDir(), t.TempDir()
-	writeFile(t, dir, "backend.yaml", declaration(backend, 15001, frontend.String()))
-	cp := startControlPlane(t, ca, dir, "127.0.0.1:0")
-	opts := sidecarOpts(t, ca, cp.addr, backend)
-	opts.StateDir = state
-	sc := startSidecar(t, opts)
-	live := sc.next(t)
-	sc.stop()
-	cp.stop()
+	eachProtocol(t, func(t *testing.T, p client.Protocol) {
+		ca := identitytest.NewCA(t, "mesh.test")
+		dir, state := t.TempDir(), t.TempDir()
+		writeFile(t, dir, "backend.yaml", declaration(backend, 15001, frontend.String()))
+		cp := startControlPlane(t, ca, dir, "127.0.0.1:0")
+		opts := sidecarOptsFor(t, p, ca, cp.addr, backend)
+		opts.StateDir = state
+		sc := startSidecar(t, opts)
+		live := sc.next(t)
+		sc.stop()
+		cp.stop()
 
-	sc2 := startSidecar(t, opts)
-	restored := sc2.next(t)
-	if restored.Source != "xds-state" || restored.Version != live.Version || !allows(restored, frontend) {
-		t.Fatalf("restored %+v from %+v", restored, live)
-	}
-	if sc2.c.Status().Connected {
-		t.Fatal("connected to a stopped control plane")
-	}
+		sc2 := startSidecar(t, opts)
+		restored := sc2.next(t)
+		if restored.Source != "xds-state" || restored.Version != live.Version || !allows(restored, frontend) {
+			t.Fatalf("restored %+v from %+v", restored, live)
+		}
+		if sc2.c.Status().Connected {
+			t.Fatal("connected to a stopped control plane")
+		}
 
-	// A state file of another node is not used.
-	other := sidecarOpts(t, ca, cp.addr, frontend)
-	other.StateDir = state
-	sc3 := startSidecar(t, other)
-	sc3.noneFor(t, 100*time.Millisecond)
+		// A state file of another node is not used.
+		other := sidecarOptsFor(t, p, ca, cp.addr, frontend)
+		other.StateDir = state
+		sc3 := startSidecar(t, other)
+		sc3.noneFor(t, 100*time.Millisecond)
+	})
 }
 
 // TestWrongControlPlaneRefused: the sidecar talks only to the control plane

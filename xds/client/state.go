@@ -22,6 +22,11 @@ type savedState struct {
 	Node      string                       `json:"node"`
 	Versions  map[string]string            `json:"versions"`
 	Resources map[string]map[string][]byte `json:"resources"` // type URL → name → serialized Any
+	// Version and ResourceVersions are delta xDS's: the latest response's
+	// system version, and each resource's version, which a delta stream
+	// after a restart says it holds, so nothing unchanged is sent again.
+	Version          string                       `json:"version,omitempty"`
+	ResourceVersions map[string]map[string]string `json:"resource_versions,omitempty"`
 }
 
 // save writes r atomically: a crash leaves the old file or the new one,
@@ -30,7 +35,8 @@ func (c *Client) save(r resources) error {
 	if c.opts.StateDir == "" {
 		return nil
 	}
-	st := savedState{Node: c.opts.NodeID.String(), Versions: r.versions, Resources: map[string]map[string][]byte{}}
+	st := savedState{Node: c.opts.NodeID.String(), Versions: r.versions, Resources: map[string]map[string][]byte{},
+		Version: r.latest, ResourceVersions: r.resVersions}
 	for typ, m := range r.raw {
 		st.Resources[typ] = map[string][]byte{}
 		for name, a := range m {
@@ -120,7 +126,13 @@ func (c *Client) restoreFrom(path string) error {
 		if v, ok := st.Versions[typ]; ok {
 			r.versions[typ] = v
 		}
+		for name, v := range st.ResourceVersions[typ] {
+			if _, ok := r.raw[typ][name]; ok {
+				r.resVersions[typ][name] = v
+			}
+		}
 	}
+	r.latest = st.Version
 	if !r.complete() {
 		return fmt.Errorf("%s: listeners or clusters missing", path)
 	}
