@@ -384,16 +384,15 @@ func TestNACKKeepsLastGood(t *testing.T) {
 		sc := startSidecar(t, sidecarOptsFor(t, p, ca, cp.addr, backend))
 		good := sc.next(t)
 
-		// Valid for the control plane (partner.test is configured there), but
-		// the sidecar has no federation: it must refuse the whole update.
-		writeFile(t, dir, "backend.yaml", declaration(backend, 15001, frontend.String())+`  outbound:
-    - port: 15100
-      target: 127.0.0.1:9
-      serverID: spiffe://partner.test/pay
+		// Valid for the control plane, but the sidecar takes an app off
+		// loopback only when told to: it must refuse the whole update.
+		writeFile(t, dir, "backend.yaml", declaration(backend, 15001, frontend.String())+`    - port: 15100
+      appAddress: 192.0.2.10:8080
+      allow: []
 `)
 		waitFor(t, "the NACK at the control plane", func() bool { return cp.srv.LastNACK(backend.String()) != "" })
 		nack := cp.srv.LastNACK(backend.String())
-		if !strings.Contains(nack, `cluster "outbound|15100"`) || !strings.Contains(nack, "validation_context_sds_secret_config.name") {
+		if !strings.Contains(nack, `cluster "inbound|15100|app"`) || !strings.Contains(nack, "load_assignment") {
 			t.Errorf("NACK does not name resource and field: %s", nack)
 		}
 		t.Logf("control plane saw: %s", nack)
@@ -401,7 +400,7 @@ func TestNACKKeepsLastGood(t *testing.T) {
 		waitFor(t, "the NACK in the ACK state", func() bool {
 			acks := cp.srv.Acks()
 			return len(acks) == 1 && acks[0].Connected == 1 && acks[0].Acked == 0 && acks[0].NACKed == 1 &&
-				strings.Contains(acks[0].NACK, `cluster "outbound|15100"`)
+				strings.Contains(acks[0].NACK, `cluster "inbound|15100|app"`)
 		})
 
 		// The data plane refuses the next one: NACK as well, nothing changes.

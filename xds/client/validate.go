@@ -77,14 +77,17 @@ type Validator struct {
 
 // Listener is a validated listener.
 type Listener struct {
-	Name     string
-	Inbound  bool
-	Listen   string
-	Cluster  string
-	Allow    identity.AllowList // inbound only
-	Idle     time.Duration
-	TLS      *identity.Profile // narrowed profile, when tls_params were given
-	resource string
+	Name    string
+	Inbound bool
+	Listen  string
+	Cluster string
+	Allow   identity.AllowList // inbound only
+	Idle    time.Duration
+	TLS     *identity.Profile // narrowed profile, when tls_params were given
+	// FederatesWith are the foreign trust domains the listener's SPIFFE
+	// certificate validator names (inbound only).
+	FederatesWith []spiffeid.TrustDomain
+	resource      string
 }
 
 // Cluster is a validated cluster.
@@ -98,6 +101,9 @@ type Cluster struct {
 	// ProxyProtocol: a plain cluster whose connections start with latch's
 	// PROXY protocol v2 header (an inbound listener's app only).
 	ProxyProtocol bool
+	// FederatesWith are the foreign trust domains the cluster's SPIFFE
+	// certificate validator names: ServerID may be in one of them.
+	FederatesWith []spiffeid.TrustDomain
 }
 
 // Endpoints is a validated ClusterLoadAssignment.
@@ -278,14 +284,88 @@ func (v Validator) Listener(a *anypb.Any) (Listener, error) {
 			return Listener{}, c.fail(path+".require_client_certificate", "must be true: every peer proves its SPIFFE ID")
 		}
 		ctx := dtc.GetCommonTlsContext()
-		if out.TLS, err = c.commonTLS(ctx, path+".common_tls_context", "validation_context_sds_secret_config", "tls_params", "tls_certificate_sds_secret_configs"); err != nil {
+		cp := path + ".common_tls_context"
+		if out.TLS, err = c.commonTLS(ctx, cp, "validation_context_sds_secret_config", "combined_validation_context", "tls_params", "tls_certificate_sds_secret_configs"); err != nil {
 			return Listener{}, err
 		}
-		if err := c.bundleSecret(ctx.GetValidationContextSdsSecretConfig(), path+".common_tls_context.validation_context_sds_secret_config", v.NodeID.TrustDomain()); err != nil {
+		// Either the workload's own bundle alone, or (federation) that
+		// bundle with the SPIFFE validator naming the accepted trust
+		// domains.
+		cvc := ctx.GetCombinedValidationContext()
+		if cvc == nil {
+			if err := c.bundleSecret(ctx.GetValidationContextSdsSecretConfig(), cp+".validation_context_sds_secret_config", v.NodeID.TrustDomain()); err != nil {
+				return Listener{}, err
+			}
+			return out, nil
+		}
+		vp := cp + ".combined_validation_context"
+		if err := c.only(cvc, vp, "default_validation_context", "validation_context_sds_secret_config"); err != nil {
+			return Listener{}, err
+		}
+		dvc := cvc.GetDefaultValidationContext()
+		dp := vp + ".default_validation_context"
+		if err := c.only(dvc, dp, "custom_validator_config"); err != nil {
+			return Listener{}, err
+		}
+		if dvc.GetCustomValidatorConfig() == nil {
+			return Listener{}, c.fail(dp+".custom_validator_config", "missing: a combined validation context on an inbound listener is for federation (%s)", translate.SPIFFECertValidator)
+		}
+		if out.FederatesWith, err = c.spiffeValidator(dvc.GetCustomValidatorConfig(), dp+".custom_validator_config"); err != nil {
+			return Listener{}, err
+		}
+		if err := c.bundleSecret(cvc.GetValidationContextSdsSecretConfig(), vp+".validation_context_sds_secret_config", v.NodeID.TrustDomain()); err != nil {
 			return Listener{}, err
 		}
 	}
 	return out, nil
+}
+
+// spiffeValidator accepts Envoy's SPIFFE certificate validator naming the
+// trust domains whose peers are accepted: the workload's own (which must be
+// listed: it is always accepted) and the foreign ones, which it returns. By
+// name only: every bundle comes from the Workload API, so a trust bundle
+// given here is refused, as is anything else of the validator.
+func (c *checker) spiffeValidator(tec *core.TypedExtensionConfig, path string) ([]spiffeid.TrustDomain, error) {
+	if err := c.only(tec, path, "name", "typed_config"); err != nil {
+		return nil, err
+	}
+	if tec.GetName() != translate.SPIFFECertValidator {
+		return nil, c.fail(path+".name", "validator %q is not supported (want %s)", tec.GetName(), translate.SPIFFECertValidator)
+	}
+	tp := path + ".typed_config"
+	cfg, err := unpack(c, tec.GetTypedConfig(), tp, &tlsv3.SPIFFECertValidatorConfig{})
+	if err != nil {
+		return nil, err
+	}
+	if cfg.GetTrustBundles() != nil {
+		return nil, c.fail(tp+".trust_bundles", "not supported: trust bundles come from the Workload API, never over xDS")
+	}
+	if err := c.only(cfg, tp, "trust_domains"); err != nil {
+		return nil, err
+	}
+	self := c.v.NodeID.TrustDomain()
+	var names []spiffeid.TrustDomain
+	for i, d := range cfg.GetTrustDomains() {
+		dp := fmt.Sprintf("%s.trust_domains[%d]", tp, i)
+		if d.GetTrustBundle() != nil {
+			return nil, c.fail(dp+".trust_bundle", "not supported: trust bundles come from the Workload API, never over xDS")
+		}
+		if err := c.only(d, dp, "name"); err != nil {
+			return nil, err
+		}
+		td, err := identity.ParseTrustDomain(d.GetName())
+		if err != nil {
+			return nil, c.fail(dp+".name", "%v", err)
+		}
+		if slices.Contains(names, td) {
+			return nil, c.fail(dp+".name", "%s listed twice", td.Name())
+		}
+		names = append(names, td)
+	}
+	if !slices.Contains(names, self) {
+		return nil, c.fail(tp+".trust_domains", "does not name the workload's own trust domain %s, whose peers latch always accepts", self.Name())
+	}
+	return slices.DeleteFunc(names, func(td spiffeid.TrustDomain) bool { return td == self }), nil
 }
 
 func (c *checker) transportSocket(ts *core.TransportSocket, path string) error {
@@ -435,7 +515,8 @@ func (c *checker) commonTLS(ctx *tlsv3.CommonTlsContext, path string, allowed ..
 }
 
 // bundleSecret checks a trust bundle reference: SPIRE's name for the bundle
-// of td. Federation is not enabled, so td is the workload's own.
+// of td, the workload's own trust domain. Federated bundles are named by the
+// SPIFFE validator's trust domains, not by more references.
 func (c *checker) bundleSecret(s *tlsv3.SdsSecretConfig, path string, td spiffeid.TrustDomain) error {
 	if s == nil {
 		return c.fail(path, "missing: peers must be verified against the trust bundle")
@@ -691,8 +772,13 @@ func (v Validator) Cluster(a *anypb.Any) (Cluster, error) {
 	}
 	dvc := cvc.GetDefaultValidationContext()
 	dp := vp + ".default_validation_context"
-	if err := c.only(dvc, dp, "match_typed_subject_alt_names"); err != nil {
+	if err := c.only(dvc, dp, "match_typed_subject_alt_names", "custom_validator_config"); err != nil {
 		return Cluster{}, err
+	}
+	if tec := dvc.GetCustomValidatorConfig(); tec != nil {
+		if out.FederatesWith, err = c.spiffeValidator(tec, dp+".custom_validator_config"); err != nil {
+			return Cluster{}, err
+		}
 	}
 	sans := dvc.GetMatchTypedSubjectAltNames()
 	if len(sans) != 1 {
@@ -716,8 +802,8 @@ func (v Validator) Cluster(a *anypb.Any) (Cluster, error) {
 	if err := c.bundleSecret(cvc.GetValidationContextSdsSecretConfig(), vp+".validation_context_sds_secret_config", v.NodeID.TrustDomain()); err != nil {
 		return Cluster{}, err
 	}
-	if id.TrustDomain() != v.NodeID.TrustDomain() {
-		return Cluster{}, c.fail(sp+".matcher.exact", "%s is outside the trust domain %s (federation is not enabled)", id, v.NodeID.TrustDomain())
+	if td := id.TrustDomain(); td != v.NodeID.TrustDomain() && !slices.Contains(out.FederatesWith, td) {
+		return Cluster{}, c.fail(sp+".matcher.exact", "%s is outside the trust domain %s and of no trust domain the cluster's %s names", id, v.NodeID.TrustDomain(), translate.SPIFFECertValidator)
 	}
 	return out, nil
 }
@@ -850,7 +936,7 @@ func (v Validator) Build(s Set, version string) (*proxy.Config, error) {
 				return nil, &ValidationError{Type: typ, Resource: res, Field: field, Reason: fmt.Sprintf("the app of inbound listener %q is %s, not a loopback address: admitted peers reach the app in plain TCP, so the sidecar takes an app elsewhere only when started with --allow-non-loopback-app", n, addrs[0])}
 			}
 			cfg.Inbound = append(cfg.Inbound, proxy.Inbound{
-				Name: n, Listen: l.Listen, App: addrs[0], Allow: l.Allow,
+				Name: n, Listen: l.Listen, App: addrs[0], Allow: l.Allow, FederatesWith: l.FederatesWith,
 				IdleTimeout: l.Idle, ConnectTimeout: cl.ConnectTimeout, ProxyProtocol: cl.ProxyProtocol,
 			})
 			continue
@@ -872,7 +958,7 @@ func (v Validator) Build(s Set, version string) (*proxy.Config, error) {
 			return nil, &ValidationError{Type: "cluster", Resource: cl.Name, Field: "transport_socket", Reason: fmt.Sprintf("missing: outbound listener %q must originate mTLS", n)}
 		}
 		cfg.Outbound = append(cfg.Outbound, proxy.Outbound{
-			Name: n, Listen: l.Listen, Upstreams: addrs, ServerID: cl.ServerID,
+			Name: n, Listen: l.Listen, Upstreams: addrs, ServerID: cl.ServerID, FederatesWith: cl.FederatesWith,
 			IdleTimeout: l.Idle, ConnectTimeout: cl.ConnectTimeout,
 		})
 	}

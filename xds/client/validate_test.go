@@ -44,6 +44,7 @@ spec:
       appAddress: 127.0.0.1:8080
       idleTimeout: 90s
       proxyProtocol: v2
+      federatesWith: [partner.test]
       allow:
         - id: spiffe://mesh.test/ns/shop/sa/frontend
         - trustDomain: mesh.test
@@ -55,6 +56,10 @@ spec:
     - port: 9002
       target: db.local:8443
       serverID: spiffe://mesh.test/ns/shop/sa/db
+    - port: 9003
+      target: pay.partner.test:8443
+      serverID: spiffe://partner.test/ns/pay/sa/api
+      federatesWith: [partner.test]
 `
 
 func goodResources(t testing.TB) translate.Resources {
@@ -106,7 +111,7 @@ func TestBuildGood(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(cfg.Inbound) != 1 || len(cfg.Outbound) != 2 {
+	if len(cfg.Inbound) != 1 || len(cfg.Outbound) != 3 {
 		t.Fatalf("config: %+v", cfg)
 	}
 	in := cfg.Inbound[0]
@@ -128,6 +133,17 @@ func TestBuildGood(t *testing.T) {
 	}
 	if got := strings.Join(cfg.Outbound[1].Upstreams, ","); got != "db.local:8443" {
 		t.Errorf("outbound (DNS) upstreams = %s", got)
+	}
+	if fed := in.FederatesWith; len(fed) != 1 || fed[0].Name() != "partner.test" {
+		t.Errorf("inbound federates with %v", fed)
+	}
+	if o := cfg.Outbound[2]; o.ServerID.String() != "spiffe://partner.test/ns/pay/sa/api" || len(o.FederatesWith) != 1 || o.FederatesWith[0].Name() != "partner.test" {
+		t.Errorf("outbound to a federated server: %+v", o)
+	}
+	for _, o := range cfg.Outbound[:2] {
+		if len(o.FederatesWith) != 0 {
+			t.Errorf("outbound %s federates with %v", o.Name, o.FederatesWith)
+		}
 	}
 	if cfg.Source != "xds" || cfg.Version != "v1" || cfg.TLS.Name != identity.ProfileModern {
 		t.Errorf("header: source %q version %q profile %q", cfg.Source, cfg.Version, cfg.TLS.Name)
@@ -264,6 +280,15 @@ func TestNonLoopbackAppWhenAllowed(t *testing.T) {
 	}
 }
 
+// editValidator edits the SPIFFE certificate validator of an inbound
+// listener (federated in testDecl).
+func editValidator(l *listener.Listener, f func(*tlsv3.SPIFFECertValidatorConfig)) {
+	editDownstream(l, func(d *tlsv3.DownstreamTlsContext) {
+		tec := d.CommonTlsContext.GetCombinedValidationContext().DefaultValidationContext.CustomValidatorConfig
+		editTyped(&tec.TypedConfig, &tlsv3.SPIFFECertValidatorConfig{}, f)
+	})
+}
+
 func principals(r *rbac.RBAC) *[]*rbacconfig.Principal {
 	return &r.Rules.Policies["allow"].Principals
 }
@@ -276,6 +301,7 @@ const (
 	in   = "inbound|8443"
 	out  = "outbound|9001"
 	outD = "outbound|9002"
+	outP = "outbound|9003"
 	app  = "inbound|8443|app"
 )
 
@@ -423,7 +449,8 @@ var hostileCases = []struct {
 	}, `listener "inbound|8443"`, "tls_certificate_sds_secret_configs[0].name"},
 	{"foreign trust bundle", func(r *translate.Resources) {
 		editDownstream(listenerNamed(*r, in), func(d *tlsv3.DownstreamTlsContext) {
-			d.CommonTlsContext.GetValidationContextSdsSecretConfig().Name = "spiffe://evil.test"
+			d.CommonTlsContext.ValidationContextType = &tlsv3.CommonTlsContext_ValidationContextSdsSecretConfig{
+				ValidationContextSdsSecretConfig: &tlsv3.SdsSecretConfig{Name: "spiffe://evil.test"}}
 		})
 	}, `listener "inbound|8443"`, "validation_context_sds_secret_config.name"},
 	{"inline trusted CA", func(r *translate.Resources) {
@@ -556,6 +583,61 @@ var hostileCases = []struct {
 	{"TLS towards the app", func(r *translate.Resources) {
 		clusterNamed(*r, app).TransportSocket = clusterNamed(*r, out).TransportSocket
 	}, `cluster "inbound|8443|app"`, "transport_socket: used by inbound listener"},
+	// Federation: the SPIFFE validator names trust domains, nothing else.
+	{"federated trust bundle inline", func(r *translate.Resources) {
+		editValidator(listenerNamed(*r, in), func(v *tlsv3.SPIFFECertValidatorConfig) {
+			v.TrustDomains[1].TrustBundle = &core.DataSource{Specifier: &core.DataSource_InlineString{InlineString: "-----BEGIN CERTIFICATE-----"}}
+		})
+	}, `listener "inbound|8443"`, "trust_domains[1].trust_bundle: not supported: trust bundles come from the Workload API"},
+	{"federated trust bundle map", func(r *translate.Resources) {
+		editValidator(listenerNamed(*r, in), func(v *tlsv3.SPIFFECertValidatorConfig) {
+			v.TrustBundles = &core.DataSource{Specifier: &core.DataSource_Filename{Filename: "/etc/bundles.json"}}
+		})
+	}, `listener "inbound|8443"`, "typed_config.trust_bundles: not supported"},
+	{"validator without the workload's own trust domain", func(r *translate.Resources) {
+		editValidator(listenerNamed(*r, in), func(v *tlsv3.SPIFFECertValidatorConfig) { v.TrustDomains = v.TrustDomains[1:] })
+	}, `listener "inbound|8443"`, "trust_domains: does not name the workload's own trust domain mesh.test"},
+	{"validator naming a trust domain twice", func(r *translate.Resources) {
+		editValidator(listenerNamed(*r, in), func(v *tlsv3.SPIFFECertValidatorConfig) {
+			v.TrustDomains = append(v.TrustDomains, v.TrustDomains[1])
+		})
+	}, `listener "inbound|8443"`, "trust_domains[2].name: partner.test listed twice"},
+	{"validator naming a SPIFFE ID as trust domain", func(r *translate.Resources) {
+		editValidator(listenerNamed(*r, in), func(v *tlsv3.SPIFFECertValidatorConfig) { v.TrustDomains[1].Name = "spiffe://partner.test/ns/x" })
+	}, `listener "inbound|8443"`, "trust_domains[1].name"},
+	{"validator with a workload trust domain selector", func(r *translate.Resources) {
+		editValidator(listenerNamed(*r, in), func(v *tlsv3.SPIFFECertValidatorConfig) { v.TrustDomains[1].WorkloadTrustDomain = "mesh.test" })
+	}, `listener "inbound|8443"`, "trust_domains[1].workload_trust_domain: not supported"},
+	{"another certificate validator", func(r *translate.Resources) {
+		editDownstream(listenerNamed(*r, in), func(d *tlsv3.DownstreamTlsContext) {
+			d.CommonTlsContext.GetCombinedValidationContext().DefaultValidationContext.CustomValidatorConfig.Name = "envoy.tls.cert_validator.default"
+		})
+	}, `listener "inbound|8443"`, "custom_validator_config.name"},
+	{"inbound combined validation without the validator", func(r *translate.Resources) {
+		editDownstream(listenerNamed(*r, in), func(d *tlsv3.DownstreamTlsContext) {
+			d.CommonTlsContext.GetCombinedValidationContext().DefaultValidationContext.CustomValidatorConfig = nil
+		})
+	}, `listener "inbound|8443"`, "custom_validator_config: missing"},
+	{"inbound combined validation with SAN matchers", func(r *translate.Resources) {
+		editDownstream(listenerNamed(*r, in), func(d *tlsv3.DownstreamTlsContext) {
+			d.CommonTlsContext.GetCombinedValidationContext().DefaultValidationContext.MatchTypedSubjectAltNames = []*tlsv3.SubjectAltNameMatcher{{SanType: tlsv3.SubjectAltNameMatcher_URI, Matcher: &matcher.StringMatcher{MatchPattern: &matcher.StringMatcher_Exact{Exact: "spiffe://partner.test/x"}}}}
+		})
+	}, `listener "inbound|8443"`, "match_typed_subject_alt_names: not supported"},
+	{"federated bundle by SDS reference", func(r *translate.Resources) {
+		editDownstream(listenerNamed(*r, in), func(d *tlsv3.DownstreamTlsContext) {
+			d.CommonTlsContext.GetCombinedValidationContext().ValidationContextSdsSecretConfig.Name = "spiffe://partner.test"
+		})
+	}, `listener "inbound|8443"`, "validation_context_sds_secret_config.name"},
+	{"server of a trust domain the validator does not name", func(r *translate.Resources) {
+		editUpstream(clusterNamed(*r, outP), func(u *tlsv3.UpstreamTlsContext) {
+			u.CommonTlsContext.GetCombinedValidationContext().DefaultValidationContext.MatchTypedSubjectAltNames[0].Matcher = &matcher.StringMatcher{MatchPattern: &matcher.StringMatcher_Exact{Exact: "spiffe://third.test/pay"}}
+		})
+	}, `cluster "outbound|9003"`, "spiffe://third.test/pay is outside the trust domain mesh.test and of no trust domain the cluster's envoy.tls.cert_validator.spiffe names"},
+	{"server of a federated trust domain without the validator", func(r *translate.Resources) {
+		editUpstream(clusterNamed(*r, outP), func(u *tlsv3.UpstreamTlsContext) {
+			u.CommonTlsContext.GetCombinedValidationContext().DefaultValidationContext.CustomValidatorConfig = nil
+		})
+	}, `cluster "outbound|9003"`, "is outside the trust domain mesh.test"},
 	// The PROXY protocol header: exactly the socket the translation emits.
 	{"PROXY protocol v1", func(r *translate.Resources) {
 		editProxyProtocol(clusterNamed(*r, app), func(p *proxyprotocol.ProxyProtocolUpstreamTransport) { p.Config.Version = core.ProxyProtocolConfig_V1 })

@@ -45,6 +45,9 @@ type Inbound struct {
 	// ProxyProtocol sends the app a PROXY protocol v2 header naming the
 	// peer (proxy.Inbound.ProxyProtocol).
 	ProxyProtocol bool
+	// FederatesWith are foreign trust domains whose peers are accepted
+	// (proxy.Inbound.FederatesWith); Allow may name IDs in them.
+	FederatesWith []spiffeid.TrustDomain
 }
 
 // Outbound is a loopback port through which the application reaches an
@@ -55,6 +58,9 @@ type Outbound struct {
 	Endpoints   []string
 	ServerID    spiffeid.ID
 	IdleTimeout time.Duration
+	// FederatesWith are foreign trust domains whose servers are accepted
+	// (proxy.Outbound.FederatesWith); ServerID may be in one of them.
+	FederatesWith []spiffeid.TrustDomain
 }
 
 // Options says what a declaration may name.
@@ -231,6 +237,11 @@ type decoder struct {
 	file string
 	opts Options
 	errs []*Error
+	// self is the trust domain of the declaration being decoded, and
+	// federated the foreign trust domains of the listener being decoded:
+	// its allow rules and server ID may name them besides opts.TrustDomains.
+	self      spiffeid.TrustDomain
+	federated []spiffeid.TrustDomain
 }
 
 func (d *decoder) fail(n *yaml.Node, format string, args ...any) {
@@ -379,14 +390,18 @@ func (d *decoder) spiffeID(n *yaml.Node, path string) (spiffeid.ID, bool) {
 }
 
 func (d *decoder) inTrustDomains(n *yaml.Node, path string, td spiffeid.TrustDomain) bool {
-	if slices.Contains(d.opts.TrustDomains, td) {
+	if slices.Contains(d.opts.TrustDomains, td) || slices.Contains(d.federated, td) {
 		return true
 	}
 	names := make([]string, len(d.opts.TrustDomains))
 	for i, t := range d.opts.TrustDomains {
 		names[i] = t.Name()
 	}
-	d.fail(n, "%s: trust domain %q is not one of the configured trust domains (%s)", path, td.Name(), strings.Join(names, ", "))
+	hint := ""
+	if strings.Contains(path, ".allow[") || strings.HasSuffix(path, ".serverID") {
+		hint = "; a foreign trust domain must be in the listener's federatesWith"
+	}
+	d.fail(n, "%s: trust domain %q is not one of the configured trust domains (%s)%s", path, td.Name(), strings.Join(names, ", "), hint)
 	return false
 }
 
@@ -460,6 +475,7 @@ func (d *decoder) spec(n *yaml.Node, decl *Declaration) {
 	}
 	if v := f["spiffeID"]; v != nil {
 		decl.ID, _ = d.spiffeID(v, "spec.spiffeID")
+		d.self = decl.ID.TrustDomain()
 	}
 	ports := map[uint32]string{} // port → where it was first used
 	usePort := func(n *yaml.Node, p uint32, path string) {
@@ -542,6 +558,11 @@ func (d *decoder) inbound(n *yaml.Node, path string) (Inbound, bool) {
 			}
 		}
 	}
+	if v := f["federatesWith"]; v != nil {
+		in.FederatesWith, _ = d.federation(v, inboundSchema.prop("federatesWith"), path+".federatesWith")
+	}
+	d.federated = in.FederatesWith
+	defer func() { d.federated = nil }()
 	if v := f["allow"]; v != nil {
 		items, _ := d.list(v, inboundSchema.prop("allow"), path+".allow")
 		for j, it := range items {
@@ -551,6 +572,35 @@ func (d *decoder) inbound(n *yaml.Node, path string) (Inbound, bool) {
 		}
 	}
 	return in, len(d.errs) == before
+}
+
+// federation reads a listener's federatesWith: bare names of foreign trust
+// domains, each once, none the workload's own.
+func (d *decoder) federation(n *yaml.Node, s *schema, path string) ([]spiffeid.TrustDomain, bool) {
+	items, ok := d.list(n, s, path)
+	var out []spiffeid.TrustDomain
+	for j, it := range items {
+		p := fmt.Sprintf("%s[%d]", path, j)
+		v, good := d.str(it, p)
+		if !good || d.tooLong(it, p, v, maxTDLength) {
+			ok = false
+			continue
+		}
+		td, err := identity.ParseTrustDomain(v)
+		switch {
+		case err != nil:
+			d.fail(it, "%s: %v", p, err)
+		case td == d.self:
+			d.fail(it, "%s: %s is the workload's own trust domain, whose peers are always accepted: list only foreign trust domains", p, td.Name())
+		case slices.Contains(out, td):
+			d.fail(it, "%s: %s listed twice", p, td.Name())
+		default:
+			out = append(out, td)
+			continue
+		}
+		ok = false
+	}
+	return out, ok
 }
 
 func (d *decoder) allow(n *yaml.Node, path string) (identity.Rule, bool) {
@@ -603,8 +653,21 @@ func (d *decoder) outbound(n *yaml.Node, path string) (Outbound, bool) {
 	if v := f["port"]; v != nil {
 		out.Port, _ = d.port(v, path+".port")
 	}
+	if v := f["federatesWith"]; v != nil {
+		out.FederatesWith, _ = d.federation(v, outboundSchema.prop("federatesWith"), path+".federatesWith")
+	}
 	if v := f["serverID"]; v != nil {
-		out.ServerID, _ = d.spiffeID(v, path+".serverID")
+		d.federated = out.FederatesWith
+		var ok bool
+		out.ServerID, ok = d.spiffeID(v, path+".serverID")
+		d.federated = nil
+		// The sidecar verifies servers of its own trust domain, and of those
+		// this listener federates with: a server of another trust domain
+		// the control plane serves would be refused at every handshake.
+		if td := out.ServerID.TrustDomain(); ok && !d.self.IsZero() && td != d.self && !slices.Contains(out.FederatesWith, td) {
+			d.fail(v, "%s.serverID: %s is in trust domain %s, not the workload's own (%s): add %s to federatesWith to verify it against that trust domain's federated bundle",
+				path, out.ServerID, td.Name(), d.self.Name(), td.Name())
+		}
 	}
 	if v := f["idleTimeout"]; v != nil {
 		out.IdleTimeout, _ = d.duration(v, path+".idleTimeout")

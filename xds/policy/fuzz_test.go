@@ -2,6 +2,7 @@ package policy_test
 
 import (
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 
@@ -60,6 +61,8 @@ func FuzzDeclarationToProxy(f *testing.F) {
 		strings.Replace(fuzzGoodDecl, "127.0.0.1:8080", "0.0.0.0:8080", 1),
 		strings.Replace(fuzzGoodDecl, "idleTimeout: 90s", "idleTimeout: -1s", 1),
 		strings.Replace(fuzzGoodDecl, "proxyProtocol: v2", "proxyProtocol: v1", 1),
+		strings.Replace(fuzzGoodDecl, "      proxyProtocol: v2\n", "      federatesWith: [partner.test]\n", 1) + "    - port: 9003\n      target: pay.partner.test:443\n      serverID: spiffe://partner.test/pay\n      federatesWith: [partner.test]\n",
+		strings.Replace(fuzzGoodDecl, "- trustDomain: mesh.test", "- trustDomain: partner.test", 1),
 		strings.Replace(fuzzGoodDecl, "      proxyProtocol: v2\n", "", 1),
 		strings.Replace(fuzzGoodDecl, "idleTimeout: 90s", "idleTimeout: 0s", 1),
 		strings.Replace(fuzzGoodDecl, "serverID: spiffe://mesh.test/ns/shop/sa/db", "serverID: spiffe://mesh.test", 1),
@@ -117,7 +120,7 @@ func FuzzDeclarationToProxy(f *testing.F) {
 					t.Fatalf("listener %s: proxyProtocol %v in the sidecar's config, %v in the declaration", in.Name, in.ProxyProtocol, pp[in.Name])
 				}
 				for _, r := range in.Allow.Rules() {
-					if r.TrustDomain() != fuzzTD {
+					if r.TrustDomain() != fuzzTD && !slices.Contains(in.FederatesWith, r.TrustDomain()) {
 						t.Fatalf("allow rule %s outside the trust domain", r)
 					}
 				}

@@ -106,6 +106,66 @@ func TestParseProxyProtocol(t *testing.T) {
 	}
 }
 
+// TestParseFederation: a listener's federatesWith lets its allow rules and
+// server ID name a foreign trust domain the control plane does not serve;
+// nothing else does.
+func TestParseFederation(t *testing.T) {
+	const doc = `apiVersion: latch.dev/v1alpha1
+kind: ServicePolicy
+metadata: {name: backend}
+spec:
+  spiffeID: spiffe://mesh.test/ns/shop/sa/backend
+  inbound:
+    - port: 8443
+      appAddress: 127.0.0.1:8080
+      federatesWith: [third.test]
+      allow:
+        - pathPrefix: spiffe://third.test/ns/billing
+  outbound:
+    - port: 9001
+      target: pay.third.test:443
+      serverID: spiffe://third.test/pay
+      federatesWith: [third.test]
+`
+	decls, err := Parse("f.yaml", []byte(doc), testOpts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	in, out := decls[0].Inbound[0], decls[0].Outbound[0]
+	if len(in.FederatesWith) != 1 || in.FederatesWith[0].Name() != "third.test" || len(in.Allow) != 1 || in.Allow[0].TrustDomain().Name() != "third.test" {
+		t.Errorf("inbound %+v", in)
+	}
+	if len(out.FederatesWith) != 1 || out.ServerID.String() != "spiffe://third.test/pay" {
+		t.Errorf("outbound %+v", out)
+	}
+
+	for _, tc := range []struct {
+		name, from, to string
+		line           int
+		reason         string
+	}{
+		{"allow rule of a trust domain the listener does not federate with", "      federatesWith: [third.test]\n      allow:", "      allow:", 10, `spec.inbound[0].allow[0].pathPrefix: trust domain "third.test" is not one of the configured trust domains`},
+		{"server of a trust domain the listener does not federate with", "      serverID: spiffe://third.test/pay\n      federatesWith: [third.test]", "      serverID: spiffe://third.test/pay", 15, `trust domain "third.test" is not one of the configured trust domains (mesh.test, partner.test); a foreign trust domain must be in the listener's federatesWith`},
+		{"server of another served trust domain, not federated", "      serverID: spiffe://third.test/pay\n      federatesWith: [third.test]", "      serverID: spiffe://partner.test/pay", 15, "spec.outbound[0].serverID: spiffe://partner.test/pay is in trust domain partner.test, not the workload's own (mesh.test): add partner.test to federatesWith"},
+		{"federating with the workload's own trust domain", "federatesWith: [third.test]\n      allow", "federatesWith: [third.test, mesh.test]\n      allow", 9, "spec.inbound[0].federatesWith[1]: mesh.test is the workload's own trust domain"},
+		{"a trust domain listed twice", "federatesWith: [third.test]\n      allow", "federatesWith: [third.test, third.test]\n      allow", 9, "spec.inbound[0].federatesWith[1]: third.test listed twice"},
+		{"a SPIFFE ID as trust domain", "federatesWith: [third.test]\n      allow", "federatesWith: [third.test, \"spiffe://third.test/ns/x\"]\n      allow", 9, "spec.inbound[0].federatesWith[1]: \"spiffe://third.test/ns/x\": must be a bare trust domain name"},
+		{"not a list", "federatesWith: [third.test]\n      allow", "federatesWith: third.test\n      allow", 9, "spec.inbound[0].federatesWith: want a list"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			src := strings.Replace(doc, tc.from, tc.to, 1)
+			if src == doc {
+				t.Fatalf("edit %q did not apply", tc.from)
+			}
+			_, err := Parse("f.yaml", []byte(src), testOpts)
+			want := fmt.Sprintf("f.yaml:%d: ", tc.line)
+			if err == nil || !strings.Contains(err.Error(), want) || !strings.Contains(err.Error(), tc.reason) {
+				t.Errorf("got %v\nwant %s…%s", err, want, tc.reason)
+			}
+		})
+	}
+}
+
 // TestParseHostile: every refusal names the file, the line and the reason.
 func TestParseHostile(t *testing.T) {
 	tests := []struct {

@@ -93,6 +93,7 @@ const (
 	maxOutbound   = 1024 // a workload may call many upstreams
 	maxAllow      = 256
 	maxEndpoints  = 32
+	maxFederation = 16   // foreign trust domains one listener accepts
 	maxIDLength   = 2048 // SPIFFE: a SPIFFE ID is at most 2048 bytes
 	maxTDLength   = 255  // SPIFFE: a trust domain name is at most 255 bytes
 	maxHostLength = 261  // a 253-byte host name, ':' and a port (IPv6 with a zone is shorter)
@@ -114,6 +115,11 @@ const (
 
 func idSchema(desc string) *schema {
 	return &schema{typ: "string", description: desc, maxLength: i64(maxIDLength), pattern: idPattern}
+}
+
+func federationSchema(desc string) *schema {
+	return &schema{typ: "array", description: desc, maxItems: i64(maxFederation), listSet: true,
+		items: &schema{typ: "string", description: "A bare trust domain name such as partner.example.", maxLength: i64(maxTDLength), pattern: trustDomainPattern}}
 }
 
 func hostPortSchema(desc string) *schema {
@@ -142,6 +148,7 @@ var (
 			{"appAddress", hostPortSchema("host:port of the application, normally on loopback.")},
 			{"allow", &schema{typ: "array", description: "Peers allowed to connect. Empty denies everyone.", items: allowSchema, maxItems: i64(maxAllow)}},
 			{"idleTimeout", &schema{typ: "string", description: "Close a connection idle this long (Go duration, e.g. 30m).", pattern: durationPattern}},
+			{"federatesWith", federationSchema("Foreign trust domains whose workloads may connect besides the workload's own, each verified against its federated bundle from the Workload API; allow may then name their IDs. Empty (the default): none.")},
 			{"proxyProtocol", &schema{typ: "string", description: "v2: send the application a PROXY protocol v2 header with the peer's address, SPIFFE ID and TLS parameters before its bytes. Leave out for none.",
 				enum: []string{"v2"}}},
 		},
@@ -157,6 +164,7 @@ var (
 			{"endpoints", &schema{typ: "array", description: "host:port endpoints of the upstream, tried in order (exclusive with target).",
 				items: hostPortSchema(""), minItems: i64(1), maxItems: i64(maxEndpoints), listSet: true}},
 			{"serverID", idSchema("SPIFFE ID the upstream must prove.")},
+			{"federatesWith", federationSchema("Foreign trust domains whose servers are accepted, each verified against its federated bundle from the Workload API; serverID may be in one of them. Empty (the default): none.")},
 			{"idleTimeout", &schema{typ: "string", description: "Close a connection idle this long (Go duration, e.g. 30m).", pattern: durationPattern}},
 		},
 		required: []string{"port", "serverID"},

@@ -44,6 +44,11 @@ const (
 	// connection to the app is plain TCP.
 	ProxyProtocolTransportSocket = "envoy.transport_sockets.upstream_proxy_protocol"
 	RawBufferTransportSocket     = "envoy.transport_sockets.raw_buffer"
+	// SPIFFECertValidator is Envoy's SPIFFE certificate validator; its
+	// trust_domains list says which trust domains a listener or cluster
+	// accepts peers of: the workload's own and those it federates with.
+	// Their bundles come from the Workload API, never over xDS.
+	SPIFFECertValidator = "envoy.tls.cert_validator.spiffe"
 )
 
 // ProxyProtocolTLVs are the added_tlvs of an app cluster's PROXY protocol
@@ -190,6 +195,16 @@ func (t translator) bundleSecret(td spiffeid.TrustDomain) *tlsv3.SdsSecretConfig
 	return &tlsv3.SdsSecretConfig{Name: BundleSecretName(td), SdsConfig: t.sdsConfig()}
 }
 
+// spiffeValidator is the SPIFFE certificate validator accepting the
+// workload's own trust domain and those of federated, by name only.
+func (t translator) spiffeValidator(federated []spiffeid.TrustDomain) *core.TypedExtensionConfig {
+	cfg := &tlsv3.SPIFFECertValidatorConfig{}
+	for _, td := range append([]spiffeid.TrustDomain{t.decl.ID.TrustDomain()}, federated...) {
+		cfg.TrustDomains = append(cfg.TrustDomains, &tlsv3.SPIFFECertValidatorConfig_TrustDomain{Name: td.Name()})
+	}
+	return &core.TypedExtensionConfig{Name: SPIFFECertValidator, TypedConfig: mustAny(cfg)}
+}
+
 func (t translator) inboundListener(in policy.Inbound) *listener.Listener {
 	name := InboundName(in.Port)
 	tlsCtx := &tlsv3.DownstreamTlsContext{
@@ -200,6 +215,16 @@ func (t translator) inboundListener(in policy.Inbound) *listener.Listener {
 				ValidationContextSdsSecretConfig: t.bundleSecret(t.decl.ID.TrustDomain()),
 			},
 		},
+	}
+	if len(in.FederatesWith) > 0 {
+		// Federation: Envoy's SPIFFE validator lists the accepted trust
+		// domains next to the reference to the workload's own bundle.
+		tlsCtx.CommonTlsContext.ValidationContextType = &tlsv3.CommonTlsContext_CombinedValidationContext{
+			CombinedValidationContext: &tlsv3.CommonTlsContext_CombinedCertificateValidationContext{
+				DefaultValidationContext:         &tlsv3.CertificateValidationContext{CustomValidatorConfig: t.spiffeValidator(in.FederatesWith)},
+				ValidationContextSdsSecretConfig: t.bundleSecret(t.decl.ID.TrustDomain()),
+			},
+		}
 	}
 	return &listener.Listener{
 		Name:             name,
@@ -244,10 +269,13 @@ func (t translator) outboundCluster(out policy.Outbound) (*cluster.Cluster, *end
 							Matcher: exact(out.ServerID.String()),
 						}},
 					},
-					ValidationContextSdsSecretConfig: t.bundleSecret(out.ServerID.TrustDomain()),
+					ValidationContextSdsSecretConfig: t.bundleSecret(t.decl.ID.TrustDomain()),
 				},
 			},
 		},
+	}
+	if len(out.FederatesWith) > 0 {
+		tlsCtx.CommonTlsContext.GetCombinedValidationContext().DefaultValidationContext.CustomValidatorConfig = t.spiffeValidator(out.FederatesWith)
 	}
 	cla := loadAssignment(name, out.Endpoints)
 	c := &cluster.Cluster{

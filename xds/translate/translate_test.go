@@ -69,7 +69,17 @@ var cases = []struct{ name, spec string }{
     - port: 9002
       target: pay.partner.svc:443
       serverID: spiffe://partner.test/pay
+      federatesWith: [partner.test]
       idleTimeout: 5m
+`},
+	{"inbound_federated", `  inbound:
+    - port: 8443
+      appAddress: 127.0.0.1:8080
+      federatesWith: [partner.test, third.test]
+      allow:
+        - id: spiffe://mesh.test/ns/shop/sa/frontend
+        - pathPrefix: spiffe://third.test/ns/billing
+        - trustDomain: partner.test
 `},
 	{"empty", ""},
 }
@@ -185,6 +195,7 @@ var shapes = []struct{ name, spec string }{
     - port: 9003
       target: "[fd00::3]:443"
       serverID: spiffe://partner.test/pay
+      federatesWith: [partner.test]
     - port: 9004
       endpoints: ["db-0.db:5432", "db-1.db:5432"]
       serverID: spiffe://mesh.test/ns/shop/sa/db
