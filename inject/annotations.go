@@ -35,6 +35,12 @@ const (
 	// latch.dev/inbound) whose app gets a PROXY protocol v2 header naming
 	// the peer before its bytes: "8443" or "8443,9443".
 	AnnotationProxyProtocol = "latch.dev/proxy-protocol"
+	// AnnotationFederatesWith lists foreign trust domains, comma-separated
+	// bare names ("partner.example,other.example"), whose workloads every
+	// inbound port accepts (latch.dev/allow may then name them) and whose
+	// servers latch.dev/outbound may name; each peer is verified against its
+	// own trust domain's federated bundle from the Workload API.
+	AnnotationFederatesWith = "latch.dev/federates-with"
 	// AnnotationPolicy "control-plane" takes the whole policy from the
 	// control plane over xDS instead of from the annotations above.
 	AnnotationPolicy = "latch.dev/policy"
@@ -97,6 +103,9 @@ type Spec struct {
 	Inbound  []InboundPort
 	Allow    []identity.Rule
 	Outbound []OutboundPort
+	// FederatesWith are the foreign trust domains every inbound port
+	// accepts; an outbound entry accepts the one of its server ID.
+	FederatesWith []spiffeid.TrustDomain
 }
 
 // InboundPort is one sidecar port and the application port behind it.
@@ -130,14 +139,15 @@ func ParseSpec(ann map[string]string, controlPlane bool, adminPort int) (Spec, e
 	_, hasAllow := ann[AnnotationAllow]
 	_, hasOut := ann[AnnotationOutbound]
 	_, hasPP := ann[AnnotationProxyProtocol]
-	static := hasIn || hasAllow || hasOut || hasPP
+	_, hasFed := ann[AnnotationFederatesWith]
+	static := hasIn || hasAllow || hasOut || hasPP || hasFed
 
 	if v, ok := ann[AnnotationPolicy]; ok {
 		if v != PolicyControlPlane {
 			return Spec{}, annErr(ann, AnnotationPolicy, "the only value is %q (or leave it out and declare %s/%s)", PolicyControlPlane, AnnotationInbound, AnnotationOutbound)
 		}
 		if static {
-			return Spec{}, annErr(ann, AnnotationPolicy, "conflicts with %s: the policy comes either from the control plane or from the pod's annotations", firstPresent(ann, AnnotationInbound, AnnotationAllow, AnnotationOutbound, AnnotationProxyProtocol))
+			return Spec{}, annErr(ann, AnnotationPolicy, "conflicts with %s: the policy comes either from the control plane or from the pod's annotations", firstPresent(ann, AnnotationInbound, AnnotationAllow, AnnotationOutbound, AnnotationProxyProtocol, AnnotationFederatesWith))
 		}
 		if !controlPlane {
 			return Spec{}, annErr(ann, AnnotationPolicy, "this cluster's injector has no control plane configured (chart value sidecar.controlPlane.address)")
@@ -204,6 +214,26 @@ func ParseSpec(ann map[string]string, controlPlane bool, adminPort int) (Spec, e
 		}
 		if !hasAllow {
 			return Spec{}, annErr(ann, AnnotationInbound, "no %s: every peer would be refused; list the SPIFFE IDs allowed to connect", AnnotationAllow)
+		}
+	}
+
+	if hasFed {
+		if !hasIn && !hasOut {
+			return Spec{}, annErr(ann, AnnotationFederatesWith, "applies to inbound ports and outbound upstreams, but neither %s nor %s is set", AnnotationInbound, AnnotationOutbound)
+		}
+		entries, err := split(ann, AnnotationFederatesWith)
+		if err != nil {
+			return Spec{}, err
+		}
+		for _, e := range entries {
+			td, err := identity.ParseTrustDomain(e)
+			if err != nil {
+				return Spec{}, annErr(ann, AnnotationFederatesWith, "entry %v", err)
+			}
+			if slices.Contains(s.FederatesWith, td) {
+				return Spec{}, annErr(ann, AnnotationFederatesWith, "%s listed twice", td.Name())
+			}
+			s.FederatesWith = append(s.FederatesWith, td)
 		}
 	}
 

@@ -3,6 +3,7 @@ package inject
 import (
 	"fmt"
 	"net"
+	"slices"
 	"strconv"
 
 	"go.yaml.in/yaml/v3"
@@ -173,13 +174,15 @@ type staticInbound struct {
 	App           string              `yaml:"app"`
 	Allow         []map[string]string `yaml:"allow"`
 	ProxyProtocol string              `yaml:"proxyProtocol,omitempty"`
+	FederatesWith []string            `yaml:"federatesWith,omitempty"`
 }
 
 type staticOutbound struct {
-	Name      string   `yaml:"name"`
-	Listen    string   `yaml:"listen"`
-	Upstreams []string `yaml:"upstreams"`
-	ServerID  string   `yaml:"serverID"`
+	Name          string   `yaml:"name"`
+	Listen        string   `yaml:"listen"`
+	Upstreams     []string `yaml:"upstreams"`
+	ServerID      string   `yaml:"serverID"`
+	FederatesWith []string `yaml:"federatesWith,omitempty"`
 }
 
 // StaticConfig renders spec as the sidecar's config file. It returns nil for
@@ -207,15 +210,24 @@ func StaticConfig(spec Spec) ([]byte, error) {
 		if in.ProxyProtocol {
 			si.ProxyProtocol = "v2"
 		}
+		for _, td := range spec.FederatesWith {
+			si.FederatesWith = append(si.FederatesWith, td.Name())
+		}
 		f.Inbound = append(f.Inbound, si)
 	}
 	for _, out := range spec.Outbound {
-		f.Outbound = append(f.Outbound, staticOutbound{
+		so := staticOutbound{
 			Name:      "outbound-" + strconv.Itoa(out.Port),
 			Listen:    "127.0.0.1:" + strconv.Itoa(out.Port),
 			Upstreams: []string{out.Target},
 			ServerID:  out.ServerID.String(),
-		})
+		}
+		// An upstream accepts the one foreign trust domain its server is
+		// in, if the pod federates with it: no wider than it needs.
+		if td := out.ServerID.TrustDomain(); slices.Contains(spec.FederatesWith, td) {
+			so.FederatesWith = []string{td.Name()}
+		}
+		f.Outbound = append(f.Outbound, so)
 	}
 	b, err := yaml.Marshal(&f)
 	if err != nil {

@@ -110,3 +110,43 @@ func TestProxyProtocolAnnotation(t *testing.T) {
 		t.Errorf("proxyProtocol by listener %v, want %v\n%s", got, want, file)
 	}
 }
+
+// TestFederationAnnotation: latch.dev/federates-with reaches every inbound
+// listener and, for an upstream, only the trust domain of its server; the
+// sidecar's parser takes the file, allow rules and server IDs in the
+// federated trust domain included.
+func TestFederationAnnotation(t *testing.T) {
+	spec, err := inject.ParseSpec(map[string]string{
+		inject.AnnotationInbound:       "8443:8080",
+		inject.AnnotationAllow:         "spiffe://mesh.test/ns/shop/sa/frontend, trustDomain=partner.test",
+		inject.AnnotationOutbound:      "15001=db.shop.svc:5432@spiffe://mesh.test/ns/shop/sa/db, 15002=pay.partner.test:443@spiffe://partner.test/ns/pay/sa/api",
+		inject.AnnotationFederatesWith: "partner.test, other.test",
+	}, false, 15000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	file, err := inject.StaticConfig(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := proxy.Parse("rendered", file)
+	if err != nil {
+		t.Fatalf("sidecar refuses the rendered file: %v\n%s", err, file)
+	}
+	names := func(tds []spiffeid.TrustDomain) string {
+		var s []string
+		for _, td := range tds {
+			s = append(s, td.Name())
+		}
+		return strings.Join(s, ",")
+	}
+	if got := names(cfg.Inbound[0].FederatesWith); got != "partner.test,other.test" {
+		t.Errorf("inbound federates with %q", got)
+	}
+	for _, o := range cfg.Outbound {
+		want := map[string]string{"outbound-15001": "", "outbound-15002": "partner.test"}[o.Name]
+		if got := names(o.FederatesWith); got != want {
+			t.Errorf("%s federates with %q, want %q", o.Name, got, want)
+		}
+	}
+}
