@@ -116,7 +116,8 @@ func startControlPlane(t *testing.T, ca *identitytest.CA, dir, addr string) *con
 	go func() { defer wg.Done(); _ = g.Serve(lis) }()
 	go func() {
 		defer wg.Done()
-		_ = files.Watch(ctx, 10*time.Millisecond, func(s policy.Snapshot, _ policy.Change) { srv.Update(s) })
+		// As latch control-plane does: what each reload changed.
+		_ = files.Watch(ctx, 10*time.Millisecond, srv.UpdateChanged)
 	}()
 	var once sync.Once
 	cp := &controlPlane{srv: srv, store: store, addr: lis.Addr().String()}
