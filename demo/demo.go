@@ -60,6 +60,7 @@ type Report struct {
 	RoundTrip      RoundTrip               `json:"round_trip"`
 	IntruderDenied Denial                  `json:"intruder_denied"`
 	TLS            identity.ConnectionInfo `json:"tls"`
+	Federation     Federation              `json:"federation"`
 	PolicyChange   PolicyChange            `json:"policy_change"`
 	Duration       time.Duration           `json:"duration_ns"`
 }
@@ -118,6 +119,18 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 	}
 	m.onClose(func() { _ = ca.Close() })
 	fmt.Fprintf(out, "  dev CA         trust domain %s, one Workload API socket per workload in %s\n", TrustDomain, ca.SocketDir())
+	partner, err := devca.New(PartnerTrustDomain, devca.Options{Logger: logger.With("component", "devca-partner")})
+	if err != nil {
+		return nil, fmt.Errorf("starting the partner's development CA: %w", err)
+	}
+	m.onClose(func() { _ = partner.Close() })
+	if err := ca.FederateWith(partner); err != nil {
+		return nil, err
+	}
+	if err := partner.FederateWith(ca); err != nil {
+		return nil, err
+	}
+	fmt.Fprintf(out, "  partner dev CA trust domain %s, federated with %s both ways (each Workload API hands out the other's bundle)\n", PartnerTrustDomain, TrustDomain)
 
 	app, err := startEcho(logger)
 	if err != nil {
@@ -125,8 +138,14 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 	}
 	m.onClose(func() { _ = app.Close() })
 	fmt.Fprintf(out, "  echo app       %s (plain TCP, loopback only)\n", app.Addr())
+	who, err := startWhoami(logger)
+	if err != nil {
+		return nil, err
+	}
+	m.onClose(func() { _ = who.Close() })
+	fmt.Fprintf(out, "  whoami app     %s (reads the PROXY protocol v2 header and says what it names)\n", who.Addr())
 
-	ports, err := freeAddrs(4)
+	ports, err := freeAddrs(5)
 	if err != nil {
 		return nil, err
 	}
@@ -136,8 +155,8 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 	}
 	m.onClose(func() { _ = os.RemoveAll(declDir) })
 	decl := declarations{
-		Dir: declDir, App: app.Addr().String(),
-		BackendIn: ports[0], FrontendOut: ports[1], IntruderOut: ports[2],
+		Dir: declDir, App: app.Addr().String(), WhoamiApp: who.Addr().String(),
+		BackendIn: ports[0], FrontendOut: ports[1], IntruderOut: ports[2], BackendWhoami: ports[4],
 	}
 	if err := decl.write(FrontendID); err != nil {
 		return nil, err
@@ -152,7 +171,8 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 	if err != nil {
 		return nil, err
 	}
-	fmt.Fprintf(out, "  backend        %s\n                 inbound %s → app, allows only %s (policy %s)\n", BackendID, decl.BackendIn, FrontendID, backend.server.Current().Version)
+	fmt.Fprintf(out, "  backend        %s\n                 inbound %s → app, allows only %s (policy %s)\n"+
+		"                 inbound %s → whoami app with a PROXY protocol v2 header, federates with %s\n", BackendID, decl.BackendIn, FrontendID, backend.server.Current().Version, decl.BackendWhoami, PartnerTrustDomain)
 	frontend, err := m.sidecar(ctx, ca, cp, "frontend", FrontendID)
 	if err != nil {
 		return nil, err
@@ -187,7 +207,8 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 	// frontend asks through the same code path as `latch check`.
 	te, err := admin.ListenTestEndpoint(admin.TestEndpointOptions{
 		Addr: "127.0.0.1:0", TLS: backend.tls, TrustDomain: BackendID.TrustDomain(),
-		Logger: logger.With("component", "test-endpoint"),
+		FederatesWith: func() []spiffeid.TrustDomain { return federatedInbound(backend.server.Current()) },
+		Logger:        logger.With("component", "test-endpoint"),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("starting the backend's TLS test endpoint: %w", err)
@@ -200,6 +221,19 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 	rep.TLS = res.Connection
 	js, _ := json.MarshalIndent(rep.TLS, "                 ", "  ")
 	fmt.Fprintf(out, "✔ negotiated    (backend's TLS test endpoint %s, asked by the frontend)\n                 %s\n", te.Addr(), js)
+
+	rep.Federation, err = federatedCall(ctx, m, partner, decl.BackendWhoami, decl.BackendIn, te.Addr().String(), denials)
+	if err != nil {
+		return nil, fmt.Errorf("federation: %w", err)
+	}
+	fed := rep.Federation
+	fmt.Fprintf(out, "✔ federation    %s (trust domain %s) admitted on the backend's whoami listener %s,\n"+
+		"                 which federates with %s: the backend verified it against the bundle of %s (its TLS test endpoint says),\n"+
+		"                 the partner verified the backend against the bundle of %s (federated on its side)\n"+
+		"                 refused on the echo listener, which does not federate: class=%s\n",
+		fed.PeerID, PartnerTrustDomain, fed.Listener, PartnerTrustDomain, fed.ClientBundle, fed.ServerBundle, fed.Refused.Class)
+	fmt.Fprintf(out, "✔ PROXY v2      the whoami app read from the header: peer %s from %s, %s %s, certificate sha256 %s…\n",
+		fed.App.PeerID, fed.App.Source, fed.App.TLSVersion, fed.App.Cipher, fed.App.CertSHA256[:min(16, len(fed.App.CertSHA256))])
 
 	rep.PolicyChange, err = changePolicy(ctx, decl, denials)
 	if err != nil {
@@ -225,10 +259,30 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 	return rep, nil
 }
 
+// federatedInbound is every trust domain an inbound listener of cfg
+// federates with, as latch proxy gives its TLS test endpoint.
+func federatedInbound(cfg *proxy.Config) []spiffeid.TrustDomain {
+	if cfg == nil {
+		return nil
+	}
+	var out []spiffeid.TrustDomain
+	for _, in := range cfg.Inbound {
+		for _, td := range in.FederatesWith {
+			if !slices.Contains(out, td) {
+				out = append(out, td)
+			}
+		}
+	}
+	return out
+}
+
 // declarations are the demo's ServicePolicy files.
 type declarations struct {
 	Dir                                      string
 	App, BackendIn, FrontendOut, IntruderOut string
+	// WhoamiApp is behind BackendWhoami, the backend's listener with a
+	// PROXY protocol header that federates with the partner trust domain.
+	WhoamiApp, BackendWhoami string
 }
 
 // The templates are examples/declarations with the demo's ports; a test
@@ -248,6 +302,13 @@ spec:
       idleTimeout: 5m
       allow:
         - id: %s
+    - port: %s
+      appAddress: %s
+      proxyProtocol: v2
+      federatesWith: [%s]
+      allow:
+        - id: %s
+        - pathPrefix: spiffe://%s/ns/billing
 `
 
 const callerTemplate = `apiVersion: latch.dev/v1alpha1
@@ -285,7 +346,8 @@ func (d declarations) write(allowed spiffeid.ID) error {
 // allow rewrites the backend's declaration to allow exactly id. The write is
 // a rename, so the control plane never reads half a file.
 func (d declarations) allow(id spiffeid.ID) error {
-	body := fmt.Sprintf(backendTemplate, BackendID, port(d.BackendIn), d.App, id)
+	body := fmt.Sprintf(backendTemplate, BackendID, port(d.BackendIn), d.App, id,
+		port(d.BackendWhoami), d.WhoamiApp, PartnerTrustDomain, FrontendID, PartnerTrustDomain)
 	tmp := filepath.Join(d.Dir, ".backend.yaml.tmp")
 	if err := os.WriteFile(tmp, []byte(body), 0o600); err != nil {
 		return fmt.Errorf("writing the backend declaration: %w", err)

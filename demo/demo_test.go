@@ -59,6 +59,16 @@ func TestDemo(t *testing.T) {
 	if b, err := hex.DecodeString(tlsInfo.ServerCertSHA256); err != nil || len(b) != sha256.Size {
 		t.Errorf("fingerprint %q is not a hex SHA-256", tlsInfo.ServerCertSHA256)
 	}
+	fed := rep.Federation
+	if fed.PeerID != PartnerID.String() || fed.ServerBundle != TrustDomain || fed.ClientBundle != PartnerTrustDomain {
+		t.Errorf("federated call: %+v", fed)
+	}
+	if a := fed.App; a.PeerID != PartnerID.String() || a.TLSVersion != "TLSv1.3" || len(a.CertSHA256) != 64 || !strings.HasPrefix(a.Source, "127.0.0.1:") {
+		t.Errorf("what the whoami app read from the PROXY header: %+v", a)
+	}
+	if fed.Refused.Class != string(identity.ClassWrongTrustDomain) || !strings.Contains(fed.Refused.Reason, PartnerID.String()) {
+		t.Errorf("the partner on the listener that does not federate: %+v", fed.Refused)
+	}
 	pc := rep.PolicyChange
 	if pc.RevokedAfter <= 0 || pc.AdmittedAfter <= 0 {
 		t.Errorf("policy change timings = %+v", pc)
@@ -67,7 +77,7 @@ func TestDemo(t *testing.T) {
 		t.Errorf("after the change the frontend's refusal = %+v", pc.FrontendNow)
 	}
 	t.Logf("policy propagation: revoked after %s, admitted after %s", pc.RevokedAfter, pc.AdmittedAfter)
-	for _, want := range []string{"round trip", "intruder", "not_allowed", "policy change", "control plane", `"key_exchange_group"`, "DEVELOPMENT CA"} {
+	for _, want := range []string{"round trip", "intruder", "not_allowed", "policy change", "control plane", `"key_exchange_group"`, "DEVELOPMENT CA", "federation", "PROXY v2", "wrong_trust_domain"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("output lacks %q:\n%s", want, out.String())
 		}
@@ -109,7 +119,7 @@ func TestExamplesAreTheDemo(t *testing.T) {
 		return out
 	}
 	demoDir := t.TempDir()
-	d := declarations{Dir: demoDir, App: "127.0.0.1:1", BackendIn: "127.0.0.1:2", FrontendOut: "127.0.0.1:3", IntruderOut: "127.0.0.1:4"}
+	d := declarations{Dir: demoDir, App: "127.0.0.1:1", BackendIn: "127.0.0.1:2", FrontendOut: "127.0.0.1:3", IntruderOut: "127.0.0.1:4", WhoamiApp: "127.0.0.1:5", BackendWhoami: "127.0.0.1:6"}
 	if err := d.write(FrontendID); err != nil {
 		t.Fatal(err)
 	}
