@@ -68,11 +68,17 @@ type Outbound struct {
 	// listener accepts besides the local one (default none): ServerID may
 	// name an ID in one of them, and is then verified against that trust
 	// domain's federated bundle.
-	FederatesWith    []spiffeid.TrustDomain
-	HandshakeTimeout time.Duration
-	IdleTimeout      time.Duration
-	ConnectTimeout   time.Duration
-	MaxConnections   int
+	FederatesWith []spiffeid.TrustDomain
+	// DisableSessionResumption makes every connection of the listener a
+	// full handshake: no TLS session is kept for the upstream and none is
+	// offered. Resumption is on by default; a resumed session is held to the
+	// current bundle, clock and server ID like a full handshake, and saves
+	// the upstream's certificate verification, not the key exchange.
+	DisableSessionResumption bool
+	HandshakeTimeout         time.Duration
+	IdleTimeout              time.Duration
+	ConnectTimeout           time.Duration
+	MaxConnections           int
 }
 
 // Defaults applied where a listener leaves a field zero.

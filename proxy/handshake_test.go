@@ -3,6 +3,7 @@ package proxy
 import (
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -14,6 +15,38 @@ import (
 
 	"latch.dev/latch/identity"
 )
+
+// TestSessionResumptionOff: by default an outbound listener resumes its TLS
+// session with the upstream from the second connection on; turned off in
+// the listener's configuration or for the whole Server, every connection is
+// a full handshake, on both sidecars' account.
+func TestSessionResumptionOff(t *testing.T) {
+	for _, tc := range []struct {
+		name        string
+		mo          meshOptions
+		wantResumed bool
+	}{
+		{"default", meshOptions{}, true},
+		{"listener", meshOptions{outbound: func(o *Outbound) { o.DisableSessionResumption = true }}, false},
+		{"server", meshOptions{noResumption: true}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			m := newMesh(t, echo, tc.mo)
+			for i := range 3 {
+				mark := m.logs.mark()
+				c := m.dial(t)
+				if err := roundTrip(c, "hello"); err != nil {
+					t.Fatal(err)
+				}
+				c.Close()
+				resumed := fmt.Sprint(tc.wantResumed && i > 0)
+				for _, l := range []string{"web", "backend"} {
+					m.logs.wait(t, mark, "connection closed", map[string]string{"listener": l, "reason": reasonEOF, "tls_resumed": resumed})
+				}
+			}
+		})
+	}
+}
 
 // TestAccessLogTLS: the access-log line of both sidecars names the TLS
 // version, cipher suite and key exchange group the connection negotiated,

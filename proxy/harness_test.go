@@ -300,6 +300,9 @@ type meshOptions struct {
 	profile  identity.Profile
 	// drainTimeout is both servers' Options.DrainTimeout (0: the default).
 	drainTimeout time.Duration
+	// noResumption is the outbound server's
+	// Options.DisableSessionResumption.
+	noResumption bool
 }
 
 func newMesh(t testing.TB, handle func(net.Conn), mo meshOptions) *mesh {
@@ -337,6 +340,7 @@ func newMeshWith(t testing.TB, handle func(net.Conn), mo meshOptions, backendTLS
 	if mo.outbound != nil {
 		mo.outbound(&out)
 	}
+	opts.DisableSessionResumption = mo.noResumption
 	m.outbound = startServer(t, frontendTLS, &Config{Version: "out-1", Source: "test", TLS: prof, Outbound: []Outbound{out}}, opts)
 	return m
 }

@@ -210,6 +210,17 @@ func (p *parser) duration(n *yaml.Node, field string) (time.Duration, error) {
 	return d, nil
 }
 
+func (p *parser) bool(n *yaml.Node, field string) (bool, error) {
+	if n.Kind != yaml.ScalarNode || n.Tag != "!!bool" {
+		return false, p.errAt(n, field, fmt.Errorf("expected true or false, got %s", kindName(n)))
+	}
+	var v bool
+	if err := n.Decode(&v); err != nil {
+		return false, p.errAt(n, field, err)
+	}
+	return v, nil
+}
+
 func (p *parser) int(n *yaml.Node, field string) (int, error) {
 	if n.Kind != yaml.ScalarNode || n.Tag != "!!int" {
 		return 0, p.errAt(n, field, fmt.Errorf("expected an integer, got %q", n.Value))
@@ -423,7 +434,7 @@ func (p *parser) allow(n *yaml.Node, path string) (identity.AllowList, error) {
 
 func (p *parser) outbound(n *yaml.Node, path string) (Outbound, error) {
 	var out Outbound
-	known := append([]string{"name", "listen", "upstreams", "serverID", "federatesWith"}, limitKeys...)
+	known := append([]string{"name", "listen", "upstreams", "serverID", "federatesWith", "sessionResumption"}, limitKeys...)
 	err := p.fields(n, path, known, func(key string, v *yaml.Node, field string) error {
 		if ok, err := p.limits(key, v, field, &out.HandshakeTimeout, &out.IdleTimeout, &out.ConnectTimeout, &out.MaxConnections); ok {
 			return err
@@ -449,6 +460,10 @@ func (p *parser) outbound(n *yaml.Node, path string) (Outbound, error) {
 			}
 		case "federatesWith":
 			out.FederatesWith, err = p.trustDomains(v, field)
+		case "sessionResumption":
+			var on bool
+			on, err = p.bool(v, field)
+			out.DisableSessionResumption = !on
 		}
 		return err
 	})

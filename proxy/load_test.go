@@ -35,6 +35,7 @@ outbound:
     upstreams: [backend.svc:8443, 10.0.0.7:8443]
     serverID: spiffe://mesh.test/ns/default/sa/backend
     connectTimeout: 2s
+    sessionResumption: false
   - name: partner
     listen: 127.0.0.1:15002
     upstreams: [pay.partner.test:8443]
@@ -77,8 +78,11 @@ func TestParseExample(t *testing.T) {
 	}
 	out := cfg.Outbound[0]
 	if out.Name != "backend" || out.Listen != "127.0.0.1:15001" || len(out.Upstreams) != 2 ||
-		out.ServerID.String() != backendID || out.ConnectTimeout != 2*time.Second {
+		out.ServerID.String() != backendID || out.ConnectTimeout != 2*time.Second || !out.DisableSessionResumption {
 		t.Errorf("outbound %+v", out)
+	}
+	if cfg.Outbound[1].DisableSessionResumption {
+		t.Errorf("outbound %+v: session resumption is on unless turned off", cfg.Outbound[1])
 	}
 
 	again, _ := Parse("latch.yaml", []byte(exampleConfig+"\n# comment\n"))
@@ -132,6 +136,9 @@ func TestParseErrors(t *testing.T) {
 		{"federatesWith not a list", in("    federatesWith: partner.test\n"), []string{"t.yaml:5:20:", "inbound[0].federatesWith", "expected a list"}},
 		{"federatesWith twice the same", in("    federatesWith: [partner.test, partner.test]\n"), []string{"t.yaml:5:35:", "inbound[0].federatesWith[1]", "listed twice"}},
 		{"federatesWith an upper-case name", out("    listen: 127.0.0.1:15001\n    serverID: spiffe://mesh.test/b\n    federatesWith: [Partner.test]\n"), []string{"t.yaml:6:21:", "outbound[0].federatesWith[0]"}},
+		{"session resumption as a word", out("    sessionResumption: no\n"), []string{"t.yaml:4:24:", "outbound[0].sessionResumption", `expected true or false, got "no"`}},
+		{"session resumption as a string", out("    sessionResumption: \"false\"\n"), []string{"t.yaml:4:24:", "outbound[0].sessionResumption", "expected true or false"}},
+		{"session resumption on an inbound listener", in("    sessionResumption: false\n"), []string{"t.yaml:5:5:", "inbound[0].sessionResumption", "unknown key"}},
 		{"negative limit", in("    maxConnections: -1\n"), []string{"t.yaml:5:21:", "negative"}},
 		{"limit not a number", in("    maxConnections: many\n"), []string{"t.yaml:5:21:", "integer"}},
 		{"missing app", "inbound:\n  - name: web\n    listen: 127.0.0.1:8443\n", []string{"t.yaml:2:5:", "inbound[0].app", "required"}},

@@ -57,6 +57,10 @@ type Options struct {
 	// DrainTimeout bounds how long the live connections of a listener that
 	// Apply removed may go on. Shutdown has its own deadline, its context.
 	DrainTimeout time.Duration
+	// DisableSessionResumption turns client session resumption off for
+	// every outbound listener, whatever the configuration says (see
+	// Outbound.DisableSessionResumption).
+	DisableSessionResumption bool
 }
 
 // ListenerStatus describes one running listener. Its JSON keys follow the
@@ -85,6 +89,7 @@ type Server struct {
 	log          *slog.Logger
 	metrics      *Metrics
 	drainTimeout time.Duration
+	noResumption bool
 
 	// snap is what every connection consults: its listener's settings at
 	// accept time, and its allow-list or server ID at every handshake and
@@ -116,6 +121,7 @@ func NewServer(tlsc TLSConfigs, opts Options) *Server {
 		parker:       parker{log: log},
 		metrics:      opts.Metrics,
 		drainTimeout: orDuration(opts.DrainTimeout, DefaultDrainTimeout),
+		noResumption: opts.DisableSessionResumption,
 		draining:     make(map[*listener]struct{}),
 	}
 }
@@ -178,9 +184,14 @@ func (s *Server) newSnapshot(cfg *Config) *snapshot {
 	for i := range cfg.Outbound {
 		out := &cfg.Outbound[i]
 		hs := orDuration(out.HandshakeTimeout, DefaultHandshakeTimeout)
+		tc := guardResumption(s.tlsc.ClientConfig(cfg.TLS, out.ServerID, identity.FederatesWith(out.FederatesWith...)), hs)
+		if out.DisableSessionResumption || s.noResumption {
+			// guardResumption returned a clone: the shared cache stays.
+			tc.ClientSessionCache = nil
+		}
 		snap.routes[out.Name] = &route{
 			name: out.Name, dir: DirectionOutbound, listen: out.Listen, out: out,
-			tls:              guardResumption(s.tlsc.ClientConfig(cfg.TLS, out.ServerID, identity.FederatesWith(out.FederatesWith...)), hs),
+			tls:              tc,
 			handshakeTimeout: hs,
 			idleTimeout:      orDuration(out.IdleTimeout, DefaultIdleTimeout),
 			connectTimeout:   orDuration(out.ConnectTimeout, DefaultConnectTimeout),

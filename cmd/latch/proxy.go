@@ -41,6 +41,7 @@ func runProxy(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	testEndpoint := fs.String("test-endpoint", "", "serve the TLS test endpoint (one JSON document about the negotiated connection) on `host:port`")
 	pprof := fs.Bool("pprof", false, "expose /debug/pprof on the admin endpoint")
 	drainTimeout := fs.Duration("drain-timeout", proxy.DefaultDrainTimeout, "how long live connections may finish after SIGTERM/SIGINT or the removal of their listener")
+	resumption := fs.Bool("session-resumption", true, "resume TLS sessions with upstreams; false makes every outbound connection a full handshake, whatever the configuration says")
 	logs := defineLogFlags(fs)
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), "usage: latch proxy (--config FILE | --xds-address HOST:PORT --xds-server-id ID) [flags]\n\n"+
@@ -178,9 +179,10 @@ func runProxy(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return fmt.Errorf("registering identity metrics: %w", err)
 	}
 	srv := proxy.NewServer(tlsc, proxy.Options{
-		Logger:       log,
-		Metrics:      proxy.NewMetrics(reg),
-		DrainTimeout: *drainTimeout,
+		Logger:                   log,
+		Metrics:                  proxy.NewMetrics(reg),
+		DrainTimeout:             *drainTimeout,
+		DisableSessionResumption: !*resumption,
 	})
 	if err := registerPolicyMetrics(reg, srv); err != nil {
 		return err

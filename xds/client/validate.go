@@ -104,6 +104,9 @@ type Cluster struct {
 	// FederatesWith are the foreign trust domains the cluster's SPIFFE
 	// certificate validator names: ServerID may be in one of them.
 	FederatesWith []spiffeid.TrustDomain
+	// DisableSessionResumption: the UpstreamTlsContext keeps no session
+	// (max_session_keys: 0).
+	DisableSessionResumption bool
 }
 
 // Endpoints is a validated ClusterLoadAssignment.
@@ -754,8 +757,14 @@ func (v Validator) Cluster(a *anypb.Any) (Cluster, error) {
 	if err != nil {
 		return Cluster{}, err
 	}
-	if err := c.only(utc, path, "common_tls_context"); err != nil {
+	if err := c.only(utc, path, "common_tls_context", "max_session_keys"); err != nil {
 		return Cluster{}, err
+	}
+	// Envoy's spelling of "no session resumption" is max_session_keys: 0
+	// (unset means 1). Any other count means on: latch keeps one session
+	// cache for all upstreams (1,024 tickets), not a count per cluster.
+	if k := utc.GetMaxSessionKeys(); k != nil && k.GetValue() == 0 {
+		out.DisableSessionResumption = true
 	}
 	ctx := utc.GetCommonTlsContext()
 	cp := path + ".common_tls_context"
@@ -960,6 +969,7 @@ func (v Validator) Build(s Set, version string) (*proxy.Config, error) {
 		cfg.Outbound = append(cfg.Outbound, proxy.Outbound{
 			Name: n, Listen: l.Listen, Upstreams: addrs, ServerID: cl.ServerID, FederatesWith: cl.FederatesWith,
 			IdleTimeout: l.Idle, ConnectTimeout: cl.ConnectTimeout,
+			DisableSessionResumption: cl.DisableSessionResumption,
 		})
 	}
 	if profile != nil {

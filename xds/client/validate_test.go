@@ -168,6 +168,37 @@ func TestBuildNarrowsProfile(t *testing.T) {
 	}
 }
 
+// TestBuildSessionResumption: max_session_keys 0 on an outbound cluster's
+// UpstreamTlsContext (Envoy's way to say "no resumption") turns resumption
+// off for that listener only; unset or any other count leaves it on.
+func TestBuildSessionResumption(t *testing.T) {
+	for _, tt := range []struct {
+		name string
+		keys *wrapperspb.UInt32Value
+		off  bool
+	}{
+		{"unset", nil, false},
+		{"zero", wrapperspb.UInt32(0), true},
+		{"one", wrapperspb.UInt32(1), false},
+		{"many", wrapperspb.UInt32(100), false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			r := goodResources(t)
+			editUpstream(clusterNamed(r, "outbound|9001"), func(u *tlsv3.UpstreamTlsContext) { u.MaxSessionKeys = tt.keys })
+			cfg, err := build(validator(), r)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, out := range cfg.Outbound {
+				want := tt.off && out.Name == "outbound|9001"
+				if out.DisableSessionResumption != want {
+					t.Errorf("%s: DisableSessionResumption = %v, want %v", out.Name, out.DisableSessionResumption, want)
+				}
+			}
+		})
+	}
+}
+
 func TestBuildIncomplete(t *testing.T) {
 	r := goodResources(t)
 	r.Endpoints = nil
