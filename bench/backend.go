@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -37,6 +38,7 @@ const sinkReplyLen = 12
 // Backend is the application behind the inbound proxy.
 type Backend struct {
 	ln    net.Listener
+	tls   *tls.Config // non-nil: every connection is TLS (the Go mTLS baseline)
 	wg    sync.WaitGroup
 	mu    sync.Mutex
 	conns map[net.Conn]struct{}
@@ -44,12 +46,15 @@ type Backend struct {
 }
 
 // StartBackend listens on a free loopback port and serves until Close.
-func StartBackend() (*Backend, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+func StartBackend() (*Backend, error) { return newBackend("127.0.0.1:0", nil) }
+
+// newBackend starts a backend on addr; with cfg, it terminates TLS itself.
+func newBackend(addr string, cfg *tls.Config) (*Backend, error) {
+	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("listening for the backend: %w", err)
 	}
-	b := &Backend{ln: ln, conns: map[net.Conn]struct{}{}}
+	b := &Backend{ln: ln, tls: cfg, conns: map[net.Conn]struct{}{}}
 	b.wg.Add(1)
 	go b.serve()
 	return b, nil
@@ -81,7 +86,13 @@ func (b *Backend) serve() {
 		b.mu.Unlock()
 		go func() {
 			defer b.wg.Done()
-			handle(c)
+			if b.tls != nil {
+				// Close below closes the TCP connection under it, which
+				// is what Close must reach to end a blocked handler.
+				handle(tls.Server(c, b.tls))
+			} else {
+				handle(c)
+			}
 			b.mu.Lock()
 			delete(b.conns, c)
 			b.mu.Unlock()

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -126,7 +127,7 @@ func TestDirect(t *testing.T) {
 	}
 	pool := newFramePool(1)
 	for _, conns := range []int{1, 3} {
-		r, err := runBulk(ctx, pair.Entry, conns, 50*time.Millisecond, pool)
+		r, err := runBulk(ctx, pair.Dial(), conns, 50*time.Millisecond, pool)
 		if err != nil {
 			t.Fatalf("bulk ×%d: %v", conns, err)
 		}
@@ -134,15 +135,15 @@ func TestDirect(t *testing.T) {
 			t.Errorf("bulk ×%d: %d bytes at %.1f MB/s", conns, r.Bytes, r.MBps())
 		}
 	}
-	lat, err := runLatency(ctx, pair.Entry, 1024, 50*time.Millisecond)
+	lat, err := runLatency(ctx, pair.Dial(), 1024, 50*time.Millisecond)
 	if err != nil || len(lat) == 0 {
 		t.Fatalf("latency: %d samples, %v", len(lat), err)
 	}
-	c, err := runConnect(ctx, pair.Entry, 2, 50*time.Millisecond)
+	c, err := runConnect(ctx, pair.Dial(), 2, 50*time.Millisecond)
 	if err != nil || c.Count == 0 || len(c.TTFB) != c.Count {
 		t.Fatalf("connect: %d connections, %d TTFB samples, %v", c.Count, len(c.TTFB), err)
 	}
-	conns, err := openIdle(ctx, pair.Entry, 20, 4)
+	conns, err := openIdle(ctx, pair.Dial(), 20, 4)
 	if err != nil || len(conns) != 20 {
 		t.Fatalf("idle: %d connections, %v", len(conns), err)
 	}
@@ -154,7 +155,7 @@ func TestDirect(t *testing.T) {
 func TestBulkDetectsCorruption(t *testing.T) {
 	b := startBackend(t)
 	addr := corruptingProxy(t, b.Addr(), 100_000)
-	_, err := runBulk(t.Context(), addr, 1, 50*time.Millisecond, newFramePool(2))
+	_, err := runBulk(t.Context(), plainDial(addr), 1, 50*time.Millisecond, newFramePool(2))
 	if err == nil || !strings.Contains(err.Error(), "CRC-32C") {
 		t.Fatalf("bulk through a corrupting proxy: %v, want a checksum mismatch", err)
 	}
@@ -183,12 +184,29 @@ func TestPeers(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, topo := range []Topology{haproxy{}, nginx{}, stunnel{}} {
+	workloads := map[string]string{}
+	for _, id := range []string{clientID, serverID} {
+		if workloads[id], err = ca.AddWorkload(id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Run("go-mtls", func(t *testing.T) {
+		// The baseline has no sidecar: only that it carries bytes.
+		pair, err := goMTLS{}.Start(ctx, &Env{PKI: pki})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(pair.Stop)
+		if _, err := runBulk(ctx, pair.Dial(), 2, 100*time.Millisecond, newFramePool(3)); err != nil {
+			t.Fatalf("bulk: %v", err)
+		}
+	})
+	for _, topo := range []Topology{ghostunnel{}, haproxy{}, nginx{}, stunnel{}} {
 		t.Run(topo.Name(), func(t *testing.T) {
 			if err := topo.Check(); err != nil {
 				t.Skip(err)
 			}
-			env := &Env{Dir: t.TempDir(), Backend: b.Addr(), PKI: pki, NamedPKI: named}
+			env := &Env{Dir: t.TempDir(), Backend: b.Addr(), PKI: pki, NamedPKI: named, Workloads: workloads}
 			pair, err := topo.Start(ctx, env)
 			if err != nil {
 				t.Fatal(err)
@@ -202,7 +220,7 @@ func TestPeers(t *testing.T) {
 			// until every sidecar has been charged some, up to a deadline.
 			pool := newFramePool(3)
 			for deadline := time.Now().Add(10 * time.Second); ; {
-				if _, err := runBulk(ctx, pair.Entry, 2, 100*time.Millisecond, pool); err != nil {
+				if _, err := runBulk(ctx, pair.Dial(), 2, 100*time.Millisecond, pool); err != nil {
 					t.Fatalf("bulk: %v", err)
 				}
 				us, err := pair.Usage()
@@ -259,7 +277,7 @@ func TestPeersVerify(t *testing.T) {
 	strangeClient, strangeServer := *good, *good
 	strangeClient.Client = stranger.Client
 	strangeServer.Server = stranger.Server
-	for _, topo := range []Topology{haproxy{}, nginx{}, stunnel{}} {
+	for _, topo := range []Topology{goMTLS{}, haproxy{}, nginx{}, stunnel{}} {
 		for _, tt := range []struct {
 			name   string
 			pki    *PKI
@@ -290,6 +308,210 @@ func TestPeersVerify(t *testing.T) {
 					t.Fatalf("bytes through the pair: error %v, want success %v", err, tt.wantOK)
 				}
 			})
+		}
+	}
+}
+
+// TestGhostunnelVerify checks that the ghostunnel pair does the work latch
+// does: it carries bytes with identities from the run's Workload API, and
+// refuses a client ID the server side does not admit, a server ID the
+// client side does not expect, and a client whose SVID and bundle come from
+// another CA.
+func TestGhostunnelVerify(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts proxy processes")
+	}
+	if err := (ghostunnel{}).Check(); err != nil {
+		t.Skip(err)
+	}
+	b := startBackend(t)
+	newCA := func(t *testing.T) *devca.CA {
+		ca, err := devca.New(trustDomain, devca.Options{SocketDir: filepath.Join(t.TempDir(), "wl"), Logger: slog.New(slog.DiscardHandler)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ca.Close() })
+		return ca
+	}
+	socket := func(t *testing.T, ca *devca.CA, id string) string {
+		addr, err := ca.AddWorkload(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return addr
+	}
+	for _, tt := range []struct {
+		name       string
+		topo       ghostunnel
+		strangerCA bool
+		wantOK     bool
+	}{
+		{"same CA, right IDs", ghostunnel{}, false, true},
+		{"client ID not admitted", ghostunnel{allowID: "spiffe://bench.test/someone-else"}, false, false},
+		{"server ID not the expected one", ghostunnel{verifyID: "spiffe://bench.test/someone-else"}, false, false},
+		{"client from another CA", ghostunnel{}, true, false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			ca := newCA(t)
+			clientCA := ca
+			if tt.strangerCA {
+				clientCA = newCA(t)
+			}
+			timeout := 20 * time.Second
+			if !tt.wantOK {
+				timeout = 1500 * time.Millisecond
+			}
+			ctx, cancel := context.WithTimeout(t.Context(), timeout)
+			defer cancel()
+			env := &Env{Dir: t.TempDir(), Backend: b.Addr(), Workloads: map[string]string{
+				clientID: socket(t, clientCA, clientID),
+				serverID: socket(t, ca, serverID),
+			}}
+			pair, err := tt.topo.Start(ctx, env)
+			if pair != nil {
+				t.Cleanup(pair.Stop)
+			}
+			if (err == nil) != tt.wantOK {
+				t.Fatalf("bytes through the pair: error %v, want success %v", err, tt.wantOK)
+			}
+		})
+	}
+}
+
+// TestPeersResumption checks what each peer's client side does with
+// session resumption, told off (the full-handshake comparison) and on (the
+// second one): the inbound proxy is replaced by a Go TLS server that issues
+// tickets and records which handshakes resumed.
+func TestPeersResumption(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts proxy processes")
+	}
+	dir := t.TempDir()
+	ca, err := devca.New(trustDomain, devca.Options{SocketDir: filepath.Join(dir, "wl"), Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ca.Close() })
+	pki, err := devcaPKI(ca, filepath.Join(dir, "pki"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	named, err := newNamedPKI(filepath.Join(dir, "named"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	workloads := map[string]string{}
+	for _, id := range []string{clientID, serverID} {
+		if workloads[id], err = ca.AddWorkload(id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, topo := range []Topology{ghostunnel{}, haproxy{}, nginx{}, stunnel{}} {
+		for _, resumption := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s/resumption=%v", topo.Name(), resumption), func(t *testing.T) {
+				if err := topo.Check(); err != nil {
+					t.Skip(err)
+				}
+				b := startBackend(t)
+				env := &Env{Dir: t.TempDir(), Backend: b.Addr(), PKI: pki, NamedPKI: named, Workloads: workloads, Resumption: resumption}
+				pair, err := topo.Start(t.Context(), env)
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(pair.Stop)
+				serverPKI := pki
+				if topo.Name() == "nginx" {
+					serverPKI = named
+				}
+				server, _, err := goMTLSConfigs(serverPKI)
+				if err != nil {
+					t.Fatal(err)
+				}
+				var mu sync.Mutex
+				var resumed []bool
+				verify := server.VerifyConnection
+				server.VerifyConnection = func(cs tls.ConnectionState) error {
+					mu.Lock()
+					resumed = append(resumed, cs.DidResume)
+					mu.Unlock()
+					return verify(cs)
+				}
+				pair.Sidecars[1].Stop(5 * time.Second)
+				in, err := newBackend(pair.In, server)
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { in.Close() })
+				for i := range 4 {
+					if _, err := connectOnce(t.Context(), pair.Dial()); err != nil {
+						t.Fatalf("connection %d: %v", i+1, err)
+					}
+				}
+				mu.Lock()
+				defer mu.Unlock()
+				n := 0
+				for _, r := range resumed {
+					if r {
+						n++
+					}
+				}
+				want := resumption && canResume(topo)
+				if (n > 0) != want || len(resumed) < 4 {
+					t.Fatalf("handshakes that resumed: %v; want some resumed: %v", resumed, want)
+				}
+			})
+		}
+	}
+}
+
+func TestParsePerfStat(t *testing.T) {
+	const out = `# started on Mon Dec  7 17:35:38 2026
+
+12345,,raw_syscalls:sys_enter,2003456789,100.00,,
+678,,context-switches,2003456789,100.00,0.338,K/sec
+2003.46,msec,task-clock,2003456789,100.00,0.999,CPUs utilized
+`
+	c, err := parsePerfStat([]byte(out))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c != (perfCounts{syscalls: 12345, contextSwitches: 678, taskClockMs: 2003.46}) {
+		t.Fatalf("parsePerfStat = %+v", c)
+	}
+	for _, bad := range []string{
+		"<not counted>,,raw_syscalls:sys_enter,0,100.00,,\n678,,context-switches,1,100.00,,\n1.0,msec,task-clock,1,100.00,,\n",
+		"12345,,raw_syscalls:sys_enter,1,100.00,,\n",
+		"",
+	} {
+		if c, err := parsePerfStat([]byte(bad)); err == nil {
+			t.Errorf("parsePerfStat(%q) = %+v, want an error", bad, c)
+		}
+	}
+}
+
+func TestParseContextSwitches(t *testing.T) {
+	status := "Name:\tlatch\nThreads:\t5\nvoluntary_ctxt_switches:\t150\nnonvoluntary_ctxt_switches:\t7\n"
+	if got := parseContextSwitches([]byte(status)); got != 157 {
+		t.Fatalf("parseContextSwitches = %d, want 157", got)
+	}
+	// This process has switched at least once by now.
+	if n := contextSwitches(os.Getpid()); n <= 0 {
+		t.Fatalf("own context switches = %d", n)
+	}
+}
+
+func TestMedian(t *testing.T) {
+	for _, tt := range []struct {
+		in   []float64
+		want float64
+	}{{nil, 0}, {[]float64{3}, 3}, {[]float64{5, 1, 3}, 3}, {[]float64{4, 1, 3, 2}, 2.5}} {
+		in := slices.Clone(tt.in)
+		if got := median(tt.in); got != tt.want {
+			t.Errorf("median(%v) = %v, want %v", tt.in, got, tt.want)
+		}
+		if !slices.Equal(in, tt.in) {
+			t.Errorf("median changed its input to %v", tt.in)
 		}
 	}
 }
@@ -356,9 +578,11 @@ func corruptingProxy(t *testing.T, target string, offset int) string {
 func TestLatchConfig(t *testing.T) {
 	dir := t.TempDir()
 	ports := pairPorts{Dir: dir, Out: "127.0.0.1:15001", In: "127.0.0.1:15002", Backend: "127.0.0.1:8080"}
-	for _, side := range []string{"out", "in"} {
+	for _, side := range []string{"out", "in", "out-resume"} {
 		path := filepath.Join(dir, side+".yaml")
-		if err := render(path, latchTmpl, latchConfig{Side: side, ServerID: serverID, ClientID: clientID, Curves: []string{"X25519"}, P: ports}); err != nil {
+		resume := side == "out-resume"
+		side, _, _ = strings.Cut(side, "-")
+		if err := render(path, latchTmpl, latchConfig{Side: side, ServerID: serverID, ClientID: clientID, Curves: []string{"X25519"}, Resume: resume, P: ports}); err != nil {
 			t.Fatal(err)
 		}
 		cfg, err := proxy.LoadFile(path)
@@ -376,6 +600,9 @@ func TestLatchConfig(t *testing.T) {
 			o := cfg.Outbound[0]
 			if o.Listen != ports.Out || len(o.Upstreams) != 1 || o.Upstreams[0] != ports.In || o.ServerID.String() != serverID {
 				t.Errorf("out side: %+v", o)
+			}
+			if o.DisableSessionResumption == resume {
+				t.Errorf("out side asked to resume %v: DisableSessionResumption %v", resume, o.DisableSessionResumption)
 			}
 		case "in":
 			if len(cfg.Inbound) != 1 || len(cfg.Outbound) != 0 {

@@ -55,6 +55,9 @@ outbound:
     listen: {{.P.Out}}
     upstreams: ["{{.P.In}}"]
     serverID: {{.ServerID}}
+{{- if not .Resume}}
+    sessionResumption: false
+{{- end}}
 {{- else}}
 inbound:
   - name: in
@@ -84,7 +87,7 @@ func (l *latchPair) Start(ctx context.Context, env *Env) (*Pair, error) {
 			return nil, fmt.Errorf("no Workload API socket for %s", id)
 		}
 		cfg := filepath.Join(env.Dir, "latch-"+side+".yaml")
-		if err := render(cfg, latchTmpl, latchConfig{Side: side, ServerID: serverID, ClientID: clientID, Curves: l.curves, P: ports}); err != nil {
+		if err := render(cfg, latchTmpl, latchConfig{Side: side, ServerID: serverID, ClientID: clientID, Curves: l.curves, Resume: env.Resumption, P: ports}); err != nil {
 			return nil, err
 		}
 		// Each sidecar gets its own admin port (a pod's sidecar listens on
@@ -96,7 +99,7 @@ func (l *latchPair) Start(ctx context.Context, env *Env) (*Pair, error) {
 		argv := append([]string{l.binary, "proxy", "--config", cfg, "--workload-api", socket, "--admin-address", admin}, l.expand(side)...)
 		sides = append(sides, sideSpec{side: side, argv: argv, env: l.env})
 	}
-	p := &Pair{Entry: ports.Out, Version: word(versionOf("latch", l.binary, "version"), 1, 2)}
+	p := &Pair{Entry: ports.Out, In: ports.In, Version: word(versionOf("latch", l.binary, "version"), 1, 2)}
 	return startSidecars(ctx, p, env, "latch", sides)
 }
 
@@ -104,6 +107,7 @@ func (l *latchPair) Start(ctx context.Context, env *Env) (*Pair, error) {
 type latchConfig struct {
 	Side, ServerID, ClientID string
 	Curves                   []string
+	Resume                   bool
 	P                        pairPorts
 }
 

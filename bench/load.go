@@ -3,6 +3,7 @@ package bench
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -59,7 +60,7 @@ func (r BulkResult) MBps() float64 {
 
 // runBulk streams frames over conns parallel connections for d and checks
 // that the backend saw exactly the bytes sent, by count and CRC-32C.
-func runBulk(ctx context.Context, addr string, conns int, d time.Duration, pool *framePool) (BulkResult, error) {
+func runBulk(ctx context.Context, dial dialFunc, conns int, d time.Duration, pool *framePool) (BulkResult, error) {
 	start := time.Now()
 	deadline := start.Add(d)
 	var (
@@ -70,7 +71,7 @@ func runBulk(ctx context.Context, addr string, conns int, d time.Duration, pool 
 	)
 	for i := range conns {
 		wg.Go(func() {
-			n, err := bulkOne(ctx, addr, deadline, pool, i)
+			n, err := bulkOne(ctx, dial, deadline, pool, i)
 			mu.Lock()
 			defer mu.Unlock()
 			total += n
@@ -86,8 +87,8 @@ func runBulk(ctx context.Context, addr string, conns int, d time.Duration, pool 
 	return BulkResult{Bytes: total, Elapsed: time.Since(start)}, nil
 }
 
-func bulkOne(ctx context.Context, addr string, deadline time.Time, pool *framePool, offset int) (uint64, error) {
-	c, err := dial(ctx, addr)
+func bulkOne(ctx context.Context, dial dialFunc, deadline time.Time, pool *framePool, offset int) (uint64, error) {
+	c, err := dial(ctx)
 	if err != nil {
 		return 0, err
 	}
@@ -125,9 +126,10 @@ func bulkOne(ctx context.Context, addr string, deadline time.Time, pool *framePo
 
 // runLatency sends size-byte messages on one persistent connection, one at a
 // time, for d, and returns each round-trip time. Every echo is compared with
-// what was sent.
-func runLatency(ctx context.Context, addr string, size int, d time.Duration) ([]time.Duration, error) {
-	c, err := dial(ctx, addr)
+// what was sent. One more round trip than samples went through the pair (the
+// warm-up).
+func runLatency(ctx context.Context, dial dialFunc, size int, d time.Duration) ([]time.Duration, error) {
+	c, err := dial(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -184,7 +186,7 @@ type connectRun struct {
 // runConnect has workers each loop over connect, one-byte echo, close for d.
 // Any failed connection fails the measurement: a proxy that drops
 // connections under load has no rate worth printing.
-func runConnect(ctx context.Context, addr string, workers int, d time.Duration) (connectRun, error) {
+func runConnect(ctx context.Context, dial dialFunc, workers int, d time.Duration) (connectRun, error) {
 	start := time.Now()
 	end := start.Add(d)
 	var (
@@ -199,7 +201,7 @@ func runConnect(ctx context.Context, addr string, workers int, d time.Duration) 
 			var err error
 			for time.Now().Before(end) && ctx.Err() == nil {
 				var t time.Duration
-				if t, err = connectOnce(ctx, addr); err != nil {
+				if t, err = connectOnce(ctx, dial); err != nil {
 					err = fmt.Errorf("connect: after %d connections: %w", len(ttfb), err)
 					break
 				}
@@ -222,9 +224,9 @@ func runConnect(ctx context.Context, addr string, workers int, d time.Duration) 
 	return res, first
 }
 
-func connectOnce(ctx context.Context, addr string) (time.Duration, error) {
+func connectOnce(ctx context.Context, dial dialFunc) (time.Duration, error) {
 	t0 := time.Now()
-	c, err := dial(ctx, addr)
+	c, err := dial(ctx)
 	if err != nil {
 		return 0, err
 	}
@@ -252,9 +254,9 @@ func echoByte(c net.Conn) error {
 	return c.SetDeadline(time.Time{})
 }
 
-// openIdle opens n connections through addr, each proven end to end with a
+// openIdle opens n connections with dial, each proven end to end with a
 // one-byte echo, and leaves them open. The caller closes them.
-func openIdle(ctx context.Context, addr string, n, workers int) ([]net.Conn, error) {
+func openIdle(ctx context.Context, dial dialFunc, n, workers int) ([]net.Conn, error) {
 	var (
 		mu    sync.Mutex
 		conns = make([]net.Conn, 0, n)
@@ -272,7 +274,7 @@ func openIdle(ctx context.Context, addr string, n, workers int) ([]net.Conn, err
 				if ctx.Err() != nil {
 					return
 				}
-				c, err := dial(ctx, addr)
+				c, err := dial(ctx)
 				if err == nil {
 					if err = echoByte(c); err != nil {
 						c.Close()
@@ -310,13 +312,32 @@ func closeAll(conns []net.Conn) {
 	}
 }
 
-func dial(ctx context.Context, addr string) (net.Conn, error) {
-	d := net.Dialer{Timeout: ioTimeout}
-	c, err := d.DialContext(ctx, "tcp", addr)
-	if err != nil {
-		return nil, fmt.Errorf("dialing %s: %w", addr, err)
+// dialFunc opens one connection to a topology's entry.
+type dialFunc func(ctx context.Context) (net.Conn, error)
+
+// plainDial connects over TCP to addr: the entry of every proxy pair.
+func plainDial(addr string) dialFunc {
+	return func(ctx context.Context) (net.Conn, error) {
+		d := net.Dialer{Timeout: ioTimeout}
+		c, err := d.DialContext(ctx, "tcp", addr)
+		if err != nil {
+			return nil, fmt.Errorf("dialing %s: %w", addr, err)
+		}
+		return c, nil
 	}
-	return c, nil
+}
+
+// tlsDial connects to addr and completes a TLS handshake with cfg: the load
+// client speaking mTLS itself (the Go mTLS baseline).
+func tlsDial(addr string, cfg *tls.Config) dialFunc {
+	return func(ctx context.Context) (net.Conn, error) {
+		d := tls.Dialer{NetDialer: &net.Dialer{Timeout: ioTimeout}, Config: cfg}
+		c, err := d.DialContext(ctx, "tcp", addr)
+		if err != nil {
+			return nil, fmt.Errorf("dialing %s with TLS: %w", addr, err)
+		}
+		return c, nil
+	}
 }
 
 func writeAll(c net.Conn, b []byte) error {

@@ -15,8 +15,9 @@ import (
 // files, the peer's chain verified against the CA file, both ways. None of
 // them can match a SPIFFE URI SAN, so they check the chain only; latch also
 // authorizes the peer's SPIFFE ID, which is extra work it pays for in the
-// comparison. Session resumption is left at each peer's default (on for all
-// three as clients), since that is what a user would run.
+// comparison. Session resumption follows Env.Resumption: off, the client side
+// is told not to resume (every connection a full handshake, as ghostunnel's
+// always is); on, it is each peer's default (on for all three as clients).
 
 // HAProxy: one process per side, `mode tcp`, threads left at the default (one
 // per CPU), run in the foreground with -db so it never daemonizes.
@@ -45,7 +46,7 @@ frontend out
 
 backend upstream
     # plain in, mTLS out: present the client SVID, verify the server's chain.
-    server in {{.P.In}} ssl verify required ca-file {{.P.PKI.CAFile}} crt {{.P.PKI.Client.Combined}} ssl-min-ver TLSv1.3
+    server in {{.P.In}} ssl verify required ca-file {{.P.PKI.CAFile}} crt {{.P.PKI.Client.Combined}} ssl-min-ver TLSv1.3{{if not .Resume}} no-ssl-reuse{{end}}
 {{else}}
 frontend in
     # mTLS in, plain out: present the server SVID, require and verify a client chain.
@@ -74,13 +75,14 @@ func (h haproxy) Start(ctx context.Context, env *Env) (*Pair, error) {
 		if err := render(cfg, haproxyTmpl, struct {
 			Side    string
 			MaxConn uint64
+			Resume  bool
 			P       pairPorts
-		}{side, haproxyMaxConn(), ports}); err != nil {
+		}{side, haproxyMaxConn(), env.Resumption, ports}); err != nil {
 			return nil, err
 		}
 		sides = append(sides, sideSpec{side: side, argv: []string{bin, "-db", "-f", cfg}})
 	}
-	p := &Pair{Entry: ports.Out, Version: word(versionOf("HAProxy version", bin, "-v"), 2, 3)}
+	p := &Pair{Entry: ports.Out, In: ports.In, Version: word(versionOf("HAProxy version", bin, "-v"), 2, 3)}
 	return startSidecars(ctx, p, env, "haproxy", sides)
 }
 
@@ -140,6 +142,7 @@ stream {
         # nginx always checks a host name when verifying; the server
         # certificate carries this DNS SAN beside its SPIFFE ID.
         proxy_ssl_name {{.ServerName}};
+        proxy_ssl_session_reuse {{if .Resume}}on{{else}}off{{end}};
     }
 {{- else}}
     server {
@@ -179,8 +182,9 @@ func (n nginx) Start(ctx context.Context, env *Env) (*Pair, error) {
 		if err := render(cfg, nginxTmpl, struct {
 			Side, Module, ServerName string
 			WorkerConns              int
+			Resume                   bool
 			P                        pairPorts
-		}{side, module, serverName, max(1024, 2*env.MaxConns), ports}); err != nil {
+		}{side, module, serverName, max(1024, 2*env.MaxConns), env.Resumption, ports}); err != nil {
 			return nil, err
 		}
 		// -e stderr: the error log nginx opens before reading the config
@@ -189,6 +193,7 @@ func (n nginx) Start(ctx context.Context, env *Env) (*Pair, error) {
 	}
 	p := &Pair{
 		Entry:   ports.Out,
+		In:      ports.In,
 		Version: strings.TrimPrefix(versionOf("nginx version", bin, "-v"), "nginx version: nginx/"),
 		Notes:   []string{"nginx uses certificates from a second throwaway CA with a DNS SAN added: proxy_ssl_verify always checks a host name"},
 	}
@@ -221,6 +226,7 @@ accept = {{.P.Out}}
 connect = {{.P.In}}
 cert = {{.P.PKI.Client.Cert}}
 key = {{.P.PKI.Client.Key}}
+sessionResume = {{if .Resume}}yes{{else}}no{{end}}
 {{else}}
 [in]
 ; mTLS in, plain out
@@ -254,14 +260,15 @@ func (s stunnel) Start(ctx context.Context, env *Env) (*Pair, error) {
 	for _, side := range []string{"out", "in"} {
 		cfg := filepath.Join(env.Dir, "stunnel-"+side+".conf")
 		if err := render(cfg, stunnelTmpl, struct {
-			Side string
-			P    pairPorts
-		}{side, ports}); err != nil {
+			Side   string
+			Resume bool
+			P      pairPorts
+		}{side, env.Resumption, ports}); err != nil {
 			return nil, err
 		}
 		sides = append(sides, sideSpec{side: side, argv: []string{bin, cfg}})
 	}
-	p := &Pair{Entry: ports.Out, Version: word(versionOf("stunnel ", bin, "-version"), 1, 2)}
+	p := &Pair{Entry: ports.Out, In: ports.In, Version: word(versionOf("stunnel ", bin, "-version"), 1, 2)}
 	return startSidecars(ctx, p, env, "stunnel", sides)
 }
 

@@ -106,11 +106,20 @@ func (p *Process) Stop(grace time.Duration) {
 // The anonymous part (heap, stacks) is what this process alone holds. PSS
 // charges each shared page to its sharers in equal parts, so summing PSS over
 // a node's sidecars counts the shared binary once.
+//
+// CPUSeconds counts every thread that ever ran (the kernel adds an exited
+// thread's time to its process); ContextSwitches only the threads alive
+// now, which for a proxy serving one long connection is all that did the
+// work.
 type Usage struct {
 	RSSKB      int64   // resident set size, KiB
 	AnonKB     int64   // the anonymous part of RSSKB (heap, stacks)
 	PSSKB      int64   // proportional set size: shared pages divided among their sharers
 	CPUSeconds float64 // user + system time since start
+	// ContextSwitches is voluntary plus involuntary context switches of
+	// every live thread: each voluntary one is a thread that went to sleep
+	// and had to be woken again.
+	ContextSwitches int64
 }
 
 // Usage reads the current memory and CPU time of the process and its
@@ -140,8 +149,44 @@ func (p *Process) Usage() (Usage, error) {
 		u.AnonKB += mem.anon
 		u.PSSKB += mem.pss
 		u.CPUSeconds += cpu
+		u.ContextSwitches += contextSwitches(pid)
 	}
 	return u, nil
+}
+
+// contextSwitches sums the context switches of pid's live threads, from
+// /proc/PID/task/TID/status.
+func contextSwitches(pid int) int64 {
+	dir := filepath.Join("/proc", strconv.Itoa(pid), "task")
+	tasks, err := os.ReadDir(dir)
+	if err != nil {
+		return 0
+	}
+	var n int64
+	for _, t := range tasks {
+		b, err := os.ReadFile(filepath.Join(dir, t.Name(), "status"))
+		if err != nil {
+			continue // exited meanwhile
+		}
+		n += parseContextSwitches(b)
+	}
+	return n
+}
+
+// parseContextSwitches reads voluntary_ctxt_switches and
+// nonvoluntary_ctxt_switches from a status file.
+func parseContextSwitches(b []byte) int64 {
+	var n int64
+	for line := range strings.SplitSeq(string(b), "\n") {
+		name, rest, ok := strings.Cut(line, ":")
+		if !ok || (name != "voluntary_ctxt_switches" && name != "nonvoluntary_ctxt_switches") {
+			continue
+		}
+		if v, err := strconv.ParseInt(strings.TrimSpace(rest), 10, 64); err == nil {
+			n += v
+		}
+	}
+	return n
 }
 
 // processTree returns root and every live descendant of it.

@@ -15,6 +15,10 @@ type Result struct {
 	Finished time.Time      `json:"finished"`
 	Host     Host           `json:"host"`
 	Options  OptionsSummary `json:"options"`
+	// LoadBefore and LoadAfter are /proc/loadavg's 1, 5 and 15 minute
+	// figures when the run started and ended: what else the machine ran.
+	LoadBefore string `json:"loadBefore,omitempty"`
+	LoadAfter  string `json:"loadAfter,omitempty"`
 	// FileLimit is the RLIMIT_NOFILE the harness and its sidecars ran with.
 	FileLimit  uint64           `json:"fileLimit"`
 	Topologies []TopologyResult `json:"topologies"`
@@ -35,6 +39,7 @@ type Host struct {
 type OptionsSummary struct {
 	Duration       string `json:"duration"`
 	Rounds         int    `json:"rounds"`
+	Rest           string `json:"rest"`
 	BulkConns      []int  `json:"bulkConns"`
 	MessageSize    int    `json:"messageSize"`
 	ConnectWorkers int    `json:"connectWorkers"`
@@ -43,7 +48,7 @@ type OptionsSummary struct {
 
 func (o Options) summary() OptionsSummary {
 	return OptionsSummary{
-		Duration: o.Duration.String(), Rounds: o.Rounds, BulkConns: o.BulkConns,
+		Duration: o.Duration.String(), Rounds: o.Rounds, Rest: o.Rest.String(), BulkConns: o.BulkConns,
 		MessageSize: o.MessageSize, ConnectWorkers: o.ConnectWorkers, IdleConns: o.IdleConns,
 	}
 }
@@ -54,54 +59,70 @@ type Skipped struct {
 	Reason string `json:"reason"`
 }
 
-// TopologyResult is everything measured of one topology.
+// TopologyResult is everything measured of one topology. Every figure is
+// the median of the rounds' figures; the rounds are kept beside it.
 type TopologyResult struct {
 	Name    string         `json:"name"`
 	Version string         `json:"version"`
 	Notes   []string       `json:"notes,omitempty"`
 	Bulk    []*BulkFigures `json:"bulk"`
-	// CPUSecondsPerGB is the pair's CPU time (both sidecars) per 10^9
-	// payload bytes over all bulk runs; nil for the direct baseline.
-	CPUSecondsPerGB   *float64           `json:"cpuSecondsPerGB,omitempty"`
-	CPUPerGBBySidecar map[string]float64 `json:"cpuSecondsPerGBBySidecar,omitempty"`
-	Latency           *LatencyResult     `json:"latency,omitempty"`
-	Connect           *ConnectResult     `json:"connect,omitempty"`
-	Memory            []SidecarMemory    `json:"memory,omitempty"`
+	Latency *LatencyResult `json:"latency,omitempty"`
+	// Connect is the new-connection test with full handshakes (session
+	// resumption off everywhere).
+	Connect *ConnectResult `json:"connect,omitempty"`
+	// ConnectResumed is the same test on a second pair with session
+	// resumption on; nil where the client side cannot resume.
+	ConnectResumed *ConnectResult `json:"connectResumed,omitempty"`
+	// Counts are perf stat's counts per round trip and per connection.
+	Counts *Counts         `json:"counts,omitempty"`
+	Memory []SidecarMemory `json:"memory,omitempty"`
 	// Resumption is how many of the inbound sidecar's connections resumed
 	// a TLS session (latch only: read from its access log).
 	Resumption *Resumption `json:"resumption,omitempty"`
-	// Profiles maps a load ("bulk8", "connect") to a perf report file.
+	// Profiles maps a load ("bulk8", "latency", "connect") to a perf
+	// report file.
 	Profiles map[string]string `json:"profiles,omitempty"`
 	Errors   []string          `json:"errors,omitempty"`
-
-	connectRounds []float64
 }
 
 // BulkFigures is the bulk throughput at one connection count.
 type BulkFigures struct {
-	Conns int `json:"conns"`
-	// MBps is total payload bytes over total time, all rounds.
+	Conns      int       `json:"conns"`
 	MBps       float64   `json:"MBps"`
-	Bytes      uint64    `json:"bytes"`
 	RoundsMBps []float64 `json:"roundsMBps"`
+	Bytes      uint64    `json:"bytes"`
+	// CPUSecondsPerGB is the pair's CPU time (both sidecars, to the end of
+	// the rest after each run) per 10^9 payload bytes; nil for baselines.
+	CPUSecondsPerGB       *float64  `json:"cpuSecondsPerGB,omitempty"`
+	RoundsCPUSecondsPerGB []float64 `json:"roundsCPUSecondsPerGB,omitempty"`
 }
 
 // LatencyResult is the round-trip time of an echo on a persistent
-// connection, over all rounds' samples.
+// connection: each percentile taken per round, then the median of the
+// rounds.
 type LatencyResult struct {
-	Samples int     `json:"samples"`
-	P50us   float64 `json:"p50us"`
-	P90us   float64 `json:"p90us"`
-	P99us   float64 `json:"p99us"`
-	P999us  float64 `json:"p999us"`
+	RoundTrips  int       `json:"roundTrips"`
+	P50us       float64   `json:"p50us"`
+	P90us       float64   `json:"p90us"`
+	P99us       float64   `json:"p99us"`
+	P999us      float64   `json:"p999us"`
+	RoundsP50us []float64 `json:"roundsP50us"`
+	RoundsP99us []float64 `json:"roundsP99us"`
+	// PooledP50us and PooledP99us are over every round's samples together.
+	PooledP50us float64 `json:"pooledP50us"`
+	PooledP99us float64 `json:"pooledP99us"`
+	// CPUusPerRoundTrip is the pair's CPU time per round trip, and
+	// ContextSwitchesPerRoundTrip its context switches (from /proc); nil
+	// for baselines.
+	CPUusPerRoundTrip           *float64  `json:"cpuUsPerRoundTrip,omitempty"`
+	RoundsCPUusPerRoundTrip     []float64 `json:"roundsCPUUsPerRoundTrip,omitempty"`
+	ContextSwitchesPerRoundTrip *float64  `json:"contextSwitchesPerRoundTrip,omitempty"`
 	// Added* are the same percentiles minus the direct baseline's.
-	AddedP50us  *float64 `json:"addedP50us,omitempty"`
-	AddedP90us  *float64 `json:"addedP90us,omitempty"`
-	AddedP99us  *float64 `json:"addedP99us,omitempty"`
-	AddedP999us *float64 `json:"addedP999us,omitempty"`
+	AddedP50us *float64 `json:"addedP50us,omitempty"`
+	AddedP99us *float64 `json:"addedP99us,omitempty"`
 }
 
-// ConnectResult is the new-connection test.
+// ConnectResult is a new-connection test.
 type ConnectResult struct {
 	Count           int       `json:"count"`
 	PerSecond       float64   `json:"perSecond"`
@@ -109,14 +130,32 @@ type ConnectResult struct {
 	TTFBP50ms       float64   `json:"ttfbP50ms"`
 	TTFBP99ms       float64   `json:"ttfbP99ms"`
 	// PairCPUmsPerConn is both sidecars' CPU time per connection.
-	PairCPUmsPerConn *float64 `json:"pairCPUmsPerConn,omitempty"`
+	PairCPUmsPerConn       *float64  `json:"pairCPUmsPerConn,omitempty"`
+	RoundsPairCPUmsPerConn []float64 `json:"roundsPairCPUmsPerConn,omitempty"`
+}
+
+// Counts are what perf stat counted on both sidecars over one
+// request/response run and one new-connection run (full handshakes) after
+// the rounds.
+type Counts struct {
+	RoundTrips                  int     `json:"roundTrips"`
+	SyscallsPerRoundTrip        float64 `json:"syscallsPerRoundTrip"`
+	ContextSwitchesPerRoundTrip float64 `json:"contextSwitchesPerRoundTrip"`
+	CPUusPerRoundTrip           float64 `json:"cpuUsPerRoundTrip"`
+	Connections                 int     `json:"connections"`
+	SyscallsPerConn             float64 `json:"syscallsPerConn"`
+	ContextSwitchesPerConn      float64 `json:"contextSwitchesPerConn"`
+	CPUmsPerConn                float64 `json:"cpuMsPerConn"`
 }
 
 // Resumption counts resumed TLS sessions among the inbound side's closed
-// connections.
+// connections: of the pair told not to resume, and of the pair with
+// resumption on.
 type Resumption struct {
-	Resumed     int `json:"resumed"`
-	Connections int `json:"connections"`
+	FullResumed     int `json:"fullResumed"`
+	FullConnections int `json:"fullConnections"`
+	Resumed         int `json:"resumed"`
+	Connections     int `json:"connections"`
 }
 
 // SidecarMemory is one proxy process's resident memory, each reading as
@@ -128,15 +167,21 @@ type SidecarMemory struct {
 	IdleAnonKB int64 `json:"idleAnonKB"`
 	IdlePSSKB  int64 `json:"idlePssKB"`
 	// Before is just before the idle connections were opened (after the
-	// load tests, so with the code and buffers the load used).
+	// load tests and a rest, so with the code and buffers the load used).
 	BeforeKB     int64 `json:"beforeKB"`
 	BeforeAnonKB int64 `json:"beforeAnonKB"`
 	BeforePSSKB  int64 `json:"beforePssKB"`
-	// WithConnsKB is the RSS while Conns of them were open; PerConnKB what
-	// each added to it.
-	WithConnsKB int64   `json:"withConnsKB"`
-	Conns       int     `json:"conns"`
-	PerConnKB   float64 `json:"perConnKB"`
+	// WithConns is while Conns of them were open, after a rest; PerConn*
+	// what each added to it. PerConnFreshKB is the RSS per connection
+	// read right after the last one opened, before the rest.
+	WithConnsKB     int64   `json:"withConnsKB"`
+	WithConnsAnonKB int64   `json:"withConnsAnonKB"`
+	WithConnsPSSKB  int64   `json:"withConnsPssKB"`
+	Conns           int     `json:"conns"`
+	PerConnKB       float64 `json:"perConnKB"`
+	PerConnAnonKB   float64 `json:"perConnAnonKB"`
+	PerConnPSSKB    float64 `json:"perConnPssKB"`
+	PerConnFreshKB  float64 `json:"perConnFreshKB"`
 }
 
 func (t *TopologyResult) bulk(conns int) *BulkFigures {
@@ -150,13 +195,13 @@ func (t *TopologyResult) bulk(conns int) *BulkFigures {
 	return b
 }
 
-func (t *TopologyResult) bulkRound(conns int, mbps float64) {
-	b := t.bulk(conns)
-	b.RoundsMBps = append(b.RoundsMBps, mbps)
-}
-
-func (t *TopologyResult) connectRound(rate float64) {
-	t.connectRounds = append(t.connectRounds, rate)
+func (t *TopologyResult) bulkAt(conns int) *BulkFigures {
+	for _, b := range t.Bulk {
+		if b.Conns == conns && b.Bytes > 0 {
+			return b
+		}
+	}
+	return nil
 }
 
 func (r *Result) find(name string) *TopologyResult {
@@ -181,9 +226,7 @@ func (r *Result) addLatencyOverDirect() {
 		}
 		sub := func(a, b float64) *float64 { v := a - b; return &v }
 		l.AddedP50us = sub(l.P50us, d.Latency.P50us)
-		l.AddedP90us = sub(l.P90us, d.Latency.P90us)
 		l.AddedP99us = sub(l.P99us, d.Latency.P99us)
-		l.AddedP999us = sub(l.P999us, d.Latency.P999us)
 	}
 }
 
@@ -201,7 +244,7 @@ func percentile(samples []time.Duration, p float64) time.Duration {
 func micros(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
 func millis(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 
-// metric is one column of the comparison: how to read it from a topology and
+// metric is one figure of the comparison: how to read it from a topology and
 // which direction is better.
 type metric struct {
 	name         string
@@ -210,41 +253,46 @@ type metric struct {
 }
 
 func (r *Result) metrics() []metric {
-	ms := []metric{}
-	for _, b := range r.Options.BulkConns {
-		ms = append(ms, metric{fmt.Sprintf("bulk ×%d MB/s", b), true, func(t *TopologyResult) (float64, bool) {
-			for _, f := range t.Bulk {
-				if f.Conns == b && f.Bytes > 0 {
-					return f.MBps, true
-				}
+	ms := []metric{
+		{"p50 µs", false, func(t *TopologyResult) (float64, bool) {
+			return ptrOK(t.Latency != nil, func() float64 { return t.Latency.P50us })
+		}},
+		{"p99 µs", false, func(t *TopologyResult) (float64, bool) {
+			return ptrOK(t.Latency != nil, func() float64 { return t.Latency.P99us })
+		}},
+		{"CPU µs/round trip", false, func(t *TopologyResult) (float64, bool) {
+			if t.Latency == nil || t.Latency.CPUusPerRoundTrip == nil {
+				return 0, false
 			}
-			return 0, false
-		}})
+			return *t.Latency.CPUusPerRoundTrip, true
+		}},
+	}
+	for _, b := range r.Options.BulkConns {
+		ms = append(ms,
+			metric{fmt.Sprintf("bulk ×%d MB/s", b), true, func(t *TopologyResult) (float64, bool) {
+				f := t.bulkAt(b)
+				return ptrOK(f != nil, func() float64 { return f.MBps })
+			}},
+			metric{fmt.Sprintf("CPU s/GB ×%d", b), false, func(t *TopologyResult) (float64, bool) {
+				f := t.bulkAt(b)
+				if f == nil || f.CPUSecondsPerGB == nil {
+					return 0, false
+				}
+				return *f.CPUSecondsPerGB, true
+			}})
 	}
 	ms = append(ms,
-		metric{"pair CPU s/GB", false, func(t *TopologyResult) (float64, bool) {
-			if t.CPUSecondsPerGB == nil {
+		metric{"full conn/s", true, func(t *TopologyResult) (float64, bool) {
+			return ptrOK(t.Connect != nil, func() float64 { return t.Connect.PerSecond })
+		}},
+		metric{"CPU ms/full conn", false, func(t *TopologyResult) (float64, bool) {
+			if t.Connect == nil || t.Connect.PairCPUmsPerConn == nil {
 				return 0, false
 			}
-			return *t.CPUSecondsPerGB, true
+			return *t.Connect.PairCPUmsPerConn, true
 		}},
-		metric{"added p99 µs", false, func(t *TopologyResult) (float64, bool) {
-			if t.Latency == nil || t.Latency.AddedP99us == nil {
-				return 0, false
-			}
-			return *t.Latency.AddedP99us, true
-		}},
-		metric{"conn/s", true, func(t *TopologyResult) (float64, bool) {
-			if t.Connect == nil {
-				return 0, false
-			}
-			return t.Connect.PerSecond, true
-		}},
-		metric{"max idle RSS MB", false, func(t *TopologyResult) (float64, bool) {
-			return maxMemory(t, func(m SidecarMemory) float64 { return float64(m.IdleKB) / 1024 })
-		}},
-		metric{"max idle anon MB", false, func(t *TopologyResult) (float64, bool) {
-			return maxMemory(t, func(m SidecarMemory) float64 { return float64(m.IdleAnonKB) / 1024 })
+		metric{"resumed conn/s", true, func(t *TopologyResult) (float64, bool) {
+			return ptrOK(t.ConnectResumed != nil, func() float64 { return t.ConnectResumed.PerSecond })
 		}},
 		metric{"max idle PSS MB", false, func(t *TopologyResult) (float64, bool) {
 			return maxMemory(t, func(m SidecarMemory) float64 { return float64(m.IdlePSSKB) / 1024 })
@@ -261,6 +309,22 @@ func (r *Result) metrics() []metric {
 	return ms
 }
 
+func ptrOK(ok bool, f func() float64) (float64, bool) {
+	if !ok {
+		return 0, false
+	}
+	return f(), true
+}
+
+func (r *Result) metric(name string) metric {
+	for _, m := range r.metrics() {
+		if m.name == name {
+			return m
+		}
+	}
+	panic("unknown metric " + name)
+}
+
 func maxMemory(t *TopologyResult, f func(SidecarMemory) float64) (float64, bool) {
 	best, ok := 0.0, false
 	for _, m := range t.Memory {
@@ -275,15 +339,15 @@ func maxMemory(t *TopologyResult, f func(SidecarMemory) float64) (float64, bool)
 	return best, ok
 }
 
-// best returns the best value of m among the proxies (not direct) other
-// than exclude, and who holds it.
+// best returns the best value of m among the proxy pairs (not the
+// baselines) other than exclude, and who holds it.
 func (r *Result) best(m metric, exclude string) (float64, string, bool) {
 	var best float64
 	var who string
 	found := false
 	for i := range r.Topologies {
 		t := &r.Topologies[i]
-		if t.Name == "direct" || t.Name == exclude {
+		if isBaseline(t.Name) || t.Name == exclude {
 			continue
 		}
 		v, ok := m.get(t)
@@ -297,103 +361,134 @@ func (r *Result) best(m metric, exclude string) (float64, string, bool) {
 	return best, who, found
 }
 
-// WriteMarkdown prints the tables: figures per topology, ratios to the best
-// proxy, and latch against the issue's targets.
+// WriteMarkdown prints the tables: request/response, bulk, new connections,
+// memory, ratios to the best proxy, and latch against its targets.
 func (r *Result) WriteMarkdown(w io.Writer) {
 	p := func(format string, args ...any) { fmt.Fprintf(w, format, args...) }
-	p("latch-bench %s · %d × %s · %s, %d CPUs, %s, Linux %s\n\n",
-		r.Started.Format("2006-01-02 15:04 UTC"), r.Options.Rounds, r.Options.Duration,
-		r.Host.CPUModel, r.Host.CPUs, r.Host.GoVersion, r.Host.Kernel)
+	p("latch-bench %s · %d rounds × %s, %s rest after each · %s, %d CPUs, %s, Linux %s · load average %s at the start, %s at the end\n\n",
+		r.Started.Format("2006-01-02 15:04 UTC"), r.Options.Rounds, r.Options.Duration, r.Options.Rest,
+		r.Host.CPUModel, r.Host.CPUs, r.Host.GoVersion, r.Host.Kernel, orNone(r.LoadBefore), orNone(r.LoadAfter))
+	p("Every figure is the median of the rounds' figures. Pair CPU is both sidecars' user + system time from the start of a measurement to the end of the rest after it.\n\n")
 
-	// Two tables, so each fits a page: the data path, then connections and
-	// memory.
-	p("| topology | version |")
-	for _, conns := range r.Options.BulkConns {
-		p(" bulk ×%d MB/s |", conns)
+	counted := slices.ContainsFunc(r.Topologies, func(t TopologyResult) bool { return t.Counts != nil })
+	p("Request/response: one connection, %d-byte echo, one message at a time.\n\n", r.Options.MessageSize)
+	p("| topology | version | p50 µs | p90 | p99 | p99.9 | added p50 | added p99 | pair CPU µs / round trip | context switches / round trip |")
+	if counted {
+		p(" syscalls / round trip (perf) |")
 	}
-	p(" pair CPU s/GB | echo p50 µs | p90 | p99 | p99.9 | added p50 µs | added p99 µs | added p99.9 µs |\n")
-	p("|---|---|%s\n", strings.Repeat("---:|", len(r.Options.BulkConns)+8))
+	p("\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|%s\n", map[bool]string{true: "---:|"}[counted])
 	for i := range r.Topologies {
 		t := &r.Topologies[i]
 		row := []string{t.Name, t.Version}
-		for _, conns := range r.Options.BulkConns {
-			row = append(row, orDash(func() (string, bool) {
-				for _, b := range t.Bulk {
-					if b.Conns == conns && b.Bytes > 0 {
-						return fmt.Sprintf("%.0f", b.MBps), true
-					}
-				}
-				return "", false
-			}))
-		}
-		row = append(row, orDash(func() (string, bool) {
-			if t.CPUSecondsPerGB == nil {
-				return "", false
-			}
-			return fmt.Sprintf("%.2f", *t.CPUSecondsPerGB), true
-		}))
 		if l := t.Latency; l != nil {
-			row = append(row, f1(l.P50us), f1(l.P90us), f1(l.P99us), f1(l.P999us), f1p(l.AddedP50us), f1p(l.AddedP99us), f1p(l.AddedP999us))
+			row = append(row, f1(l.P50us), f1(l.P90us), f1(l.P99us), f1(l.P999us), f1p(l.AddedP50us), f1p(l.AddedP99us), f1p(l.CPUusPerRoundTrip), f1p(l.ContextSwitchesPerRoundTrip))
 		} else {
-			row = append(row, "–", "–", "–", "–", "–", "–", "–")
+			row = append(row, dashes(8)...)
+		}
+		if counted {
+			row = append(row, orDash(func() (string, bool) {
+				return ptrFmt(t.Counts != nil, func() string { return f1(t.Counts.SyscallsPerRoundTrip) })
+			}))
 		}
 		p("| %s |\n", strings.Join(row, " | "))
 	}
 
-	p("\n| topology | new conn/s | first byte p50 ms | p99 ms | pair CPU ms/conn | RSS idle MB (out / in) | of which anon MB | PSS idle MB | RSS after load MB | anon after load MB | RSS with %d conns MB | KB/conn |\n", r.Options.IdleConns)
-	p("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+	p("\nBulk: 64 KiB frames streamed for the duration, checked by count and CRC-32C at the backend.\n\n| topology |")
+	for _, c := range r.Options.BulkConns {
+		p(" bulk ×%d MB/s | pair CPU s/GB ×%d |", c, c)
+	}
+	goref := r.find("go-mtls")
+	if goref != nil {
+		p(" ×1 of go-mtls |")
+	}
+	p("\n|---|%s%s\n", strings.Repeat("---:|", 2*len(r.Options.BulkConns)), map[bool]string{true: "---:|"}[goref != nil])
+	for i := range r.Topologies {
+		t := &r.Topologies[i]
+		row := []string{t.Name}
+		for _, c := range r.Options.BulkConns {
+			b := t.bulkAt(c)
+			row = append(row, orDash(func() (string, bool) { return ptrFmt(b != nil, func() string { return fmt.Sprintf("%.0f", b.MBps) }) }),
+				orDash(func() (string, bool) {
+					return ptrFmt(b != nil && b.CPUSecondsPerGB != nil, func() string { return fmt.Sprintf("%.2f", *b.CPUSecondsPerGB) })
+				}))
+		}
+		if goref != nil {
+			row = append(row, orDash(func() (string, bool) {
+				b, g := t.bulkAt(1), goref.bulkAt(1)
+				return ptrFmt(b != nil && g != nil && g.MBps > 0, func() string { return fmt.Sprintf("%.0f%%", 100*b.MBps/g.MBps) })
+			}))
+		}
+		p("| %s |\n", strings.Join(row, " | "))
+	}
+
+	p("\nNew connections: %d workers loop over connect, 1-byte echo, close. Full handshakes: session resumption off on every client side; resumed: a second pair of the same proxy with resumption on (its default).\n\n", r.Options.ConnectWorkers)
+	p("| topology | full handshakes conn/s | first byte p50 ms | p99 ms | pair CPU ms/conn |")
+	if counted {
+		p(" syscalls / conn (perf) |")
+	}
+	p(" resumed conn/s | first byte p50 ms | pair CPU ms/conn |\n|---|---:|---:|---:|---:|%s---:|---:|---:|\n", map[bool]string{true: "---:|"}[counted])
 	for i := range r.Topologies {
 		t := &r.Topologies[i]
 		row := []string{t.Name}
 		if c := t.Connect; c != nil {
-			cpu := "–"
-			if c.PairCPUmsPerConn != nil {
-				cpu = fmt.Sprintf("%.2f", *c.PairCPUmsPerConn)
-			}
-			row = append(row, fmt.Sprintf("%.0f", c.PerSecond), fmt.Sprintf("%.2f", c.TTFBP50ms), fmt.Sprintf("%.2f", c.TTFBP99ms), cpu)
+			row = append(row, fmt.Sprintf("%.0f", c.PerSecond), fmt.Sprintf("%.2f", c.TTFBP50ms), fmt.Sprintf("%.2f", c.TTFBP99ms), f2p(c.PairCPUmsPerConn))
 		} else {
-			row = append(row, "–", "–", "–", "–")
+			row = append(row, dashes(4)...)
 		}
-		row = append(row, memCol(t, func(m SidecarMemory) string { return fmt.Sprintf("%.1f", float64(m.IdleKB)/1024) }),
-			memCol(t, func(m SidecarMemory) string { return fmt.Sprintf("%.1f", float64(m.IdleAnonKB)/1024) }),
-			memCol(t, func(m SidecarMemory) string { return fmt.Sprintf("%.1f", float64(m.IdlePSSKB)/1024) }),
-			memCol(t, func(m SidecarMemory) string {
-				if m.Conns == 0 {
-					return "–"
-				}
-				return fmt.Sprintf("%.1f", float64(m.BeforeKB)/1024)
-			}),
-			memCol(t, func(m SidecarMemory) string {
-				if m.Conns == 0 {
-					return "–"
-				}
-				return fmt.Sprintf("%.1f", float64(m.BeforeAnonKB)/1024)
-			}),
-			memCol(t, func(m SidecarMemory) string {
-				if m.Conns == 0 {
-					return "–"
-				}
-				return fmt.Sprintf("%.1f", float64(m.WithConnsKB)/1024)
-			}),
-			memCol(t, func(m SidecarMemory) string {
-				if m.Conns == 0 {
-					return "–"
-				}
-				return fmt.Sprintf("%.1f", m.PerConnKB)
+		if counted {
+			row = append(row, orDash(func() (string, bool) {
+				return ptrFmt(t.Counts != nil, func() string { return fmt.Sprintf("%.0f", t.Counts.SyscallsPerConn) })
 			}))
+		}
+		if c := t.ConnectResumed; c != nil {
+			row = append(row, fmt.Sprintf("%.0f", c.PerSecond), fmt.Sprintf("%.2f", c.TTFBP50ms), f2p(c.PairCPUmsPerConn))
+		} else {
+			row = append(row, dashes(3)...)
+		}
 		p("| %s |\n", strings.Join(row, " | "))
 	}
 
+	p("\nMemory (MB; out / in sidecar), from /proc/PID/smaps_rollup summed over each sidecar's processes: RSS, its anonymous part (heap, stacks) and PSS (shared pages divided among the processes sharing them). Idle: after start-up and a %s rest; after load: after every test and a rest; per connection: (with %d idle connections − after load) ÷ %d, after a rest, and RSS right after the last one opened.\n\n", settle, r.Options.IdleConns, r.Options.IdleConns)
+	p("| topology | RSS idle | anon idle | PSS idle | RSS after load | anon after load | PSS after load | RSS with %d conns | KB/conn RSS | anon | PSS | RSS right after opening |\n", r.Options.IdleConns)
+	p("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+	for i := range r.Topologies {
+		t := &r.Topologies[i]
+		if len(t.Memory) == 0 {
+			continue
+		}
+		withConns := func(f func(SidecarMemory) string) string {
+			return memCol(t, func(m SidecarMemory) string {
+				if m.Conns == 0 {
+					return "–"
+				}
+				return f(m)
+			})
+		}
+		kb := func(v int64) string { return fmt.Sprintf("%.1f", float64(v)/1024) }
+		p("| %s |\n", strings.Join([]string{t.Name,
+			memCol(t, func(m SidecarMemory) string { return kb(m.IdleKB) }),
+			memCol(t, func(m SidecarMemory) string { return kb(m.IdleAnonKB) }),
+			memCol(t, func(m SidecarMemory) string { return kb(m.IdlePSSKB) }),
+			withConns(func(m SidecarMemory) string { return kb(m.BeforeKB) }),
+			withConns(func(m SidecarMemory) string { return kb(m.BeforeAnonKB) }),
+			withConns(func(m SidecarMemory) string { return kb(m.BeforePSSKB) }),
+			withConns(func(m SidecarMemory) string { return kb(m.WithConnsKB) }),
+			withConns(func(m SidecarMemory) string { return f1(m.PerConnKB) }),
+			withConns(func(m SidecarMemory) string { return f1(m.PerConnAnonKB) }),
+			withConns(func(m SidecarMemory) string { return f1(m.PerConnPSSKB) }),
+			withConns(func(m SidecarMemory) string { return f1(m.PerConnFreshKB) }),
+		}, " | "))
+	}
+
 	ms := r.metrics()
-	p("\nRatio to the best proxy per column (1.00 = best; above 1 is better for MB/s and conn/s, worse for the others):\n\n")
-	p("| topology |")
+	p("\nRatio to the best proxy pair per column (1.00 = best; above 1 is better for MB/s and conn/s, worse for the others):\n\n| topology |")
 	for _, m := range ms {
 		p(" %s |", m.name)
 	}
 	p("\n|---|%s\n", strings.Repeat("---:|", len(ms)))
 	for i := range r.Topologies {
 		t := &r.Topologies[i]
-		if t.Name == "direct" {
+		if isBaseline(t.Name) {
 			continue
 		}
 		p("| %s |", t.Name)
@@ -421,7 +516,8 @@ func (r *Result) WriteMarkdown(w io.Writer) {
 	for i := range r.Topologies {
 		t := &r.Topologies[i]
 		if rs := t.Resumption; rs != nil {
-			p("\n%s: %d of %d connections closed by the inbound sidecar so far resumed a TLS session.\n", t.Name, rs.Resumed, rs.Connections)
+			p("\n%s: of the connections the inbound sidecar closed, %d of %d resumed a TLS session on the pair told not to resume, %d of %d on the pair with resumption on.\n",
+				t.Name, rs.FullResumed, rs.FullConnections, rs.Resumed, rs.Connections)
 		}
 		for _, n := range t.Notes {
 			p("\nNote (%s): %s\n", t.Name, n)
@@ -437,8 +533,8 @@ func (r *Result) WriteMarkdown(w io.Writer) {
 
 type targetRow struct{ target, latch, ref, met string }
 
-// targets checks latch against its performance targets, each against the best
-// other proxy in the same run.
+// targets checks latch against its performance targets, each against the
+// other proxies or the baselines in the same run.
 func (r *Result) targets(l *TopologyResult) []targetRow {
 	var rows []targetRow
 	yes := func(ok bool) string {
@@ -447,67 +543,64 @@ func (r *Result) targets(l *TopologyResult) []targetRow {
 		}
 		return "**no**"
 	}
-	ms := r.metrics()
-	byName := func(name string) metric {
-		for _, m := range ms {
-			if m.name == name {
-				return m
-			}
+	cmp := func(m metric, v, ref, factor float64) bool {
+		if m.higherBetter {
+			return v >= ref*factor
 		}
-		panic("unknown metric " + name)
+		return v <= ref*factor
 	}
-	direct := r.find("direct")
-	for _, conns := range r.Options.BulkConns {
-		m := byName(fmt.Sprintf("bulk ×%d MB/s", conns))
+	// Request/response against ghostunnel, then against 0.8× the best
+	// other pair.
+	for _, name := range []string{"p50 µs", "p99 µs", "CPU µs/round trip"} {
+		m := r.metric(name)
 		v, ok := m.get(l)
 		if !ok {
-			rows = append(rows, targetRow{m.name + " ≥ every peer", "–", "not measured", "–"})
 			continue
 		}
-		if b, who, okb := r.best(m, "latch"); okb {
-			rows = append(rows, targetRow{fmt.Sprintf("bulk ×%d ≥ every peer", conns), fmt.Sprintf("%.0f MB/s", v),
-				fmt.Sprintf("%s %.0f MB/s (×%.2f)", who, b, v/b), yes(v >= b)})
-		}
-		if direct != nil {
-			if d, okd := m.get(direct); okd && d > 0 {
-				rows = append(rows, targetRow{fmt.Sprintf("bulk ×%d ≥ 60%% of direct", conns), fmt.Sprintf("%.0f%%", 100*v/d),
-					fmt.Sprintf("direct %.0f MB/s", d), yes(v >= 0.6*d)})
+		if g := r.find("ghostunnel"); g != nil {
+			if gv, ok := m.get(g); ok {
+				rows = append(rows, targetRow{"request/response " + name + " ≤ ghostunnel's", trimFloat(v),
+					fmt.Sprintf("ghostunnel %s (×%.2f)", trimFloat(gv), v/gv), yes(cmp(m, v, gv, 1))})
 			}
 		}
-	}
-	if v, ok := byName("pair CPU s/GB").get(l); ok {
-		ref := "1.0 s/GB"
-		if b, who, okb := r.best(byName("pair CPU s/GB"), "latch"); okb {
-			ref += fmt.Sprintf(" (best peer %s %.2f)", who, b)
+		if b, who, ok := r.best(m, "latch"); ok {
+			rows = append(rows, targetRow{"request/response " + name + " ≤ 0.8 × best peer's", trimFloat(v),
+				fmt.Sprintf("%s %s (×%.2f)", who, trimFloat(b), v/b), yes(cmp(m, v, b, 0.8))})
 		}
-		rows = append(rows, targetRow{"CPU ≤ 1.0 s per GB (pair)", fmt.Sprintf("%.2f s/GB", v), ref, yes(v <= 1.0)})
 	}
-	for _, c := range []struct {
-		name, target string
-	}{
-		{"added p99 µs", "added p99 latency ≤ best peer's"},
-		{"conn/s", "new connections/s ≥ every peer"},
-	} {
-		m := byName(c.name)
+	if b, g := l.bulkAt(1), r.find("go-mtls"); b != nil && g != nil && g.bulkAt(1) != nil {
+		ref := g.bulkAt(1).MBps
+		rows = append(rows, targetRow{"bulk ×1 ≥ 85% of Go mTLS with no proxies", fmt.Sprintf("%.0f MB/s (%.0f%%)", b.MBps, 100*b.MBps/ref),
+			fmt.Sprintf("go-mtls %.0f MB/s", ref), yes(b.MBps >= 0.85*ref)})
+	}
+	for _, name := range []string{"full conn/s", "CPU ms/full conn"} {
+		m := r.metric(name)
 		v, ok := m.get(l)
 		b, who, okb := r.best(m, "latch")
 		if !ok || !okb {
 			continue
 		}
-		met := v <= b
-		if m.higherBetter {
-			met = v >= b
-		}
-		rows = append(rows, targetRow{c.target, trimFloat(v), fmt.Sprintf("%s %s", who, trimFloat(b)), yes(met)})
+		rows = append(rows, targetRow{"new connections, full handshake: " + name + " better than every peer", trimFloat(v),
+			fmt.Sprintf("%s %s (×%.2f)", who, trimFloat(b), v/b), yes(cmp(m, v, b, 1) && v != b)})
 	}
-	if v, ok := byName("max idle RSS MB").get(l); ok {
+	for _, c := range r.Options.BulkConns {
+		m := r.metric(fmt.Sprintf("bulk ×%d MB/s", c))
+		v, ok := m.get(l)
+		b, who, okb := r.best(m, "latch")
+		if !ok || !okb {
+			continue
+		}
+		rows = append(rows, targetRow{fmt.Sprintf("bulk ×%d ≥ every peer", c), fmt.Sprintf("%.0f MB/s", v),
+			fmt.Sprintf("%s %.0f MB/s (×%.2f)", who, b, v/b), yes(v >= b)})
+	}
+	if v, ok := maxMemory(l, func(m SidecarMemory) float64 { return float64(m.IdleKB) / 1024 }); ok {
 		// RSS is the target's figure; anon and PSS say how much of it is
 		// the sidecar's own and how much the binary shared in the page cache.
-		anon, _ := byName("max idle anon MB").get(l)
-		pss, _ := byName("max idle PSS MB").get(l)
+		anon, _ := maxMemory(l, func(m SidecarMemory) float64 { return float64(m.IdleAnonKB) / 1024 })
+		pss, _ := maxMemory(l, func(m SidecarMemory) float64 { return float64(m.IdlePSSKB) / 1024 })
 		rows = append(rows, targetRow{"RSS ≤ 12 MB idle per sidecar", fmt.Sprintf("%.1f MB (anon %.1f, PSS %.1f)", v, anon, pss), "12 MB", yes(v <= 12)})
 	}
-	if v, ok := byName("max KB/conn").get(l); ok {
+	if v, ok := r.metric("max KB/conn").get(l); ok {
 		rows = append(rows, targetRow{"≤ 16 KB per idle proxied connection", fmt.Sprintf("%.1f KB", v), "16 KB", yes(v <= 16)})
 	}
 	return rows
@@ -518,6 +611,28 @@ func orDash(f func() (string, bool)) string {
 		return s
 	}
 	return "–"
+}
+
+func ptrFmt(ok bool, f func() string) (string, bool) {
+	if !ok {
+		return "", false
+	}
+	return f(), true
+}
+
+func dashes(n int) []string {
+	out := make([]string, n)
+	for i := range out {
+		out[i] = "–"
+	}
+	return out
+}
+
+func orNone(s string) string {
+	if s == "" {
+		return "unknown"
+	}
+	return s
 }
 
 func memCol(t *TopologyResult, f func(SidecarMemory) string) string {
@@ -538,10 +653,19 @@ func f1p(v *float64) string {
 	}
 	return f1(*v)
 }
+func f2p(v *float64) string {
+	if v == nil {
+		return "–"
+	}
+	return fmt.Sprintf("%.2f", *v)
+}
 
 func trimFloat(v float64) string {
 	if math.Abs(v) >= 100 {
 		return fmt.Sprintf("%.0f", v)
 	}
-	return fmt.Sprintf("%.1f", v)
+	if math.Abs(v) >= 10 {
+		return fmt.Sprintf("%.1f", v)
+	}
+	return fmt.Sprintf("%.2f", v)
 }

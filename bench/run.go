@@ -23,8 +23,13 @@ type Options struct {
 	Duration time.Duration
 	// Rounds repeats every measurement over all topologies, rotating their
 	// order each round, so slow drift of the machine hits all alike
-	// (default 3).
+	// (default 3). Figures are the median of the rounds.
 	Rounds int
+	// Rest is the pause after each measurement (default 2s): the pair's CPU
+	// time is read at its end, so work a proxy defers until the load is
+	// over (collection, freeing memory, closing connections) is charged to
+	// it and does not run during the next topology's measurement.
+	Rest time.Duration
 	// BulkConns are the parallel connection counts of the bulk test
 	// (default 1 and 8).
 	BulkConns []int
@@ -36,11 +41,22 @@ type Options struct {
 	// IdleConns is how many idle proxied connections the memory test holds
 	// open (default 2,000).
 	IdleConns int
-	// Topologies restricts the run to these names (direct, latch, haproxy,
-	// nginx, stunnel); empty runs all that are installed.
+	// Topologies restricts the run to these names (direct, go-mtls, latch,
+	// ghostunnel, haproxy, nginx, stunnel); empty runs all that are
+	// available.
 	Topologies []string
+	// NoResumed skips the second new-connection comparison, with session
+	// resumption on (and the second pair of each proxy it needs).
+	NoResumed bool
+	// NoCounts skips the pass that counts system calls and context switches
+	// per round trip and per connection with perf stat (it runs when perf
+	// is installed).
+	NoCounts bool
 	// LatchBinary is the latch executable; empty builds one from ModuleDir.
 	LatchBinary string
+	// GhostunnelBinary is the ghostunnel executable; empty looks for
+	// ghostunnel on PATH (see ghostunnel).
+	GhostunnelBinary string
 	// ModuleDir is the repository root, for building latch (default: the
 	// module the working directory is in).
 	ModuleDir string
@@ -53,7 +69,7 @@ type Options struct {
 	// keeps the modern profile's (X25519MLKEM768, X25519, P-256).
 	LatchCurves []string
 	// ProfileDir, when set, makes the harness record a CPU profile (Linux
-	// perf) of every pair's sidecars under bulk ×8 load and under the
+	// perf) of every pair's sidecars under bulk ×8, request/response and
 	// new-connection load after the rounds, and write the reports there.
 	ProfileDir string
 	// KeepDir keeps the temporary directory (configs, logs) for inspection.
@@ -68,6 +84,9 @@ func (o *Options) defaults() {
 	}
 	if o.Rounds <= 0 {
 		o.Rounds = 3
+	}
+	if o.Rest <= 0 {
+		o.Rest = 2 * time.Second
 	}
 	if len(o.BulkConns) == 0 {
 		o.BulkConns = []int{1, 8}
@@ -86,25 +105,57 @@ func (o *Options) defaults() {
 	}
 }
 
-// AllTopologies lists every topology the harness knows, baseline first.
-func AllTopologies(latchBinary string, latchArgs, latchEnv, latchCurves []string) []Topology {
-	return []Topology{direct{}, &latchPair{binary: latchBinary, extraArgs: latchArgs, env: latchEnv, curves: latchCurves}, haproxy{}, nginx{}, stunnel{}}
+// AllTopologies lists every topology the harness knows, baselines first.
+func AllTopologies(opts Options) []Topology {
+	return []Topology{
+		direct{}, goMTLS{},
+		&latchPair{binary: opts.LatchBinary, extraArgs: opts.LatchArgs, env: opts.LatchEnv, curves: opts.LatchCurves},
+		ghostunnel{binary: opts.GhostunnelBinary},
+		haproxy{}, nginx{}, stunnel{},
+	}
 }
 
-// running is one started topology and what has been measured of it.
+// isBaseline says whether a topology is one of the two baselines (no proxy
+// processes) rather than a proxy pair.
+func isBaseline(name string) bool { return name == "direct" || name == "go-mtls" }
+
+// running is one started pair and what has been measured of it.
 type running struct {
 	topo Topology
 	pair *Pair
 	res  *TopologyResult
 	dead bool // a sidecar exited: no further measurements
+	// resumed marks the second pair of a topology, started with session
+	// resumption on and measured for new connections only; its figures go
+	// to res.ConnectResumed of the first.
+	resumed bool
 
-	bulkBytes map[int]uint64
-	bulkTime  map[int]time.Duration
-	bulkCPU   []float64 // per sidecar, seconds, over all bulk runs
-	bulkTotal uint64
-	latency   []time.Duration
-	conn      connectRun
-	connCPU   float64
+	bulk      map[int][]bulkRound
+	latency   []latencyRound
+	connect   []connectRound
+	samples   []time.Duration // every round's latency samples
+	ttfb      []time.Duration // every round's time to first byte
+	roundTrip int             // round trips over all rounds
+}
+
+type bulkRound struct {
+	mbps     float64
+	bytes    uint64
+	cpuPerGB *float64 // pair CPU seconds per 10^9 bytes; nil for baselines
+}
+
+type latencyRound struct {
+	roundTrips           int
+	p50, p90, p99, p999  float64 // µs
+	cpuPerRT, ctxswPerRT *float64
+}
+
+type connectRound struct {
+	count      int
+	rate       float64
+	ttfb50     float64 // ms
+	ttfb99     float64
+	cpuPerConn *float64 // ms
 }
 
 // Run starts every available topology, measures them all interleaved, stops
@@ -112,7 +163,7 @@ type running struct {
 // every process it started, also when ctx is cancelled.
 func Run(ctx context.Context, opts Options) (*Result, error) {
 	opts.defaults()
-	res := &Result{Started: time.Now().UTC(), Host: hostInfo(), Options: opts.summary()}
+	res := &Result{Started: time.Now().UTC(), Host: hostInfo(), Options: opts.summary(), LoadBefore: loadAverage()}
 	progress := func(format string, args ...any) { fmt.Fprintf(opts.Progress, format+"\n", args...) }
 
 	limit, err := raiseFileLimit()
@@ -175,22 +226,55 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 		return nil, err
 	}
 
-	latchBin := opts.LatchBinary
-	if latchBin == "" && wanted(opts.Topologies, "latch") {
+	if opts.LatchBinary == "" && wanted(opts.Topologies, "latch") {
 		progress("building latch")
-		if latchBin, err = BuildLatch(ctx, opts.ModuleDir, tmp, opts.ProfileDir != ""); err != nil {
+		if opts.LatchBinary, err = BuildLatch(ctx, opts.ModuleDir, tmp, opts.ProfileDir != ""); err != nil {
 			res.Skipped = append(res.Skipped, Skipped{Name: "latch", Reason: err.Error()})
-			latchBin = ""
+			opts.LatchBinary = ""
 		}
 	}
 
-	var runs []*running
+	var runs, resumed []*running
 	defer func() {
-		for _, r := range runs {
+		for _, r := range append(runs, resumed...) {
 			r.pair.Stop()
 		}
 	}()
-	for _, t := range AllTopologies(latchBin, opts.LatchArgs, opts.LatchEnv, opts.LatchCurves) {
+	start := func(t Topology, resumption bool) (*running, error) {
+		// A backend per pair: the last hop of every pair closes first and
+		// leaves TIME_WAIT sockets towards the backend's port; separate
+		// ports keep one pair's connection test from eating another's
+		// ephemeral ports.
+		backend, err := StartBackend()
+		if err != nil {
+			return nil, err
+		}
+		tenv := env
+		tenv.Backend = backend.Addr()
+		tenv.Resumption = resumption
+		tenv.Dir = filepath.Join(tmp, t.Name())
+		label := t.Name()
+		if resumption {
+			tenv.Dir += "-resumed"
+			label += " (resumption on)"
+		}
+		if err := os.MkdirAll(tenv.Dir, 0o700); err != nil {
+			backend.Close()
+			return nil, fmt.Errorf("creating %s: %w", tenv.Dir, err)
+		}
+		progress("starting %s", label)
+		pair, err := t.Start(ctx, &tenv)
+		if err != nil {
+			backend.Close()
+			if ctx.Err() != nil {
+				return nil, ctx.Err()
+			}
+			return nil, err
+		}
+		pair.closers = append(pair.closers, func() { backend.Close() })
+		return &running{topo: t, pair: pair, resumed: resumption, bulk: map[int][]bulkRound{}}, nil
+	}
+	for _, t := range AllTopologies(opts) {
 		if !wanted(opts.Topologies, t.Name()) || skipped(res, t.Name()) {
 			continue
 		}
@@ -199,23 +283,7 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 			progress("skipping %s: %v", t.Name(), err)
 			continue
 		}
-		// A backend per topology: the last hop of every pair closes first and
-		// leaves TIME_WAIT sockets towards the backend's port; separate ports
-		// keep one topology's connection test from eating another's
-		// ephemeral ports.
-		backend, err := StartBackend()
-		if err != nil {
-			return nil, err
-		}
-		defer backend.Close()
-		tenv := env
-		tenv.Backend = backend.Addr()
-		tenv.Dir = filepath.Join(tmp, t.Name())
-		if err := os.MkdirAll(tenv.Dir, 0o700); err != nil {
-			return nil, fmt.Errorf("creating %s: %w", tenv.Dir, err)
-		}
-		progress("starting %s", t.Name())
-		pair, err := t.Start(ctx, &tenv)
+		r, err := start(t, false)
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil, ctx.Err()
@@ -224,13 +292,21 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 			progress("skipping %s: %v", t.Name(), err)
 			continue
 		}
-		r := &running{
-			topo: t, pair: pair,
-			res:       &TopologyResult{Name: t.Name(), Version: pair.Version, Notes: pair.Notes},
-			bulkBytes: map[int]uint64{}, bulkTime: map[int]time.Duration{},
-			bulkCPU: make([]float64, len(pair.Sidecars)),
-		}
+		r.res = &TopologyResult{Name: t.Name(), Version: r.pair.Version, Notes: r.pair.Notes}
 		runs = append(runs, r)
+		if opts.NoResumed || !canResume(t) {
+			continue
+		}
+		v, err := start(t, true)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil, ctx.Err()
+			}
+			r.res.Errors = append(r.res.Errors, "the pair with session resumption on failed to start: "+err.Error())
+			continue
+		}
+		v.res = r.res
+		resumed = append(resumed, v)
 	}
 	if len(runs) == 0 {
 		return nil, fmt.Errorf("no topology could start: %v", res.Skipped)
@@ -257,20 +333,30 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 		order := rotate(runs, round)
 		for _, conns := range opts.BulkConns {
 			for _, r := range order {
-				if err := r.measureBulk(ctx, conns, opts.Duration, pool, progress, round); err != nil {
+				if err := r.measureBulk(ctx, opts, conns, pool, progress, round); err != nil {
 					return nil, err
 				}
 			}
 		}
 		for _, r := range order {
-			if err := r.measureLatency(ctx, opts.MessageSize, opts.Duration, progress, round); err != nil {
+			if err := r.measureLatency(ctx, opts, progress, round); err != nil {
 				return nil, err
 			}
 		}
 		for _, r := range order {
-			if err := r.measureConnect(ctx, opts.ConnectWorkers, opts.Duration, progress, round); err != nil {
+			if err := r.measureConnect(ctx, opts, progress, round); err != nil {
 				return nil, err
 			}
+		}
+		for _, r := range rotate(resumed, round) {
+			if err := r.measureConnect(ctx, opts, progress, round); err != nil {
+				return nil, err
+			}
+		}
+	}
+	if !opts.NoCounts {
+		if err := countAll(ctx, runs, opts, progress); err != nil {
+			return nil, err
 		}
 	}
 	if opts.ProfileDir != "" {
@@ -285,25 +371,47 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	}
 
 	for _, r := range runs {
-		r.finish(opts)
+		r.finish()
+	}
+	for _, r := range resumed {
+		r.finish()
+	}
+	for _, r := range runs {
 		if _, ok := r.topo.(*latchPair); ok {
-			// Read after Stop would be complete, but the idle connections
-			// just closed are enough to count; the load tests are long over.
-			if resumed, total := latchResumption(r.pair); total > 0 {
-				r.res.Resumption = &Resumption{Resumed: resumed, Connections: total}
+			// Read before Stop: the idle connections just closed are
+			// enough to count; the load tests are long over.
+			rs := &Resumption{}
+			rs.FullResumed, rs.FullConnections = latchResumption(r.pair)
+			for _, v := range resumed {
+				if v.res == r.res {
+					rs.Resumed, rs.Connections = latchResumption(v.pair)
+				}
 			}
+			r.res.Resumption = rs
 		}
 		res.Topologies = append(res.Topologies, *r.res)
 	}
 	res.addLatencyOverDirect()
 	res.Finished = time.Now().UTC()
+	res.LoadAfter = loadAverage()
 	return res, nil
+}
+
+// label names the pair in progress lines.
+func (r *running) label() string {
+	if r.resumed {
+		return r.topo.Name() + "+resume"
+	}
+	return r.topo.Name()
 }
 
 // fail records a failed measurement; a sidecar that died ends the
 // topology's run.
 func (r *running) fail(what string, err error) {
 	msg := fmt.Sprintf("%s: %v", what, err)
+	if r.resumed {
+		msg = "with session resumption on: " + msg
+	}
 	for _, s := range r.pair.Sidecars {
 		if exited, werr := s.Exited(); exited {
 			r.dead = true
@@ -315,93 +423,138 @@ func (r *running) fail(what string, err error) {
 
 func (r *running) skip(ctx context.Context) bool { return r.dead || ctx.Err() != nil }
 
-func (r *running) measureBulk(ctx context.Context, conns int, d time.Duration, pool *framePool, progress func(string, ...any), round int) error {
-	if r.skip(ctx) {
-		return ctx.Err()
-	}
+// spent is what a pair's sidecars used during one measurement: CPU seconds
+// and context switches, summed over both.
+type spent struct {
+	cpu   float64
+	ctxsw int64
+}
+
+// measure runs load between two readings of the sidecars' usage, the
+// second after opts.Rest, so the pair is charged for everything the load
+// made it do. For a baseline (no sidecars) it just runs load and rests.
+func (r *running) measure(ctx context.Context, opts Options, load func() error) (spent, error) {
 	before, err := r.pair.Usage()
 	if err != nil {
-		r.fail("bulk", err)
-		return nil
+		return spent{}, err
 	}
-	b, err := runBulk(ctx, r.pair.Entry, conns, d, pool)
-	if err != nil {
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
-		r.fail(fmt.Sprintf("bulk ×%d", conns), err)
-		return nil
+	if err := load(); err != nil {
+		return spent{}, err
+	}
+	if err := waitCtx(ctx, opts.Rest); err != nil {
+		return spent{}, err
 	}
 	after, err := r.pair.Usage()
 	if err != nil {
-		r.fail("bulk", err)
-		return nil
+		return spent{}, err
 	}
+	var s spent
 	for i := range after {
-		r.bulkCPU[i] += after[i].CPUSeconds - before[i].CPUSeconds
+		s.cpu += after[i].CPUSeconds - before[i].CPUSeconds
+		s.ctxsw += after[i].ContextSwitches - before[i].ContextSwitches
 	}
-	r.bulkTotal += b.Bytes
-	r.bulkBytes[conns] += b.Bytes
-	r.bulkTime[conns] += b.Elapsed
-	r.res.bulkRound(conns, b.MBps())
-	progress("round %d  bulk ×%d  %-8s %8.1f MB/s", round+1, conns, r.topo.Name(), b.MBps())
+	return s, nil
+}
+
+// loadFailed sorts out a failed measurement: a cancelled run ends, anything
+// else is recorded against the topology and the run goes on.
+func (r *running) loadFailed(ctx context.Context, what string, err error) error {
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	r.fail(what, err)
 	return nil
 }
 
-func (r *running) measureLatency(ctx context.Context, size int, d time.Duration, progress func(string, ...any), round int) error {
+func (r *running) measureBulk(ctx context.Context, opts Options, conns int, pool *framePool, progress func(string, ...any), round int) error {
 	if r.skip(ctx) {
 		return ctx.Err()
 	}
-	s, err := runLatency(ctx, r.pair.Entry, size, d)
+	var b BulkResult
+	s, err := r.measure(ctx, opts, func() (err error) {
+		b, err = runBulk(ctx, r.pair.Dial(), conns, opts.Duration, pool)
+		return err
+	})
 	if err != nil {
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
-		r.fail("latency", err)
-		return nil
+		return r.loadFailed(ctx, fmt.Sprintf("bulk ×%d", conns), err)
 	}
-	r.latency = append(r.latency, s...)
-	progress("round %d  latency  %-8s p50 %6.1f µs  p99 %6.1f µs  (%d samples)", round+1, r.topo.Name(),
-		micros(percentile(s, 0.50)), micros(percentile(s, 0.99)), len(s))
+	br := bulkRound{mbps: b.MBps(), bytes: b.Bytes}
+	line := fmt.Sprintf("round %d  bulk ×%d  %-10s %8.1f MB/s", round+1, conns, r.label(), br.mbps)
+	if len(r.pair.Sidecars) > 0 && b.Bytes > 0 {
+		v := s.cpu / (float64(b.Bytes) / 1e9)
+		br.cpuPerGB = &v
+		line += fmt.Sprintf("  pair CPU %.2f s/GB", v)
+	}
+	r.bulk[conns] = append(r.bulk[conns], br)
+	progress("%s", line)
 	return nil
 }
 
-func (r *running) measureConnect(ctx context.Context, workers int, d time.Duration, progress func(string, ...any), round int) error {
+func (r *running) measureLatency(ctx context.Context, opts Options, progress func(string, ...any), round int) error {
 	if r.skip(ctx) {
 		return ctx.Err()
 	}
-	before, err := r.pair.Usage()
+	var samples []time.Duration
+	s, err := r.measure(ctx, opts, func() (err error) {
+		samples, err = runLatency(ctx, r.pair.Dial(), opts.MessageSize, opts.Duration)
+		return err
+	})
 	if err != nil {
-		r.fail("connect", err)
-		return nil
+		return r.loadFailed(ctx, "latency", err)
 	}
-	c, err := runConnect(ctx, r.pair.Entry, workers, d)
+	lr := latencyRound{
+		roundTrips: len(samples) + 1, // and the warm-up
+		p50:        micros(percentile(samples, 0.50)),
+		p90:        micros(percentile(samples, 0.90)),
+		p99:        micros(percentile(samples, 0.99)),
+		p999:       micros(percentile(samples, 0.999)),
+	}
+	line := fmt.Sprintf("round %d  latency  %-10s p50 %6.1f µs  p99 %6.1f µs  (%d round trips)", round+1, r.label(), lr.p50, lr.p99, lr.roundTrips)
+	if len(r.pair.Sidecars) > 0 {
+		cpu := s.cpu / float64(lr.roundTrips) * 1e6
+		cs := float64(s.ctxsw) / float64(lr.roundTrips)
+		lr.cpuPerRT, lr.ctxswPerRT = &cpu, &cs
+		line += fmt.Sprintf("  pair CPU %.1f µs and %.1f context switches per round trip", cpu, cs)
+	}
+	r.latency = append(r.latency, lr)
+	r.samples = append(r.samples, samples...)
+	progress("%s", line)
+	return nil
+}
+
+func (r *running) measureConnect(ctx context.Context, opts Options, progress func(string, ...any), round int) error {
+	if r.skip(ctx) {
+		return ctx.Err()
+	}
+	var c connectRun
+	s, err := r.measure(ctx, opts, func() (err error) {
+		c, err = runConnect(ctx, r.pair.Dial(), opts.ConnectWorkers, opts.Duration)
+		return err
+	})
 	if err != nil {
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
-		r.fail("new connections", err)
-		return nil
+		return r.loadFailed(ctx, "new connections", err)
 	}
-	after, err := r.pair.Usage()
-	if err != nil {
-		r.fail("connect", err)
-		return nil
+	cr := connectRound{
+		count:  c.Count,
+		rate:   float64(c.Count) / c.Elapsed.Seconds(),
+		ttfb50: millis(percentile(c.TTFB, 0.5)),
+		ttfb99: millis(percentile(c.TTFB, 0.99)),
 	}
-	for i := range after {
-		r.connCPU += after[i].CPUSeconds - before[i].CPUSeconds
+	line := fmt.Sprintf("round %d  connect  %-10s %8.0f conn/s  first byte p50 %.2f ms", round+1, r.label(), cr.rate, cr.ttfb50)
+	if len(r.pair.Sidecars) > 0 && c.Count > 0 {
+		v := s.cpu / float64(c.Count) * 1e3
+		cr.cpuPerConn = &v
+		line += fmt.Sprintf("  pair CPU %.2f ms/conn", v)
 	}
-	r.conn.Count += c.Count
-	r.conn.Elapsed += c.Elapsed
-	r.conn.TTFB = append(r.conn.TTFB, c.TTFB...)
-	rate := float64(c.Count) / c.Elapsed.Seconds()
-	r.res.connectRound(rate)
-	progress("round %d  connect  %-8s %8.0f conn/s  ttfb p50 %.2f ms", round+1, r.topo.Name(), rate, millis(percentile(c.TTFB, 0.5)))
+	r.connect = append(r.connect, cr)
+	r.ttfb = append(r.ttfb, c.TTFB...)
+	progress("%s", line)
 	return nil
 }
 
 // measureIdleConns holds n proxied connections open and reads each
-// sidecar's RSS before and with them.
+// sidecar's memory before them, right after they are open, and once they
+// have rested.
 func (r *running) measureIdleConns(ctx context.Context, n int, progress func(string, ...any)) error {
 	if len(r.pair.Sidecars) == 0 || r.skip(ctx) {
 		return ctx.Err()
@@ -416,17 +569,20 @@ func (r *running) measureIdleConns(ctx context.Context, n int, progress func(str
 		r.fail("idle connections", err)
 		return nil
 	}
-	conns, err := openIdle(ctx, r.pair.Entry, n, 8)
+	conns, err := openIdle(ctx, r.pair.Dial(), n, 8)
 	if err != nil {
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
+		return r.loadFailed(ctx, "idle connections", err)
+	}
+	defer closeAll(conns)
+	// Right after the last one opened: what a burst of connections costs
+	// before the sidecar has had time to give anything back.
+	fresh, err := r.pair.Usage()
+	if err != nil {
 		r.fail("idle connections", err)
 		return nil
 	}
-	defer closeAll(conns)
-	// Let lazily started work (buffers, timers, goroutines) settle before
-	// reading RSS; the connections are idle from here on.
+	// Then, with the connections idle, let lazily started work (buffers,
+	// timers, goroutines) settle and memory be returned.
 	if err := waitCtx(ctx, settle); err != nil {
 		return err
 	}
@@ -439,16 +595,19 @@ func (r *running) measureIdleConns(ctx context.Context, n int, progress func(str
 		r.fail("idle connections", errors.New("no idle figures to compare with"))
 		return nil
 	}
+	per := func(a, b int64) float64 { return float64(a-b) / float64(n) }
 	for i := range with {
 		m := &r.res.Memory[i]
 		m.Conns = n
-		m.BeforeKB = before[i].RSSKB
-		m.BeforeAnonKB = before[i].AnonKB
-		m.BeforePSSKB = before[i].PSSKB
-		m.WithConnsKB = with[i].RSSKB
-		m.PerConnKB = float64(with[i].RSSKB-before[i].RSSKB) / float64(n)
-		progress("idle     %-8s %-3s RSS %6.1f MB idle (anon %.1f, PSS %.1f), %6.1f MB after load (anon %.1f, PSS %.1f), %6.1f MB with %d connections, %5.1f KB/connection",
-			r.topo.Name(), m.Sidecar, mb(m.IdleKB), mb(m.IdleAnonKB), mb(m.IdlePSSKB), mb(m.BeforeKB), mb(m.BeforeAnonKB), mb(m.BeforePSSKB), mb(m.WithConnsKB), n, m.PerConnKB)
+		m.BeforeKB, m.BeforeAnonKB, m.BeforePSSKB = before[i].RSSKB, before[i].AnonKB, before[i].PSSKB
+		m.WithConnsKB, m.WithConnsAnonKB, m.WithConnsPSSKB = with[i].RSSKB, with[i].AnonKB, with[i].PSSKB
+		m.PerConnKB = per(with[i].RSSKB, before[i].RSSKB)
+		m.PerConnAnonKB = per(with[i].AnonKB, before[i].AnonKB)
+		m.PerConnPSSKB = per(with[i].PSSKB, before[i].PSSKB)
+		m.PerConnFreshKB = per(fresh[i].RSSKB, before[i].RSSKB)
+		progress("idle     %-10s %-3s RSS %6.1f MB idle (anon %.1f, PSS %.1f), %6.1f MB after load (anon %.1f, PSS %.1f), %6.1f MB with %d connections; per connection %5.1f KB RSS (%.1f right after opening), %.1f anon, %.1f PSS",
+			r.topo.Name(), m.Sidecar, mb(m.IdleKB), mb(m.IdleAnonKB), mb(m.IdlePSSKB), mb(m.BeforeKB), mb(m.BeforeAnonKB), mb(m.BeforePSSKB), mb(m.WithConnsKB), n,
+			m.PerConnKB, m.PerConnFreshKB, m.PerConnAnonKB, m.PerConnPSSKB)
 	}
 	return nil
 }
@@ -462,53 +621,95 @@ func mb(kb int64) float64 { return float64(kb) / 1024 }
 // against the minutes a real idle connection lasts.
 const settle = 3 * time.Second
 
-// finish turns the accumulated samples into figures.
-func (r *running) finish(opts Options) {
-	for _, conns := range opts.BulkConns {
+// finish turns the rounds into figures: each the median of its rounds.
+func (r *running) finish() {
+	if r.resumed {
+		r.res.ConnectResumed = r.connectResult()
+		return
+	}
+	for conns, rounds := range r.bulk {
 		b := r.res.bulk(conns)
-		b.Bytes = r.bulkBytes[conns]
-		if t := r.bulkTime[conns]; t > 0 {
-			b.MBps = float64(b.Bytes) / 1e6 / t.Seconds()
+		var mbps, cpu []float64
+		for _, br := range rounds {
+			mbps = append(mbps, br.mbps)
+			b.Bytes += br.bytes
+			if br.cpuPerGB != nil {
+				cpu = append(cpu, *br.cpuPerGB)
+			}
+		}
+		b.RoundsMBps, b.MBps = mbps, median(mbps)
+		if len(cpu) > 0 {
+			b.RoundsCPUSecondsPerGB = cpu
+			v := median(cpu)
+			b.CPUSecondsPerGB = &v
 		}
 	}
-	if len(r.pair.Sidecars) > 0 && r.bulkTotal > 0 {
-		var pair float64
-		r.res.CPUPerGBBySidecar = map[string]float64{}
-		for i, s := range r.pair.Sidecars {
-			v := r.bulkCPU[i] / (float64(r.bulkTotal) / 1e9)
-			r.res.CPUPerGBBySidecar[s.Name] = v
-			pair += v
-		}
-		r.res.CPUSecondsPerGB = &pair
-	}
+	slices.SortFunc(r.res.Bulk, func(a, b *BulkFigures) int { return a.Conns - b.Conns })
 	if len(r.latency) > 0 {
-		r.res.Latency = &LatencyResult{
-			Samples: len(r.latency),
-			P50us:   micros(percentile(r.latency, 0.50)),
-			P90us:   micros(percentile(r.latency, 0.90)),
-			P99us:   micros(percentile(r.latency, 0.99)),
-			P999us:  micros(percentile(r.latency, 0.999)),
+		l := &LatencyResult{}
+		var p50, p90, p99, p999, cpu, cs []float64
+		for _, lr := range r.latency {
+			l.RoundTrips += lr.roundTrips
+			p50, p90, p99, p999 = append(p50, lr.p50), append(p90, lr.p90), append(p99, lr.p99), append(p999, lr.p999)
+			if lr.cpuPerRT != nil {
+				cpu, cs = append(cpu, *lr.cpuPerRT), append(cs, *lr.ctxswPerRT)
+			}
+		}
+		l.P50us, l.P90us, l.P99us, l.P999us = median(p50), median(p90), median(p99), median(p999)
+		l.RoundsP50us, l.RoundsP99us = p50, p99
+		if len(cpu) > 0 {
+			c, s := median(cpu), median(cs)
+			l.CPUusPerRoundTrip, l.ContextSwitchesPerRoundTrip = &c, &s
+			l.RoundsCPUusPerRoundTrip = cpu
+		}
+		l.PooledP50us, l.PooledP99us = micros(percentile(r.samples, 0.5)), micros(percentile(r.samples, 0.99))
+		r.res.Latency = l
+	}
+	r.res.Connect = r.connectResult()
+}
+
+func (r *running) connectResult() *ConnectResult {
+	if len(r.connect) == 0 {
+		return nil
+	}
+	c := &ConnectResult{}
+	var rate, t50, t99, cpu []float64
+	for _, cr := range r.connect {
+		c.Count += cr.count
+		rate, t50, t99 = append(rate, cr.rate), append(t50, cr.ttfb50), append(t99, cr.ttfb99)
+		if cr.cpuPerConn != nil {
+			cpu = append(cpu, *cr.cpuPerConn)
 		}
 	}
-	if r.conn.Count > 0 {
-		c := &ConnectResult{
-			Count:     r.conn.Count,
-			PerSecond: float64(r.conn.Count) / r.conn.Elapsed.Seconds(),
-			TTFBP50ms: millis(percentile(r.conn.TTFB, 0.50)),
-			TTFBP99ms: millis(percentile(r.conn.TTFB, 0.99)),
-		}
-		if len(r.pair.Sidecars) > 0 {
-			v := r.connCPU / float64(r.conn.Count) * 1e3
-			c.PairCPUmsPerConn = &v
-		}
-		c.RoundsPerSecond = r.res.connectRounds
-		r.res.Connect = c
+	c.PerSecond, c.RoundsPerSecond = median(rate), rate
+	c.TTFBP50ms, c.TTFBP99ms = median(t50), median(t99)
+	if len(cpu) > 0 {
+		v := median(cpu)
+		c.PairCPUmsPerConn, c.RoundsPairCPUmsPerConn = &v, cpu
 	}
+	return c
+}
+
+// median of xs (the mean of the middle two for an even count); xs is not
+// changed.
+func median(xs []float64) float64 {
+	if len(xs) == 0 {
+		return 0
+	}
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
 }
 
 // rotate returns runs starting at index round (mod len): each round a
 // different topology goes first.
 func rotate(runs []*running, round int) []*running {
+	if len(runs) == 0 {
+		return nil
+	}
 	k := round % len(runs)
 	return append(slices.Clone(runs[k:]), runs[:k]...)
 }
@@ -559,52 +760,16 @@ func hostInfo() Host {
 	return h
 }
 
-// profileAll records a profile of each pair under bulk and under
-// new-connection load. Profiling is extra: its failures are notes, not
-// errors of the run.
-func profileAll(ctx context.Context, runs []*running, opts Options, pool *framePool, progress func(string, ...any)) error {
-	if err := perfAvailable(); err != nil {
-		progress("not profiling: %v", err)
-		return nil
+// loadAverage is the first three fields of /proc/loadavg ("0.52 0.61
+// 0.70"), empty where there is none: what else the machine was running.
+func loadAverage() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return ""
 	}
-	if err := os.MkdirAll(opts.ProfileDir, 0o755); err != nil {
-		return fmt.Errorf("creating profile directory: %w", err)
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return ""
 	}
-	bulkConns := opts.BulkConns[len(opts.BulkConns)-1]
-	for _, r := range runs {
-		if len(r.pair.Sidecars) == 0 || r.skip(ctx) {
-			continue
-		}
-		for _, load := range []struct {
-			label string
-			run   func() error
-		}{
-			{fmt.Sprintf("bulk%d", bulkConns), func() error {
-				_, err := runBulk(ctx, r.pair.Entry, bulkConns, opts.Duration, pool)
-				return err
-			}},
-			{"connect", func() error {
-				_, err := runConnect(ctx, r.pair.Entry, opts.ConnectWorkers, opts.Duration)
-				return err
-			}},
-		} {
-			report, err := profileLoad(ctx, r.pair, opts.ProfileDir, r.topo.Name(), load.label, load.run)
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
-			if err != nil {
-				r.res.Errors = append(r.res.Errors, fmt.Sprintf("profile %s: %v", load.label, err))
-				continue
-			}
-			if r.res.Profiles == nil {
-				r.res.Profiles = map[string]string{}
-			}
-			r.res.Profiles[load.label] = report
-			progress("profile  %-8s %-8s %s", r.topo.Name(), load.label, report)
-			for _, line := range topSymbols(report, 5) {
-				progress("             %s", line)
-			}
-		}
-	}
-	return nil
+	return strings.Join(f[:3], " ")
 }

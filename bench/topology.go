@@ -46,6 +46,10 @@ type Env struct {
 	// (the idle-connection test plus slack); peers that preallocate per
 	// connection are sized to it rather than to a round large number.
 	MaxConns int
+	// Resumption says whether the pair's client side (the outbound proxy)
+	// may resume TLS sessions. Off, every new connection is a full
+	// handshake, whatever the proxy's default.
+	Resumption bool
 	// started, when set, is told about every sidecar process started, so
 	// the run can record it (see stale.go).
 	started func(*Process)
@@ -54,14 +58,23 @@ type Env struct {
 // Pair is a running topology.
 type Pair struct {
 	// Entry is where the load client connects: the outbound proxy, or the
-	// backend itself for the direct baseline.
+	// backend itself for the baselines.
 	Entry string
+	// In is the inbound proxy's mTLS listener, the address the outbound
+	// proxy connects to; empty for the baselines.
+	In string
 	// Sidecars are the proxy processes, outbound first. Empty for direct.
 	Sidecars []*Process
 	// Version is what the proxy says it is.
 	Version string
 	// Notes say how the pair is configured where it differs from the others.
 	Notes []string
+
+	// dial opens a connection to Entry; nil means plain TCP.
+	dial dialFunc
+	// closers release what the topology started in this process (the Go
+	// mTLS baseline's TLS backend).
+	closers []func()
 }
 
 // Stop ends every sidecar.
@@ -69,6 +82,32 @@ func (p *Pair) Stop() {
 	for _, s := range p.Sidecars {
 		s.Stop(5 * time.Second)
 	}
+	for _, c := range p.closers {
+		c()
+	}
+	p.closers = nil
+}
+
+// Dial returns how the load client connects to the pair.
+func (p *Pair) Dial() dialFunc {
+	if p.dial != nil {
+		return p.dial
+	}
+	return plainDial(p.Entry)
+}
+
+// resumer is implemented by topologies whose client side cannot resume TLS
+// sessions at all; the others resume when Env.Resumption says so.
+type resumer interface {
+	CanResume() bool
+}
+
+// canResume says whether t takes part in the comparison with resumption on.
+func canResume(t Topology) bool {
+	if r, ok := t.(resumer); ok {
+		return r.CanResume()
+	}
+	return true
 }
 
 // Usage sums the sidecars' usage; per-sidecar figures come from each
@@ -88,8 +127,9 @@ func (p *Pair) Usage() ([]Usage, error) {
 // direct is the baseline: the client talks to the backend.
 type direct struct{}
 
-func (direct) Name() string { return "direct" }
-func (direct) Check() error { return nil }
+func (direct) Name() string    { return "direct" }
+func (direct) Check() error    { return nil }
+func (direct) CanResume() bool { return false }
 func (direct) Start(ctx context.Context, env *Env) (*Pair, error) {
 	p := &Pair{Entry: env.Backend, Version: "-"}
 	return p, waitReady(ctx, p)
@@ -107,7 +147,7 @@ func waitReady(ctx context.Context, p *Pair) error {
 				return fmt.Errorf("sidecar %s exited during start-up (%v):\n%s", s.Name, err, s.LogTail())
 			}
 		}
-		if _, err := connectOnce(ctx, p.Entry); err == nil {
+		if _, err := connectOnce(ctx, p.Dial()); err == nil {
 			return nil
 		} else {
 			last = err

@@ -1,7 +1,7 @@
 // Command latch-bench measures a latch sidecar pair side by side with the
-// same pair built from HAProxy, nginx and stunnel (those installed) and with
-// a direct connection, on loopback, and prints the comparison as Markdown.
-// See docs/performance.md.
+// same pair built from ghostunnel, HAProxy, nginx and stunnel (those
+// available), with Go's own mTLS and with a direct connection, on loopback,
+// and prints the comparison as Markdown. See docs/performance.md.
 package main
 
 import (
@@ -52,18 +52,22 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var (
 		opts      bench.Options
 		conns     = fs.String("conns", "1,8", "parallel connections of the bulk test, comma-separated")
-		only      = fs.String("only", "", "run only these topologies, comma-separated (direct,latch,haproxy,nginx,stunnel)")
+		only      = fs.String("only", "", "run only these topologies, comma-separated (direct,go-mtls,latch,ghostunnel,haproxy,nginx,stunnel)")
+		resumed   = fs.Bool("resumed", true, "also measure new connections with session resumption on, on a second pair of each proxy that can resume")
+		counts    = fs.Bool("counts", true, "count system calls and context switches per round trip and per connection with perf stat, when perf is installed")
 		jsonPath  = fs.String("json", "", "write the results as JSON to this file (default bench/results/latch-bench-<time>.json in the repository, which git ignores, or the temporary directory outside it; \"-\" for none)")
 		latchArgs listFlag
 		latchEnv  listFlag
 		curves    = fs.String("latch-curves", "", "narrow latch's key exchange groups, comma-separated (e.g. X25519); default the modern profile's")
 	)
 	fs.DurationVar(&opts.Duration, "duration", 3*time.Second, "length of each measurement, per topology and round")
-	fs.IntVar(&opts.Rounds, "rounds", 3, "rounds; each runs every measurement over every topology, in rotated order")
+	fs.IntVar(&opts.Rounds, "rounds", 3, "rounds; each runs every measurement over every topology, in rotated order; figures are the median of the rounds")
+	fs.DurationVar(&opts.Rest, "rest", 2*time.Second, "pause after each measurement; the pair's CPU time is read at its end, so work deferred past the load counts")
 	fs.IntVar(&opts.MessageSize, "size", 1024, "echo message size of the latency test, bytes")
 	fs.IntVar(&opts.ConnectWorkers, "workers", 4, "concurrent clients of the new-connection test")
 	fs.IntVar(&opts.IdleConns, "idle", 2000, "idle proxied connections held open for the memory test")
 	fs.StringVar(&opts.LatchBinary, "latch", "", "latch binary to test (default: build ./cmd/latch with the release flags)")
+	fs.StringVar(&opts.GhostunnelBinary, "ghostunnel", "", "ghostunnel binary (default: ghostunnel on PATH; built from github.com/ghostunnel/ghostunnel with go build -mod=vendor, its module is not on the Go module proxy)")
 	fs.Var(&latchArgs, "latch-arg", "extra argument for each `latch proxy` (repeatable; {side} becomes out or in)")
 	fs.Var(&latchEnv, "latch-env", "extra NAME=value in the latch sidecars' environment (repeatable)")
 	fs.StringVar(&opts.ProfileDir, "profile", "", "record a CPU profile (Linux perf) of each pair under bulk and new-connection load and write the reports to this directory")
@@ -87,6 +91,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		}
 	}
 	opts.LatchArgs, opts.LatchEnv = latchArgs, latchEnv
+	opts.NoResumed, opts.NoCounts = !*resumed, !*counts
 	if *curves != "" {
 		for _, c := range strings.Split(*curves, ",") {
 			opts.LatchCurves = append(opts.LatchCurves, strings.TrimSpace(c))
