@@ -130,12 +130,11 @@ type running struct {
 	// to res.ConnectResumed of the first.
 	resumed bool
 
-	bulk      map[int][]bulkRound
-	latency   []latencyRound
-	connect   []connectRound
-	samples   []time.Duration // every round's latency samples
-	ttfb      []time.Duration // every round's time to first byte
-	roundTrip int             // round trips over all rounds
+	bulk    map[int][]bulkRound
+	latency []latencyRound
+	connect []connectRound
+	samples []time.Duration // every round's latency samples
+	ttfb    []time.Duration // every round's time to first byte
 }
 
 type bulkRound struct {
