@@ -53,8 +53,9 @@ bench-smoke:
 	$(GO) test -short -run '^$$' -bench . -benchtime 1x ./...
 
 # The side-by-side benchmark against HAProxy, nginx and stunnel (docs/performance.md).
+# BENCHFLAGS: e.g. "-ghostunnel /path/to/ghostunnel -rounds 5" (docs/performance.md).
 bench-compare:
-	$(GO) run ./cmd/latch-bench
+	$(GO) run ./cmd/latch-bench $(BENCHFLAGS)
 
 # Load, faults and hostile input, with the figures table (docs/security.md).
 reliability:
