@@ -20,6 +20,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	policyv1 "k8s.io/api/policy/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
@@ -162,6 +163,14 @@ func newObject(apiVersion, kind string) any {
 		return &podMonitor{}
 	case "apiextensions.k8s.io/v1/CustomResourceDefinition":
 		return &customResourceDefinition{}
+	case "rbac.authorization.k8s.io/v1/ClusterRole":
+		return &rbacv1.ClusterRole{}
+	case "rbac.authorization.k8s.io/v1/ClusterRoleBinding":
+		return &rbacv1.ClusterRoleBinding{}
+	case "rbac.authorization.k8s.io/v1/Role":
+		return &rbacv1.Role{}
+	case "rbac.authorization.k8s.io/v1/RoleBinding":
+		return &rbacv1.RoleBinding{}
 	}
 	return nil
 }
@@ -222,10 +231,21 @@ func render(t *testing.T, valueFiles []string, sets ...string) *rendered {
 		if err := yaml.UnmarshalStrict(doc, obj); err != nil {
 			t.Fatalf("%s %s does not decode strictly: %v\n%s", tm.Kind, tm.Metadata.Name, err, doc)
 		}
-		if tm.Kind != "MutatingWebhookConfiguration" && tm.Kind != "CustomResourceDefinition" && tm.Metadata.Namespace != namespace {
-			t.Errorf("%s %s in namespace %q, want %q", tm.Kind, tm.Metadata.Name, tm.Metadata.Namespace, namespace)
+		switch tm.Kind {
+		case "MutatingWebhookConfiguration", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding":
+			if tm.Metadata.Namespace != "" {
+				t.Errorf("cluster-scoped %s %s in namespace %q", tm.Kind, tm.Metadata.Name, tm.Metadata.Namespace)
+			}
+		case "RoleBinding": // also in the namespaces the control plane reads
+		default:
+			if tm.Metadata.Namespace != namespace {
+				t.Errorf("%s %s in namespace %q, want %q", tm.Kind, tm.Metadata.Name, tm.Metadata.Namespace, namespace)
+			}
 		}
 		key := tm.Kind + "/" + tm.Metadata.Name
+		if tm.Kind == "RoleBinding" {
+			key += "@" + tm.Metadata.Namespace
+		}
 		if _, dup := r.byName[key]; dup {
 			t.Errorf("%s rendered twice", key)
 		}
@@ -267,7 +287,7 @@ func testdata(t *testing.T, name string) string {
 }
 
 func TestHelmLint(t *testing.T) {
-	for _, vf := range [][]string{nil, {"full.yaml"}, {"injector-only.yaml"}, {"external-control-plane.yaml"}, {"control-plane-only.yaml"}} {
+	for _, vf := range [][]string{nil, {"full.yaml"}, {"injector-only.yaml"}, {"external-control-plane.yaml"}, {"control-plane-only.yaml"}, {"files-only.yaml"}} {
 		args := []string{"lint", ".", "--strict", "--namespace", namespace, "--kube-version", kubeVersion}
 		for _, f := range vf {
 			args = append(args, "-f", testdata(t, f))
@@ -291,6 +311,8 @@ type chartCase struct {
 	failure     admissionregistrationv1.FailurePolicyType
 	webhooks    int
 	extra       map[string]int // kind → count for optional objects
+	// filesOnly: the control plane reads no ServicePolicy objects.
+	filesOnly bool
 }
 
 func TestChartRenders(t *testing.T) {
@@ -312,6 +334,9 @@ func TestChartRenders(t *testing.T) {
 			failure: admissionregistrationv1.Fail, webhooks: 2, extra: map[string]int{"Deployment": 1}},
 		{name: "control plane only", files: []string{"control-plane-only.yaml"}, controlPlane: true,
 			extra: map[string]int{"MutatingWebhookConfiguration": 0, "Deployment": 1, "Secret": 0}},
+		{name: "files only", files: []string{"files-only.yaml"}, controlPlane: true, injector: true, filesOnly: true,
+			sidecarCP: defaultCP, sidecarCPID: defaultCPID, failure: admissionregistrationv1.Fail, webhooks: 2,
+			extra: map[string]int{"ClusterRole": 0, "ClusterRoleBinding": 0, "Role": 0, "RoleBinding": 0}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -369,13 +394,19 @@ func checkDeployments(t *testing.T, r *rendered) {
 		if err != nil || !sel.Matches(labels.Set(d.Spec.Template.Labels)) {
 			t.Errorf("%s: selector %v does not match its pod labels %v", where, d.Spec.Selector, d.Spec.Template.Labels)
 		}
-		if ps.AutomountServiceAccountToken == nil || *ps.AutomountServiceAccountToken {
-			t.Errorf("%s: service account token mounted; latch never calls the API server", where)
+		// Only the control plane reading ServicePolicies talks to the API
+		// server (checkKubernetesSource); every other pod has no token.
+		if slices.Contains(ps.Containers[0].Args, "--kubernetes") {
+			if ps.AutomountServiceAccountToken == nil || !*ps.AutomountServiceAccountToken {
+				t.Errorf("%s: reads the API server without a service account token", where)
+			}
+		} else if ps.AutomountServiceAccountToken == nil || *ps.AutomountServiceAccountToken {
+			t.Errorf("%s: service account token mounted; it never calls the API server", where)
 		}
 		if sa, ok := r.get("ServiceAccount", ps.ServiceAccountName).(*corev1.ServiceAccount); !ok {
 			t.Errorf("%s: service account %q not rendered", where, ps.ServiceAccountName)
-		} else if sa.AutomountServiceAccountToken == nil || *sa.AutomountServiceAccountToken {
-			t.Errorf("ServiceAccount %s: automountServiceAccountToken not false", sa.Name)
+		} else if sa.AutomountServiceAccountToken == nil || *sa.AutomountServiceAccountToken != slices.Contains(ps.Containers[0].Args, "--kubernetes") {
+			t.Errorf("ServiceAccount %s: automountServiceAccountToken %v", sa.Name, sa.AutomountServiceAccountToken)
 		}
 		psc := ps.SecurityContext
 		if psc == nil || psc.RunAsNonRoot == nil || !*psc.RunAsNonRoot || psc.RunAsUser == nil || *psc.RunAsUser == 0 ||
@@ -540,6 +571,7 @@ func checkControlPlane(t *testing.T, r *rendered, tc chartCase) {
 	if !slices.Contains(env, "SPIFFE_ENDPOINT_SOCKET") {
 		t.Error("control plane has no SPIFFE_ENDPOINT_SOCKET")
 	}
+	checkKubernetesSource(t, r, tc, d, env)
 	// Declarations: the directory it is told to read is the projected volume
 	// of the chart's ConfigMap and the service owners' ones.
 	dir, ok := argValue(c.Args, "--declarations")
@@ -586,6 +618,90 @@ func checkControlPlane(t *testing.T, r *rendered, tc chartCase) {
 		}
 		if v := d.Spec.Template.Spec.Volumes; !slices.ContainsFunc(v, func(v corev1.Volume) bool { return v.HostPath != nil && v.HostPath.Path == "/run/spire/sockets" }) {
 			t.Error("hostPath Workload API volume not rendered")
+		}
+	}
+}
+
+// checkKubernetesSource: with the API server as a source (the default), the
+// control plane — and nothing else in the chart — gets a service-account
+// token, RBAC to read ServicePolicies (everywhere, or in the namespaces
+// listed) and write their status, and to hold its Lease and ACK reports in
+// its own namespace; the flags say the same.
+func checkKubernetesSource(t *testing.T, r *rendered, tc chartCase, d *appsv1.Deployment, env []string) {
+	t.Helper()
+	name := d.Spec.Template.Spec.ServiceAccountName
+	sa, ok := r.get("ServiceAccount", name).(*corev1.ServiceAccount)
+	if !ok {
+		t.Fatalf("ServiceAccount %s not rendered", name)
+	}
+	args := d.Spec.Template.Spec.Containers[0].Args
+	token := sa.AutomountServiceAccountToken != nil && *sa.AutomountServiceAccountToken &&
+		d.Spec.Template.Spec.AutomountServiceAccountToken != nil && *d.Spec.Template.Spec.AutomountServiceAccountToken
+	if tc.filesOnly {
+		if token || slices.Contains(args, "--kubernetes") {
+			t.Errorf("files only: token %v, args %q", token, args)
+		}
+		return
+	}
+	if !token || !slices.Contains(args, "--kubernetes") || !slices.Contains(env, "POD_NAME") || !slices.Contains(env, "POD_NAMESPACE") {
+		t.Errorf("kubernetes source: token %v, args %q, env %v", token, args, env)
+	}
+	if lease, _ := argValue(args, "--lease-name"); lease != name {
+		t.Errorf("--lease-name=%s, want %s", lease, name)
+	}
+	cr, ok := r.get("ClusterRole", name).(*rbacv1.ClusterRole)
+	if !ok {
+		t.Fatalf("ClusterRole %s not rendered", name)
+	}
+	can := func(rules []rbacv1.PolicyRule, group, resource, verb string) bool {
+		for _, rule := range rules {
+			if slices.Contains(rule.APIGroups, group) && slices.Contains(rule.Resources, resource) && slices.Contains(rule.Verbs, verb) {
+				return true
+			}
+		}
+		return false
+	}
+	for _, want := range []struct{ resource, verb string }{
+		{"servicepolicies", "list"}, {"servicepolicies", "watch"}, {"servicepolicies/status", "patch"},
+	} {
+		if !can(cr.Rules, "latch.dev", want.resource, want.verb) {
+			t.Errorf("ClusterRole cannot %s %s", want.verb, want.resource)
+		}
+	}
+	if can(cr.Rules, "latch.dev", "servicepolicies", "update") || can(cr.Rules, "latch.dev", "servicepolicies", "delete") {
+		t.Error("the control plane may change service owners' ServicePolicies, not only their status")
+	}
+	role, ok := r.get("Role", name).(*rbacv1.Role)
+	if !ok || !can(role.Rules, "coordination.k8s.io", "leases", "update") || !can(role.Rules, "", "configmaps", "patch") {
+		t.Errorf("Role %s: %+v", name, role)
+	}
+	namespaces := []string{namespace}
+	if tc.name == "full" {
+		namespaces = append(namespaces, "shop", "payments")
+		if v, _ := argValue(args, "--namespaces"); v != "shop,payments" {
+			t.Errorf("--namespaces=%s", v)
+		}
+		if r.count("ClusterRoleBinding") != 0 {
+			t.Error("a ClusterRoleBinding although namespaces are listed")
+		}
+	} else if crb, ok := r.get("ClusterRoleBinding", name).(*rbacv1.ClusterRoleBinding); !ok || crb.RoleRef.Name != name || crb.Subjects[0].Name != name {
+		t.Errorf("ClusterRoleBinding %+v", crb)
+	}
+	for _, ns := range namespaces {
+		rb, ok := r.byName["RoleBinding/"+name+"@"+ns].(*rbacv1.RoleBinding)
+		if !ok || rb.Subjects[0].Name != name || rb.Subjects[0].Namespace != namespace {
+			t.Errorf("RoleBinding in %s: %+v", ns, rb)
+		}
+	}
+	if tmpl, _ := argValue(args, "--id-template"); tmpl == "" {
+		t.Error("no --id-template")
+	} else if _, err := policy.ParseIDTemplate(tmpl); err != nil {
+		t.Error(err)
+	}
+	// The injector never gets a token.
+	if inj, ok := r.get("Deployment", "t-latch-injector").(*appsv1.Deployment); ok {
+		if a := inj.Spec.Template.Spec.AutomountServiceAccountToken; a == nil || *a {
+			t.Error("the injector's pods mount a service-account token")
 		}
 	}
 }
@@ -733,14 +849,27 @@ func checkInjector(t *testing.T, r *rendered, tc chartCase) {
 		labelled := sel.Matches(labels.Set{"kubernetes.io/metadata.name": "shop", "latch.dev/inject": "enabled"})
 		plain := sel.Matches(labels.Set{"kubernetes.io/metadata.name": "shop"})
 		disabled := sel.Matches(labels.Set{"kubernetes.io/metadata.name": "shop", "latch.dev/inject": "disabled"})
+		pods, err := metav1.LabelSelectorAsSelector(w.ObjectSelector)
+		if err != nil {
+			t.Fatalf("%s: objectSelector: %v", where, err)
+		}
+		optedIn, optedOut, unlabelled := pods.Matches(labels.Set{"latch.dev/inject": "true"}), pods.Matches(labels.Set{"latch.dev/inject": "false"}), pods.Matches(labels.Set{"app": "x"})
 		switch *svc.Path {
 		case inject.PathNamespace:
 			if !labelled || plain {
 				t.Errorf("%s: matches labelled=%v unlabelled=%v, want only labelled namespaces", where, labelled, plain)
 			}
+			// In an enabled namespace every pod asks, unless labelled out.
+			if !optedIn || !unlabelled || optedOut {
+				t.Errorf("%s: pods matched: opted in %v, unlabelled %v, opted out %v", where, optedIn, unlabelled, optedOut)
+			}
 		case inject.PathPod:
 			if labelled || !plain || disabled {
 				t.Errorf("%s: matches labelled=%v unlabelled=%v disabled=%v, want only unlabelled namespaces", where, labelled, plain, disabled)
+			}
+			// Elsewhere only pods that asked for latch meet the webhook.
+			if !optedIn || unlabelled || optedOut {
+				t.Errorf("%s: pods matched: opted in %v, unlabelled %v, opted out %v; only opted-in pods may depend on the injector", where, optedIn, unlabelled, optedOut)
 			}
 		default:
 			t.Errorf("%s: path %s is not served by the injector", where, *svc.Path)
@@ -838,7 +967,11 @@ func TestValuesSchemaRejects(t *testing.T) {
 		{[]string{"controlPlane.declarations.web.inbound=null"}, "spiffeID"},
 		{[]string{"certManager.issuerRef.kind=Vault"}, "kind"},
 		{[]string{"serviceMonitor.interval=often"}, "interval"},
+		{[]string{"controlPlane.kubernetes.idTemplate=spiffe://{trustDomain}/sa/{serviceAccount}"}, "idTemplate"},
+		{[]string{"controlPlane.kubernetes.namespace=shop"}, "namespace"},
+		{[]string{"controlPlane.kubernetes.namespaces[0]=Shop"}, "namespaces"},
 		// Checked by the templates rather than the schema.
+		{[]string{"injector.podOptIn.objectSelector=null"}, "an empty selector sends every pod of every unlabelled namespace to the injector"},
 		{[]string{"controlPlane.enabled=false", "sidecar.controlPlane.address=cp.example:18000"}, "serverID is required"},
 	}
 	for _, tt := range tests {

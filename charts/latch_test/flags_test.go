@@ -1,6 +1,7 @@
 package latch_test
 
 import (
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -10,8 +11,10 @@ import (
 
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/klog/v2"
 
 	"latch.dev/latch/inject"
+	"latch.dev/latch/internal/kubetest"
 )
 
 var (
@@ -21,7 +24,9 @@ var (
 )
 
 func TestMain(m *testing.M) {
-	code := m.Run()
+	// client-go logs through klog; the tests say what matters.
+	klog.SetSlogLogger(slog.New(slog.DiscardHandler))
+	code := kubetest.Main(m)
 	if latchBin != "" {
 		os.RemoveAll(filepath.Dir(latchBin))
 	}

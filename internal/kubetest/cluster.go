@@ -57,6 +57,7 @@ func start(name, logFile string, bin string, args ...string) (*process, error) {
 	}
 	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = out, out
+	cmd.Env = withoutProxy(os.Environ())
 	cmd.SysProcAttr = sysProcAttr()
 	if err := cmd.Start(); err != nil {
 		out.Close()
@@ -69,6 +70,22 @@ func start(name, logFile string, bin string, args ...string) (*process, error) {
 		close(p.done)
 	}()
 	return p, nil
+}
+
+// withoutProxy drops the HTTP proxy settings: the API server would send its
+// calls to webhooks (service names that only a cluster resolves) through a
+// proxy of the test machine's.
+func withoutProxy(env []string) []string {
+	var out []string
+	for _, kv := range env {
+		k, _, _ := strings.Cut(kv, "=")
+		switch strings.ToUpper(k) {
+		case "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY":
+			continue
+		}
+		out = append(out, kv)
+	}
+	return out
 }
 
 // kill ends the process at once: a test cluster's data is thrown away, and
