@@ -20,8 +20,7 @@ import (
 func TestTwoReplicas(t *testing.T) {
 	c := cluster(t)
 	m := newMesh(t, c, "replicas")
-	partner := spiffeid.RequireTrustDomainFromString("partner.test")
-	opts := replicaOptions{lease: "replicas", trustDomains: []spiffeid.TrustDomain{meshTD, partner}}
+	opts := replicaOptions{lease: "replicas"}
 	a := m.replica("cp-a", opts)
 	waitFor(t, "cp-a to lead", a.ctl.Leading)
 	b := m.replica("cp-b", opts)
@@ -46,14 +45,15 @@ func TestTwoReplicas(t *testing.T) {
 		conn.Close()
 	}
 
-	// Valid for the control plane (partner.test is configured) but the
-	// sidecar has no bundle for it: it refuses the update, and the leader
-	// reads the refusal in cp-b's report.
-	m.apply("api", inboundSpec(id, port, app, shopFrontend)+"outbound:\n  - port: "+strconv.Itoa(freePort(t))+"\n    target: 127.0.0.1:9\n    serverID: spiffe://partner.test/pay\n")
+	// Valid for the control plane, but the sidecar takes an application
+	// off loopback only when told to: it refuses the update, and the
+	// leader reads the refusal in cp-b's report.
+	other := freePort(t)
+	m.apply("api", inboundSpec(id, port, app, shopFrontend)+"  - port: "+strconv.Itoa(other)+"\n    appAddress: 192.0.2.10:8080\n    allow: []\n")
 	u = m.waitStatus("api", "Programmed=False with the sidecar's refusal", func(_ *unstructured.Unstructured, a, p cond) bool {
 		return a.Status == "True" && p.Generation == 2 && p.Reason == "Refused"
 	})
-	if p, _ := conditionOf(u, "Programmed"); p.Status != "False" || !strings.Contains(p.Message, "1 of 1 connected sidecars refused version") || !strings.Contains(p.Message, "outbound|") {
+	if p, _ := conditionOf(u, "Programmed"); p.Status != "False" || !strings.Contains(p.Message, "1 of 1 connected sidecars refused version") || !strings.Contains(p.Message, "inbound|"+strconv.Itoa(other)+"|app") {
 		t.Errorf("Programmed after a refusal: %+v", p)
 	}
 	if conn, err := call(addr, fe); err != nil {
