@@ -31,7 +31,7 @@ import (
 // sidecar: an entry says how many of the replica's streams of that ID are
 // open, have applied which version, and have refused it, with one refusal's
 // text. It is JSON, gzipped into binaryData: SPIFFE IDs share long prefixes,
-// so 10,000 workloads take about 100 KiB, far from the 1 MiB a ConfigMap may
+// so 10,000 workloads take about 160 KiB, far from the 1 MiB a ConfigMap may
 // hold. A replica rewrites its report when its ACKs change (at most once per
 // ReportInterval) and at least every ReportHeartbeat; the leader stops
 // counting a report it has not seen change for three heartbeats (a replica

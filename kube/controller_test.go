@@ -40,8 +40,9 @@ func TestServiceOwnerPath(t *testing.T) {
 	sc := m.sidecar(shopBackend, r.addr)
 	fe, in := m.peer(shopFrontend, shopBackend), m.peer(webIntruder, shopBackend)
 
-	// 1. Write and apply.
-	m.apply("backend", inboundSpec(shopBackend, port, app, shopFrontend))
+	// 1. Write and apply: the object docs/kubernetes.md shows, in this
+	// test's trust domain and on its ports.
+	m.applyYAML(docsServicePolicy(t, "mesh.test", port, app))
 	m.waitStatus("backend", "Accepted and Programmed at generation 1", func(_ *unstructured.Unstructured, a, p cond) bool {
 		return a.Status == "True" && a.Generation == 1 && p.Status == "True" && p.Reason == "Programmed" && p.Generation == 1
 	})
@@ -124,6 +125,24 @@ func TestServiceOwnerPath(t *testing.T) {
 		t.Error("a deleted object's policy is still in the store")
 	}
 	_ = sc
+}
+
+// docsServicePolicy is the ServicePolicy of docs/kubernetes.md's walk, with
+// the trust domain, port and app address replaced.
+func docsServicePolicy(t *testing.T, td string, port int, app string) string {
+	t.Helper()
+	doc, err := os.ReadFile(filepath.Join("..", "docs", "kubernetes.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, rest, ok := strings.Cut(string(doc), "```yaml\n# backend-policy.yaml\n")
+	if !ok {
+		t.Fatal("docs/kubernetes.md has no backend-policy.yaml block")
+	}
+	block, _, _ := strings.Cut(rest, "```")
+	block = strings.ReplaceAll(block, "example.org", td)
+	block = strings.Replace(block, "port: 8443", "port: "+strconv.Itoa(port), 1)
+	return strings.Replace(block, "127.0.0.1:8080", app, 1)
 }
 
 // table is `kubectl get` output: the API server's Table rendering.

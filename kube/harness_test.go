@@ -19,6 +19,7 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/rest"
+	"sigs.k8s.io/yaml"
 
 	"latch.dev/latch/identity"
 	"latch.dev/latch/identity/devca"
@@ -328,6 +329,22 @@ func (m *mesh) apply(name, spec string) *unstructured.Unstructured {
 		m.t.Fatalf("applying %s: %v", name, err)
 	}
 	return got
+}
+
+// applyYAML applies a whole object written in YAML, as kubectl apply -f.
+func (m *mesh) applyYAML(doc string) {
+	m.t.Helper()
+	var obj map[string]any
+	if err := yaml.Unmarshal([]byte(doc), &obj); err != nil {
+		m.t.Fatal(err)
+	}
+	u := &unstructured.Unstructured{Object: obj}
+	if u.GetNamespace() != m.ns {
+		m.t.Fatalf("object in namespace %q, the test's is %q", u.GetNamespace(), m.ns)
+	}
+	if _, err := m.sp.Apply(context.Background(), u.GetName(), u, metav1.ApplyOptions{FieldManager: "kubectl", Force: true}); err != nil {
+		m.t.Fatalf("applying %s: %v", u.GetName(), err)
+	}
 }
 
 func (m *mesh) delete(name string) {
