@@ -17,6 +17,8 @@ import (
 
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 
 	"latch.dev/latch/internal/freeport"
 )
@@ -297,6 +299,21 @@ func (c *Cluster) As(user string, groups ...string) *rest.Config {
 func (c *Cluster) AsServiceAccount(namespace, name string) *rest.Config {
 	return c.As("system:serviceaccount:"+namespace+":"+name,
 		"system:serviceaccounts", "system:serviceaccounts:"+namespace, "system:authenticated")
+}
+
+// WriteKubeconfig writes a kubeconfig file for the administrator into dir
+// and returns its path, for code that takes --kubeconfig.
+func (c *Cluster) WriteKubeconfig(dir string) (string, error) {
+	cfg := clientcmdapi.NewConfig()
+	cfg.Clusters["kubetest"] = &clientcmdapi.Cluster{Server: c.Config.Host, CertificateAuthorityData: c.Config.CAData}
+	cfg.AuthInfos["admin"] = &clientcmdapi.AuthInfo{ClientCertificateData: c.Config.CertData, ClientKeyData: c.Config.KeyData}
+	cfg.Contexts["kubetest"] = &clientcmdapi.Context{Cluster: "kubetest", AuthInfo: "admin"}
+	cfg.CurrentContext = "kubetest"
+	path := filepath.Join(dir, "kubeconfig")
+	if err := clientcmd.WriteToFile(*cfg, path); err != nil {
+		return "", fmt.Errorf("writing %s: %w", path, err)
+	}
+	return path, nil
 }
 
 // Logs returns the end of the API server's log, for a failing test to show.
