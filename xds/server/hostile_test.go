@@ -62,13 +62,18 @@ type liveCP struct {
 	clients map[string][]*grpc.ClientConn // by SPIFFE ID
 }
 
-func startLiveCP(t *testing.T, opts Options) *liveCP {
+// startLiveCP starts a control plane; setup, if any, changes the server
+// before it serves.
+func startLiveCP(t *testing.T, opts Options, setup ...func(*Server)) *liveCP {
 	t.Helper()
 	cp := &liveCP{ca: identitytest.NewCA(t, "mesh.test"), logs: &logSink{}, clients: map[string][]*grpc.ClientConn{}}
 	opts.Logger = slog.New(slog.NewJSONHandler(cp.logs, nil))
 	opts.Metrics = NewMetrics(prometheus.NewRegistry())
 	ctx, cancel := context.WithCancel(context.Background())
 	cp.s = New(ctx, opts)
+	for _, f := range setup {
+		f(cp.s)
+	}
 	cp.s.Update(decls(t, a+"---\n"+b))
 	td := cp.ca.TrustDomain()
 	g := cp.s.NewGRPCServer(identity.NewTLS(cp.ca.Source(t, cpID.String())).ServerConfig(identity.Modern(), func(p spiffeid.ID) error {
@@ -797,5 +802,55 @@ func (r *requestSizes) HandleRPC(_ context.Context, s stats.RPCStats) {
 	if in, ok := s.(*stats.InPayload); ok {
 		for n := r.max.Load(); int64(in.Length) > n && !r.max.CompareAndSwap(n, int64(in.Length)); n = r.max.Load() {
 		}
+	}
+}
+
+// TestStalledHandshakesDoNotBlockOthers: TLS handshakes are admitted a few
+// at a time (a reconnect storm must not drown every handshake in CPU
+// contention); a peer that opens connections and stalls mid-handshake holds
+// a slot only briefly, so it delays the others and never stops them; and a
+// handshake that cannot get a slot within the wait is refused, counted and
+// logged.
+func TestStalledHandshakesDoNotBlockOthers(t *testing.T) {
+	const hold = 300 * time.Millisecond
+	cp := startLiveCP(t, Options{}, func(s *Server) { s.handshakes = newHandshakeGate(2, hold, 5*time.Second) })
+	stall := func(n int) {
+		for range n {
+			c, err := net.Dial("tcp", cp.addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { c.Close() })
+		}
+	}
+	stall(2) // every slot, said nothing
+	time.Sleep(50 * time.Millisecond)
+	start := time.Now()
+	openBound(t, cp.dial(t, idA, ""), idA)
+	waited := time.Since(start)
+	if waited < hold/2 {
+		t.Errorf("handshake went through in %v while stalled connections held every slot: no gate", waited)
+	}
+	t.Logf("with every slot held by stalled connections, a handshake went through after %v (slot hold %v)", waited.Round(time.Millisecond), hold)
+
+	// Slots held longer than the wait: refused.
+	cp2 := startLiveCP(t, Options{}, func(s *Server) { s.handshakes = newHandshakeGate(1, time.Minute, 200*time.Millisecond) })
+	c, err := net.Dial("tcp", cp2.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	time.Sleep(50 * time.Millisecond)
+	st, err := tryADS(t, cp2.dial(t, idB, ""))
+	if err == nil {
+		err = st.bind(idB)
+	}
+	if err == nil {
+		t.Fatal("handshake went through with the only slot held past the wait")
+	}
+	waitFor(t, "the refusal in the log", func() bool { return cp2.logs.find("no TLS handshake slot") != "" })
+	var m dto.Metric
+	if err := cp2.s.metrics.refusedStreams.WithLabelValues("handshake_wait").Write(&m); err != nil || m.GetCounter().GetValue() < 1 {
+		t.Errorf("refusal not counted: %v %v", m.GetCounter().GetValue(), err)
 	}
 }

@@ -61,6 +61,24 @@ const (
 	// (gRPC's default is 120 s).
 	handshakeTimeout = 10 * time.Second
 
+	// maxHandshakes is how many TLS handshakes run at once. A handshake is
+	// CPU work (key exchange, two signatures, a chain to verify: about a
+	// millisecond), and when every sidecar reconnects at once — a control
+	// plane restarted, a replica failed over — thousands arrive together.
+	// Run all at once, they share the CPU until each takes longer than
+	// handshakeTimeout: nearly all fail, are retried, and the storm feeds
+	// itself. Admitted this many at a time, oldest first, each finishes in
+	// milliseconds while the rest wait their turn (within handshakeTimeout)
+	// without costing anything. Handshakes wait on the client too (round
+	// trips, its own signatures), so there are more slots than cores.
+	maxHandshakes = 64
+
+	// handshakeSlotHold is how long one handshake keeps its slot. A peer
+	// that stalls mid-handshake keeps its connection until handshakeTimeout
+	// but gives the slot back after this: stalled handshakes can delay
+	// others by this much, never stop them.
+	handshakeSlotHold = time.Second
+
 	// idleTimeout closes a connection that has carried no stream for that
 	// long: a sidecar always holds one, and waits at most 30 s between
 	// attempts.
@@ -167,7 +185,18 @@ type peerCreds struct {
 }
 
 func (c peerCreds) ServerHandshake(raw net.Conn) (net.Conn, credentials.AuthInfo, error) {
+	// gRPC's deadline on raw (handshakeTimeout) runs from before this: the
+	// wait and the handshake share it.
+	release, ok := c.s.handshakes.enter()
+	if !ok {
+		raw.Close()
+		c.s.metrics.refused("handshake_wait")
+		c.s.logPeer(slog.LevelWarn, "xds connection refused", "remote_addr", hostOf(raw.RemoteAddr()),
+			"reason", "no TLS handshake slot within the handshake timeout: too many connections at once", "limit", cap(c.s.handshakes.slots))
+		return nil, nil, fmt.Errorf("latch control plane: no handshake slot within %v (%d handshakes at a time)", c.s.handshakes.wait, cap(c.s.handshakes.slots))
+	}
 	conn, auth, err := c.TransportCredentials.ServerHandshake(raw)
+	release()
 	if err != nil {
 		return nil, nil, err
 	}
@@ -178,7 +207,7 @@ func (c peerCreds) ServerHandshake(raw net.Conn) (net.Conn, credentials.AuthInfo
 	}
 	k := peerKey{id: id.String(), addr: hostOf(raw.RemoteAddr())}
 	c.s.mu.Lock()
-	ok := c.s.acquire(k, false)
+	ok = c.s.acquire(k, false)
 	c.s.mu.Unlock()
 	if !ok {
 		conn.Close()
@@ -198,6 +227,33 @@ func (c peerCreds) ServerHandshake(raw net.Conn) (net.Conn, credentials.AuthInfo
 
 func (c peerCreds) Clone() credentials.TransportCredentials {
 	return peerCreds{c.TransportCredentials.Clone(), c.s}
+}
+
+// handshakeGate admits TLS handshakes a few at a time, in arrival order
+// (blocked channel senders are served first come, first served).
+type handshakeGate struct {
+	slots      chan struct{}
+	hold, wait time.Duration
+}
+
+func newHandshakeGate(n int, hold, wait time.Duration) handshakeGate {
+	return handshakeGate{slots: make(chan struct{}, n), hold: hold, wait: wait}
+}
+
+// enter waits for a slot, up to the gate's wait, and returns the function
+// that gives it back; the slot is given back after the gate's hold time in
+// any case.
+func (g handshakeGate) enter() (release func(), ok bool) {
+	t := time.NewTimer(g.wait)
+	defer t.Stop()
+	select {
+	case g.slots <- struct{}{}:
+	case <-t.C:
+		return nil, false
+	}
+	give := sync.OnceFunc(func() { <-g.slots })
+	hold := time.AfterFunc(g.hold, give)
+	return func() { hold.Stop(); give() }, true
 }
 
 // peerConn gives its peer's connection slot back when gRPC closes it.

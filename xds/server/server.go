@@ -76,6 +76,8 @@ type Server struct {
 
 	logLimit logLimiter
 
+	handshakes handshakeGate
+
 	// acksChanged is signalled (without blocking; one pending signal is
 	// enough) whenever what Acks returns may have changed.
 	acksChanged chan struct{}
@@ -130,6 +132,7 @@ func New(ctx context.Context, opts Options) *Server {
 		lastDecl: map[string]policy.Declaration{},
 
 		streamsPerPeer: opts.StreamsPerPeer,
+		handshakes:     newHandshakeGate(maxHandshakes, handshakeSlotHold, handshakeTimeout),
 		acksChanged:    make(chan struct{}, 1),
 	}
 	if s.log == nil {
