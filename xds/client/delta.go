@@ -241,13 +241,18 @@ func (d *deltaStream) candidate() (resources, error) {
 // followClusters subscribes to the endpoints the valid clusters of the view
 // name, and unsubscribes from those none names any more. The view, not the
 // applied set: the control plane takes the clusters it sent as held, and a
-// later fix makes them apply, endpoints included.
+// later fix makes them apply, endpoints included. While a cluster of the
+// view is refused nothing is unsubscribed: what it needs is unknown, and the
+// fix may need what it needed before.
 func (d *deltaStream) followClusters() error {
 	var clusters Set
 	clusters.Clusters = map[string]Cluster{}
+	refused := false
 	for name, e := range d.view[ClusterType] {
 		if e.err == nil {
 			clusters.Clusters[name] = e.cluster
+		} else {
+			refused = true
 		}
 	}
 	names := d.c.edsNames(clusters)
@@ -261,6 +266,11 @@ func (d *deltaStream) followClusters() error {
 		if _, ok := slices.BinarySearch(names, n); !ok {
 			drop = append(drop, n)
 		}
+	}
+	if refused {
+		names = slices.Concat(names, drop)
+		slices.Sort(names)
+		drop = nil
 	}
 	if len(add) == 0 && len(drop) == 0 {
 		return nil
