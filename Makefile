@@ -57,6 +57,17 @@ bench-smoke:
 bench-compare:
 	$(GO) run ./cmd/latch-bench $(BENCHFLAGS)
 
+# The control plane at mesh scale (xds/README.md, "Measured"): 1,000 and
+# 10,000 simulated sidecars in their own process, SotW and delta; a change to
+# every workload, a change to one, a control-plane restart and a replica
+# failover, each figure printed with the load average. About 30 minutes on
+# 2 cores. SIDECARS=2000 for another size; PROFILE=dir for the control
+# plane's CPU and heap profiles.
+SIDECARS ?= 1000,10000
+bench-propagation:
+	LATCH_XDS_BENCH_SIDECARS=$(SIDECARS) LATCH_XDS_BENCH_PROFILE=$(PROFILE) \
+		$(GO) test ./xds/server -run '^$$' -bench Propagation -benchtime 1x -timeout 120m
+
 # Load, faults and hostile input, with the figures table (docs/security.md).
 reliability:
 	$(GO) test ./reliability -run . -v -count=1 -args -summary
