@@ -296,3 +296,29 @@ func TestAPIServerRestart(t *testing.T) {
 	m.waitStatus("api", "Programmed at generation 2", func(_ *unstructured.Unstructured, _, p cond) bool { return p.Status == "True" && p.Generation == 2 })
 	t.Logf("and its status was written after %v", time.Since(t1).Round(time.Millisecond))
 }
+
+// TestIncumbencySurvivesRestart: a replica starting reads the objects whose
+// status says they were accepted before the others, so the object that held
+// an ID keeps it across a restart even when a contender is older.
+func TestIncumbencySurvivesRestart(t *testing.T) {
+	c := cluster(t)
+	m := newMesh(t, c, "incumbent")
+	api := spiffeid.RequireFromString("spiffe://mesh.test/ns/incumbent/sa/api")
+	other := spiffeid.RequireFromString("spiffe://mesh.test/ns/incumbent/sa/other")
+	r := m.replica("cp-0", replicaOptions{lease: "incumbent"})
+	m.apply("older", inboundSpec(other, 8443, "127.0.0.1:1"))
+	time.Sleep(1100 * time.Millisecond) // creationTimestamp has one-second resolution
+	m.apply("newer", inboundSpec(api, 8443, "127.0.0.1:1"))
+	m.waitStatus("newer", "Accepted", func(_ *unstructured.Unstructured, a, _ cond) bool { return a.Status == "True" })
+	// The older object now claims the newer one's ID: it loses.
+	m.apply("older", inboundSpec(api, 8444, "127.0.0.1:1"))
+	m.waitStatus("older", "Conflict", func(_ *unstructured.Unstructured, a, _ cond) bool { return a.Reason == policy.ReasonConflict && a.Generation == 2 })
+	r.stop()
+
+	// A new replica, fresh store: the incumbent by status, not the oldest.
+	r2 := m.replica("cp-1", replicaOptions{lease: "incumbent"})
+	if d, ok := r2.store.Snapshot().Lookup(api); !ok || d.Name != "newer" {
+		t.Fatalf("after a restart %s is served from %q, want the incumbent \"newer\"", api, d.Name)
+	}
+	m.waitStatus("older", "still Conflict", func(_ *unstructured.Unstructured, a, _ cond) bool { return a.Reason == policy.ReasonConflict })
+}
