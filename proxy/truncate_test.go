@@ -325,3 +325,140 @@ func (w *lineWatcher) wait(t *testing.T, want string) {
 		}
 	}
 }
+
+// eofConn notes whether its TCP stream ended (a read returned io.EOF): a
+// tls.Conn over it that returns io.EOF without it having been set read a
+// close_notify.
+type eofConn struct {
+	*cuttableConn
+	eof atomic.Bool
+}
+
+func (c *eofConn) Read(p []byte) (int, error) {
+	n, err := c.cuttableConn.Read(p)
+	if err == io.EOF {
+		c.eof.Store(true)
+	}
+	return n, err
+}
+
+// TestTruncatedAfterHalfClose: the plain side ends its stream first (a
+// clean half-close, which latch passes on as close_notify and FIN: the TLS
+// side reads a close_notify, not a bare FIN), and the TLS side, which goes
+// on sending, ends its stream afterwards each of the ways: only after
+// close_notify does the plain side see a clean end. Both directions, both
+// TLS versions.
+func TestTruncatedAfterHalfClose(t *testing.T) {
+	tls12 := func(c *tls.Config) { c.MaxVersion = tls.VersionTLS12 }
+	for _, v := range []struct {
+		name    string
+		profile identity.Profile
+		tweak   func(*tls.Config)
+	}{
+		{"TLS 1.3", identity.Modern(), func(*tls.Config) {}},
+		{"TLS 1.2", identity.Intermediate(), tls12},
+	} {
+		for _, e := range tlsEnds {
+			t.Run("inbound/"+v.name+"/"+e.name, func(t *testing.T) {
+				got := make(chan appResult, 1)
+				m := newMesh(t, func(c net.Conn) {
+					c.SetDeadline(time.Now().Add(waitFor))
+					first := make([]byte, len("request"))
+					if _, err := io.ReadFull(c, first); err != nil {
+						got <- appResult{string(first), err}
+						return
+					}
+					// The app answers and says it is done.
+					io.WriteString(c, "response")
+					c.(interface{ CloseWrite() error }).CloseWrite()
+					rest, err := io.ReadAll(c)
+					got <- appResult{string(first) + string(rest), err}
+				}, meshOptions{profile: v.profile})
+				mark := m.logs.mark()
+				cfg := identity.NewTLS(m.ca.Source(t, frontendID)).ClientConfig(v.profile, mustID(t, backendID))
+				v.tweak(cfg)
+				nc, err := net.Dial("tcp", addrOf(t, m.inbound, "web"))
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { nc.Close() })
+				raw := &eofConn{cuttableConn: &cuttableConn{TCPConn: nc.(*net.TCPConn)}}
+				raw.SetDeadline(time.Now().Add(waitFor))
+				tc := tls.Client(raw, cfg)
+				if _, err := tc.Write([]byte("request")); err != nil {
+					t.Fatal(err)
+				}
+				b, err := io.ReadAll(tc)
+				if string(b) != "response" || err != nil || raw.eof.Load() {
+					t.Fatalf("the peer read %q, %v (TCP stream ended before close_notify: %v), want the response and close_notify", b, err, raw.eof.Load())
+				}
+				if _, err := tc.Write([]byte(" and more")); err != nil {
+					t.Fatal(err)
+				}
+				e.end(t, tc, raw.cuttableConn)
+				checkEnd(t, <-got, "request and more", e)
+				m.logs.wait(t, mark, "connection closed", map[string]string{"listener": "web", "direction": "inbound", "reason": e.reason})
+			})
+			t.Run("outbound/"+v.name+"/"+e.name, func(t *testing.T) {
+				testHalfClosedOutbound(t, v.profile, v.tweak, e)
+			})
+		}
+	}
+}
+
+// testHalfClosedOutbound: the app that dialed an outbound listener sends a
+// request and half-closes; the upstream must read it and close_notify, then
+// answers and ends its stream as e says.
+func testHalfClosedOutbound(t *testing.T, profile identity.Profile, tweak func(*tls.Config), e tlsEnd) {
+	ca := identitytest.NewCA(t, trustDomain)
+	scfg := identity.NewTLS(ca.Source(t, backendID)).ServerConfig(profile, func(spiffeid.ID) error { return nil })
+	tweak(scfg)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		nc, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer nc.Close()
+		raw := &eofConn{cuttableConn: &cuttableConn{TCPConn: nc.(*net.TCPConn)}}
+		raw.SetDeadline(time.Now().Add(waitFor))
+		tc := tls.Server(raw, scfg)
+		b, err := io.ReadAll(tc)
+		if string(b) != "request" || err != nil || raw.eof.Load() {
+			t.Errorf("the upstream read %q, %v (TCP stream ended before close_notify: %v), want the request and close_notify", b, err, raw.eof.Load())
+			return
+		}
+		if _, err := tc.Write([]byte("response")); err != nil {
+			t.Error(err)
+			return
+		}
+		e.end(t, tc, raw.cuttableConn)
+		io.Copy(io.Discard, raw)
+	}()
+	t.Cleanup(func() { <-served })
+
+	logs := newLogs()
+	s := startServer(t, identity.NewTLS(ca.Source(t, frontendID)), &Config{TLS: profile, Outbound: []Outbound{{
+		Name: "backend", Listen: "127.0.0.1:0", Upstreams: []string{ln.Addr().String()}, ServerID: mustID(t, backendID),
+	}}}, Options{Logger: logs.logger()})
+	c, err := net.Dial("tcp", addrOf(t, s, "backend"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(waitFor))
+	if _, err := c.Write([]byte("request")); err != nil {
+		t.Fatal(err)
+	}
+	c.(*net.TCPConn).CloseWrite()
+	b, err := io.ReadAll(c)
+	checkEnd(t, appResult{string(b), err}, "response", e)
+	c.Close()
+	logs.wait(t, 0, "connection closed", map[string]string{"listener": "backend", "direction": "outbound", "reason": e.reason, "peer_id": backendID})
+}
