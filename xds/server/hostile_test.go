@@ -854,3 +854,44 @@ func TestStalledHandshakesDoNotBlockOthers(t *testing.T) {
 		t.Errorf("refusal not counted: %v %v", m.GetCounter().GetValue(), err)
 	}
 }
+
+// TestStalledHandshakesFromOneAddressDoNotStarveOthers: a host that opens
+// TCP connections by the hundred and never says a word (no certificate
+// needed: this happens before TLS) must not keep the handshakes of other
+// hosts waiting behind all of them. Admitted in plain arrival order, every
+// stalled connection ahead holds a slot for the slot hold in turn, and an
+// honest sidecar queued behind enough of them waits past the handshake
+// timeout and is refused: a few hundred connects a second would lock every
+// sidecar out. Handshakes are taken in turn between source addresses
+// instead, so the stalling host delays the others by a slot hold or two.
+func TestStalledHandshakesFromOneAddressDoNotStarveOthers(t *testing.T) {
+	const (
+		hold = 200 * time.Millisecond
+		wait = 3 * time.Second
+	)
+	cp := startLiveCP(t, Options{}, func(s *Server) { s.handshakes = newHandshakeGate(2, hold, wait) })
+	// 60 stalled connections from 127.0.0.2: in arrival order they would
+	// hold the 2 slots for 60 × 200 ms / 2 = 6 s, twice the wait.
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP("127.0.0.2")}}
+	for range 60 {
+		c, err := d.Dial("tcp", cp.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+	}
+	waitFor(t, "the stalled connections to queue", func() bool { return cp.s.handshakes.waiting() >= 55 })
+	start := time.Now()
+	st, err := tryADS(t, cp.dial(t, idA, "127.0.0.3"))
+	if err == nil {
+		err = st.bind(idA)
+	}
+	waited := time.Since(start)
+	if err != nil {
+		t.Fatalf("a sidecar from another address, queued behind 60 stalled connections of one host: %v after %v", err, waited.Round(time.Millisecond))
+	}
+	t.Logf("behind 60 stalled connections from one address, a handshake from another went through after %v (slot hold %v)", waited.Round(time.Millisecond), hold)
+	if waited > 4*hold {
+		t.Errorf("a sidecar from another address waited %v behind one stalling host, want at most a few slot holds (%v each)", waited, hold)
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -187,13 +188,13 @@ type peerCreds struct {
 func (c peerCreds) ServerHandshake(raw net.Conn) (net.Conn, credentials.AuthInfo, error) {
 	// gRPC's deadline on raw (handshakeTimeout) runs from before this: the
 	// wait and the handshake share it.
-	release, ok := c.s.handshakes.enter()
+	release, ok := c.s.handshakes.enter(hostOf(raw.RemoteAddr()))
 	if !ok {
 		raw.Close()
 		c.s.metrics.refused("handshake_wait")
 		c.s.logPeer(slog.LevelWarn, "xds connection refused", "remote_addr", hostOf(raw.RemoteAddr()),
-			"reason", "no TLS handshake slot within the handshake timeout: too many connections at once", "limit", cap(c.s.handshakes.slots))
-		return nil, nil, fmt.Errorf("latch control plane: no handshake slot within %v (%d handshakes at a time)", c.s.handshakes.wait, cap(c.s.handshakes.slots))
+			"reason", "no TLS handshake slot within the handshake timeout: too many connections at once", "limit", c.s.handshakes.size)
+		return nil, nil, fmt.Errorf("latch control plane: no handshake slot within %v (%d handshakes at a time)", c.s.handshakes.wait, c.s.handshakes.size)
 	}
 	conn, auth, err := c.TransportCredentials.ServerHandshake(raw)
 	release()
@@ -229,31 +230,112 @@ func (c peerCreds) Clone() credentials.TransportCredentials {
 	return peerCreds{c.TransportCredentials.Clone(), c.s}
 }
 
-// handshakeGate admits TLS handshakes a few at a time, in arrival order
-// (blocked channel senders are served first come, first served).
+// handshakeGate admits TLS handshakes a few at a time. Waiting
+// connections are admitted in turn between source addresses, and in arrival
+// order from each: a host that opens connections by the hundred and stalls
+// them (no certificate needed, this is before TLS) gets one slot in turn
+// like any other, instead of queueing every other host's handshakes behind
+// all of its own. In a reconnect storm each sidecar comes from an address of
+// its own, so the order is the arrival order.
 type handshakeGate struct {
-	slots      chan struct{}
+	size       int
 	hold, wait time.Duration
+
+	mu   sync.Mutex
+	free int // slots neither held nor handed to a waiter
+	// queues are the waiting connections by source address, each a channel
+	// closed when it is handed a slot; order is the addresses with waiting
+	// connections, the next to be served first.
+	queues map[string][]chan struct{}
+	order  []string
+	n      int // waiting connections
 }
 
-func newHandshakeGate(n int, hold, wait time.Duration) handshakeGate {
-	return handshakeGate{slots: make(chan struct{}, n), hold: hold, wait: wait}
+func newHandshakeGate(n int, hold, wait time.Duration) *handshakeGate {
+	return &handshakeGate{size: n, hold: hold, wait: wait, free: n, queues: map[string][]chan struct{}{}}
 }
 
-// enter waits for a slot, up to the gate's wait, and returns the function
-// that gives it back; the slot is given back after the gate's hold time in
-// any case.
-func (g handshakeGate) enter() (release func(), ok bool) {
+// enter waits for a slot for a connection from addr, up to the gate's wait,
+// and returns the function that gives it back; the slot is given back after
+// the gate's hold time in any case.
+func (g *handshakeGate) enter(addr string) (release func(), ok bool) {
+	g.mu.Lock()
+	if g.free > 0 {
+		// Nobody waits while a slot is free: give hands slots over.
+		g.free--
+		g.mu.Unlock()
+		return g.held(), true
+	}
+	turn := make(chan struct{})
+	if len(g.queues[addr]) == 0 {
+		g.order = append(g.order, addr)
+	}
+	g.queues[addr] = append(g.queues[addr], turn)
+	g.n++
+	g.mu.Unlock()
+
 	t := time.NewTimer(g.wait)
 	defer t.Stop()
 	select {
-	case g.slots <- struct{}{}:
+	case <-turn:
+		return g.held(), true
 	case <-t.C:
-		return nil, false
 	}
-	give := sync.OnceFunc(func() { <-g.slots })
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	select {
+	case <-turn: // handed a slot as the wait ran out: take it
+		return g.held(), true
+	default:
+	}
+	q := g.queues[addr]
+	if i := slices.Index(q, turn); i >= 0 {
+		q = slices.Delete(q, i, i+1)
+		g.n--
+	}
+	if len(q) > 0 {
+		g.queues[addr] = q
+	} else {
+		delete(g.queues, addr)
+		g.order = slices.DeleteFunc(g.order, func(a string) bool { return a == addr })
+	}
+	return nil, false
+}
+
+// held returns the release function of a slot just taken.
+func (g *handshakeGate) held() func() {
+	give := sync.OnceFunc(g.give)
 	hold := time.AfterFunc(g.hold, give)
-	return func() { hold.Stop(); give() }, true
+	return func() { hold.Stop(); give() }
+}
+
+// give hands a slot to the first waiting connection of the next address in
+// turn (which then goes to the back of the turn), or frees it.
+func (g *handshakeGate) give() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if len(g.order) == 0 {
+		g.free++
+		return
+	}
+	addr := g.order[0]
+	g.order = g.order[1:]
+	q := g.queues[addr]
+	close(q[0])
+	g.n--
+	if q = q[1:]; len(q) > 0 {
+		g.queues[addr] = q
+		g.order = append(g.order, addr)
+	} else {
+		delete(g.queues, addr)
+	}
+}
+
+// waiting is the number of connections waiting for a slot.
+func (g *handshakeGate) waiting() int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.n
 }
 
 // peerConn gives its peer's connection slot back when gRPC closes it.

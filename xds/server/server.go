@@ -76,7 +76,7 @@ type Server struct {
 
 	logLimit logLimiter
 
-	handshakes handshakeGate
+	handshakes *handshakeGate
 
 	// acksChanged is signalled (without blocking; one pending signal is
 	// enough) whenever what Acks returns may have changed.
