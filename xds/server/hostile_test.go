@@ -895,3 +895,53 @@ func TestStalledHandshakesFromOneAddressDoNotStarveOthers(t *testing.T) {
 		t.Errorf("a sidecar from another address waited %v behind one stalling host, want at most a few slot holds (%v each)", waited, hold)
 	}
 }
+
+// TestNACKCountsGoWithTheirNode: latch_xds_nacks_total has a series per
+// node, the SPIFFE ID the peer proved. A node that has neither a
+// declaration nor a stream is forgotten, and its series with it: else every
+// workload identity that ever connected and refused an update (with per-pod
+// SPIFFE IDs, every pod ever) would keep a series for the life of the
+// control plane.
+func TestNACKCountsGoWithTheirNode(t *testing.T) {
+	cp := startLiveCP(t, Options{})
+	series := func() map[string]bool {
+		ch := make(chan prometheus.Metric, 16)
+		cp.s.metrics.nacks.Collect(ch)
+		close(ch)
+		out := map[string]bool{}
+		for m := range ch {
+			var d dto.Metric
+			if err := m.Write(&d); err != nil {
+				t.Fatal(err)
+			}
+			for _, l := range d.GetLabel() {
+				out[l.GetValue()] = true
+			}
+		}
+		return out
+	}
+	nack := func(id string) *adsStream {
+		st := openBound(t, cp.dial(t, id, ""), id)
+		if err := st.Send(nackReq(resource.ClusterType, "refused")); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, "the NACK of "+id, func() bool { return cp.nacksFrom(id) == 1 })
+		return st
+	}
+	declared, nobody := nack(idA), nack(undeclared)
+	if s := series(); !s[idA] || !s[undeclared] {
+		t.Fatalf("series while connected: %v", s)
+	}
+	declared.cancel()
+	nobody.cancel()
+	waitFor(t, "the streams to close", func() bool { return cp.s.Connected() == 0 })
+	waitFor(t, "the undeclared node's series to go", func() bool { return !series()[undeclared] })
+	if !series()[idA] {
+		t.Error("a declared node's NACK count went with its stream")
+	}
+	// The declaration goes too: nothing is left of the node.
+	cp.s.Update(decls(t, b))
+	if s := series(); s[idA] {
+		t.Errorf("series of a node with neither declaration nor stream: %v", s)
+	}
+}

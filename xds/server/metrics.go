@@ -27,7 +27,9 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		}, []string{"type"}),
 		// A node is the SPIFFE ID the peer proved (any other is refused
 		// before it can NACK), so each workload identity adds at most one
-		// label, whatever it sends.
+		// label, whatever it sends; the label goes when the server forgets
+		// the node (no declaration, no stream), so the series are those of
+		// declared and connected workloads.
 		nacks: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "latch_xds_nacks_total", Help: "Updates refused by sidecars, by node.",
 		}, []string{"node"}),
@@ -63,6 +65,13 @@ func (m *Metrics) pushed(typeURL string) {
 func (m *Metrics) nack(node string) {
 	if m != nil {
 		m.nacks.WithLabelValues(node).Inc()
+	}
+}
+
+// forgetNode drops node's series.
+func (m *Metrics) forgetNode(node string) {
+	if m != nil {
+		m.nacks.DeleteLabelValues(node)
 	}
 }
 

@@ -312,6 +312,7 @@ func (s *Server) forget(node string) {
 	delete(s.served, node)
 	delete(s.lastDecl, node)
 	s.cache.ClearSnapshot(node)
+	s.metrics.forgetNode(node)
 }
 
 // forgetIfIdle forgets a node that has neither a declaration nor a stream:
