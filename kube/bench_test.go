@@ -41,10 +41,6 @@ func BenchmarkApplyToEnforced(b *testing.B) {
 		spiffeid.RequireFromString("spiffe://mesh.test/ns/bench-apply/sa/a"),
 		spiffeid.RequireFromString("spiffe://mesh.test/ns/bench-apply/sa/b"),
 	}
-	cfgs := [][2]any{}
-	for _, p := range peers {
-		cfgs = append(cfgs, [2]any{p, m.peer(p, id)})
-	}
 	m.apply("api", inboundSpec(id, port, app, peers[0]))
 	var live net.Conn
 	waitFor(b, "the first peer to be admitted", func() bool {
