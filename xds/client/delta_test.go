@@ -239,7 +239,11 @@ func TestDeltaHostileResponses(t *testing.T) {
 	if cfg.Inbound[0].Listen != ":8444" || cfg.Version != "v5" {
 		t.Fatalf("after the fix: version %s, inbound %+v", cfg.Version, cfg.Inbound)
 	}
-	if st := c.Status(); st.AppliedVersion != "v5" || st.Protocol != "delta" {
+	// The status follows the apply, which the config above came from.
+	for deadline := time.Now().Add(10 * time.Second); c.Status().AppliedVersion != "v5" && time.Now().Before(deadline); {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if st := c.Status(); st.AppliedVersion != "v5" || st.Protocol != "delta" || st.LastError != "" {
 		t.Errorf("status %+v", st)
 	}
 }
