@@ -3,6 +3,7 @@ package proxy
 import (
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"net/netip"
 	"slices"
 	"strings"
@@ -10,6 +11,7 @@ import (
 	"time"
 
 	"latch.dev/latch/identity"
+	"latch.dev/latch/identity/identitytest"
 )
 
 const exampleConfig = `tls:
@@ -285,6 +287,90 @@ func TestValidateRefusesOwnListenerAsApp(t *testing.T) {
 			fe, ok := errors.AsType[*FieldError](err)
 			if !ok || fe.Field != "inbound[0].app" || !strings.Contains(err.Error(), "own listener "+tc.own) {
 				t.Fatalf("Validate() = %v, want inbound[0].app refused as listener %s", err, tc.own)
+			}
+		})
+	}
+}
+
+// TestValidateRefusesSharedAppWithAndWithoutProxyProtocol: two inbound
+// listeners whose apps are the same socket must agree on the PROXY protocol
+// header. An app that reads it (it is behind the listener that sends it)
+// would read a header a peer of the other listener wrote, naming any SPIFFE
+// ID, as latch's.
+func TestValidateRefusesSharedAppWithAndWithoutProxyProtocol(t *testing.T) {
+	cfg := func(app string, pp bool) *Config {
+		return &Config{TLS: identity.Modern(), Inbound: []Inbound{
+			{Name: "whoami", Listen: ":8443", App: "127.0.0.1:8080", ProxyProtocol: true},
+			{Name: "other", Listen: ":9443", App: app, ProxyProtocol: pp},
+		}}
+	}
+	for _, tc := range []struct {
+		app     string
+		pp      bool
+		refused bool
+	}{
+		{"127.0.0.1:8080", false, true},
+		{"localhost:8080", false, true},
+		{"[::ffff:127.0.0.1]:8080", false, true},
+		{"0.0.0.0:8080", false, true},
+		{"127.0.0.1:8080", true, false}, // both send it
+		{"127.0.0.1:8081", false, false},
+		{"127.0.0.2:8080", false, false},
+	} {
+		t.Run(fmt.Sprintf("%s proxyProtocol=%v", tc.app, tc.pp), func(t *testing.T) {
+			err := cfg(tc.app, tc.pp).Validate()
+			if !tc.refused {
+				if err != nil {
+					t.Fatalf("refused: %v", err)
+				}
+				return
+			}
+			fe, ok := errors.AsType[*FieldError](err)
+			if !ok || fe.Field != "inbound[1].proxyProtocol" || !strings.Contains(err.Error(), `inbound[0] "whoami"`) {
+				t.Fatalf("Validate() = %v, want inbound[1].proxyProtocol refused naming inbound[0]", err)
+			}
+		})
+	}
+}
+
+// TestApplyRefusesOtherOwnListenersAsApp: the sidecar's listeners outside
+// the Config — the admin endpoint (/status, pprof when enabled) and the TLS
+// test endpoint — are its own listeners too: an inbound app that reaches
+// one, in any spelling, is refused, and the running config keeps serving.
+func TestApplyRefusesOtherOwnListenersAsApp(t *testing.T) {
+	ca := identitytest.NewCA(t, trustDomain)
+	good := &Config{Version: "1", TLS: identity.Modern(), Inbound: []Inbound{{Name: "web", Listen: "127.0.0.1:0", App: "127.0.0.1:8080"}}}
+	s := startServer(t, identity.NewTLS(ca.Source(t, backendID)), good, Options{OwnListeners: map[string]string{
+		"admin endpoint":    "127.0.0.1:15000",
+		"TLS test endpoint": ":15443",
+	}})
+	for _, tc := range []struct{ app, own string }{
+		{"127.0.0.1:15000", "admin endpoint"},
+		{"localhost:15000", "admin endpoint"},
+		{"[::ffff:127.0.0.1]:15000", "admin endpoint"},
+		{"0.0.0.0:15000", "admin endpoint"},
+		{"127.0.0.1:15443", "TLS test endpoint"},
+		{"[::1]:15443", "TLS test endpoint"},
+		{"127.0.0.2:15000", ""}, // the admin endpoint listens on 127.0.0.1 only
+		{"127.0.0.1:15001", ""},
+	} {
+		t.Run(tc.app, func(t *testing.T) {
+			err := s.Apply(&Config{Version: "2", TLS: identity.Modern(), Inbound: []Inbound{{Name: "web", Listen: "127.0.0.1:0", App: tc.app}}})
+			if tc.own == "" {
+				if err != nil {
+					t.Fatalf("refused: %v", err)
+				}
+				if err := s.Apply(good); err != nil {
+					t.Fatal(err)
+				}
+				return
+			}
+			fe, ok := errors.AsType[*FieldError](err)
+			if !ok || fe.Field != "inbound[0].app" || !strings.Contains(err.Error(), "this sidecar's "+tc.own) {
+				t.Fatalf("Apply() = %v, want inbound[0].app refused as the %s", err, tc.own)
+			}
+			if v := s.Current().Version; v != "1" {
+				t.Errorf("running config %q after a refused one, want 1", v)
 			}
 		})
 	}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"slices"
 	"sync"
@@ -61,6 +62,12 @@ type Options struct {
 	// every outbound listener, whatever the configuration says (see
 	// Outbound.DisableSessionResumption).
 	DisableSessionResumption bool
+	// OwnListeners are the sidecar's listeners outside the Config (the
+	// admin endpoint, the TLS test endpoint), listen address by name. An
+	// inbound listener's app may be none of them, as it may be none of the
+	// Config's own listeners: a peer admitted there would reach it through
+	// the sidecar, from loopback.
+	OwnListeners map[string]string
 }
 
 // ListenerStatus describes one running listener. Its JSON keys follow the
@@ -90,6 +97,7 @@ type Server struct {
 	metrics      *Metrics
 	drainTimeout time.Duration
 	noResumption bool
+	ownListeners map[string]string
 
 	// snap is what every connection consults: its listener's settings at
 	// accept time, and its allow-list or server ID at every handshake and
@@ -122,6 +130,7 @@ func NewServer(tlsc TLSConfigs, opts Options) *Server {
 		metrics:      opts.Metrics,
 		drainTimeout: orDuration(opts.DrainTimeout, DefaultDrainTimeout),
 		noResumption: opts.DisableSessionResumption,
+		ownListeners: maps.Clone(opts.OwnListeners),
 		draining:     make(map[*listener]struct{}),
 	}
 }
@@ -267,6 +276,9 @@ func (s *Server) Apply(cfg *Config) error {
 		return fmt.Errorf("applying proxy config %s: %w", cfg.Version, err)
 	}
 	if err := validateFederation(cfg, local); err != nil {
+		return fmt.Errorf("applying proxy config %s: %w", cfg.Version, err)
+	}
+	if err := validateApps(cfg, s.ownListeners); err != nil {
 		return fmt.Errorf("applying proxy config %s: %w", cfg.Version, err)
 	}
 	s.mu.Lock()

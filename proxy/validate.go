@@ -4,6 +4,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/netip"
 	"slices"
@@ -119,6 +120,13 @@ func (c *Config) Validate() error {
 		if field, listen := c.ownListener(in.App); field != "" {
 			return &FieldError{fmt.Sprintf("inbound[%d].app", i), fmt.Errorf("%q is this sidecar's own listener %s (listen %q): a peer admitted here would reach it through the sidecar, as this workload", in.App, field, listen)}
 		}
+		// An app that reads the PROXY protocol header from one listener
+		// would read one a peer of the other wrote as latch's.
+		for j, o := range c.Inbound[:i] {
+			if o.ProxyProtocol != in.ProxyProtocol && Reaches(in.App, o.App) {
+				return &FieldError{fmt.Sprintf("inbound[%d].proxyProtocol", i), fmt.Errorf("inbound[%d] %q and inbound[%d] %q share the app %s, and only one of them sends it a PROXY protocol header: a peer of the other could write a header of its own, naming any SPIFFE ID, where the app reads latch's", j, o.Name, i, in.Name, in.App)}
+			}
+		}
 	}
 	return nil
 }
@@ -168,25 +176,47 @@ func validateFederation(c *Config, local spiffeid.TrustDomain) error {
 // any address of this host, localhost is 127.0.0.1 and ::1, and 0.0.0.0 or ::
 // dialed is this host. A DNS name other than localhost is not resolved.
 func (c *Config) ownListener(app string) (field, listen string) {
-	appHost, appPort, err := net.SplitHostPort(app)
-	if err != nil {
-		return "", ""
-	}
-	check := func(l string) bool {
-		host, port, err := net.SplitHostPort(l)
-		return err == nil && port != "0" && samePort(port, appPort) && sameHost(appHost, host)
-	}
 	for i, in := range c.Inbound {
-		if check(in.Listen) {
+		if Reaches(app, in.Listen) {
 			return fmt.Sprintf("inbound[%d] %q", i, in.Name), in.Listen
 		}
 	}
 	for i, out := range c.Outbound {
-		if check(out.Listen) {
+		if Reaches(app, out.Listen) {
 			return fmt.Sprintf("outbound[%d] %q", i, out.Name), out.Listen
 		}
 	}
 	return "", ""
+}
+
+// Reaches says whether dialing app can reach a socket bound to listen on
+// this host, as Validate compares addresses (see ownListener); two app
+// addresses that may be the same socket reach each other. A listen address
+// with port 0 has no port yet and reaches nothing.
+func Reaches(app, listen string) bool {
+	appHost, appPort, err := net.SplitHostPort(app)
+	if err != nil {
+		return false
+	}
+	host, port, err := net.SplitHostPort(listen)
+	return err == nil && port != "0" && samePort(port, appPort) && sameHost(appHost, host)
+}
+
+// validateApps is the part of validation that needs the sidecar's
+// listeners outside the Config (Options.OwnListeners): Apply runs it. The
+// admin endpoint serves /status (the policy, the peers) and, when enabled,
+// pprof; the TLS test endpoint answers as this workload. Neither is for an
+// admitted peer to reach through the sidecar.
+func validateApps(c *Config, own map[string]string) error {
+	names := slices.Sorted(maps.Keys(own))
+	for i, in := range c.Inbound {
+		for _, name := range names {
+			if Reaches(in.App, own[name]) {
+				return &FieldError{fmt.Sprintf("inbound[%d].app", i), fmt.Errorf("%q is this sidecar's %s (listen %q): a peer admitted here would reach it through the sidecar", in.App, name, own[name])}
+			}
+		}
+	}
+	return nil
 }
 
 func samePort(a, b string) bool {

@@ -124,6 +124,11 @@ func runProxy(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	// The admin endpoint comes first: probes get answers while the
 	// Workload API is still silent. Until then the parts are nil.
 	var parts atomic.Pointer[proxyParts]
+	// The sidecar's listeners outside its policy: no inbound app may be one.
+	own := map[string]string{}
+	if *testEndpoint != "" {
+		own["TLS test endpoint"] = *testEndpoint
+	}
 	if *adminAddr != "off" {
 		adm, err := admin.New(admin.Options{
 			Addr: *adminAddr,
@@ -157,6 +162,7 @@ func runProxy(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			return err
 		}
 		log.Info("admin endpoint listening", "addr", adm.Addr().String())
+		own["admin endpoint"] = adm.Addr().String()
 		spawn("admin endpoint", adm.Serve)
 	}
 
@@ -183,6 +189,7 @@ func runProxy(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		Metrics:                  proxy.NewMetrics(reg),
 		DrainTimeout:             *drainTimeout,
 		DisableSessionResumption: !*resumption,
+		OwnListeners:             own,
 	})
 	if err := registerPolicyMetrics(reg, srv); err != nil {
 		return err

@@ -22,6 +22,7 @@ import (
 
 	"latch.dev/latch/identity"
 	"latch.dev/latch/identity/devca"
+	"latch.dev/latch/internal/freeport"
 )
 
 // jsonLines collects the JSON log lines a command writes and lets the test
@@ -299,6 +300,49 @@ func TestProxyCommandRefusesBadSetup(t *testing.T) {
 		err := runProxy(t.Context(), append(tc.args, "--workload-api", "unix:///nonexistent.sock"), io.Discard, io.Discard)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("latch proxy %v: %v, want an error containing %q", tc.args, err, tc.want)
+		}
+	}
+}
+
+// TestProxyRefusesAppAtItsOwnEndpoints: an inbound listener's app that is
+// the sidecar's admin endpoint or TLS test endpoint is refused at start (a
+// peer admitted there would reach /status, pprof or the test endpoint
+// through the sidecar, from loopback).
+func TestProxyRefusesAppAtItsOwnEndpoints(t *testing.T) {
+	ca, err := devca.New("mesh.test", devca.Options{Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ca.Close() })
+	socket, err := ca.AddWorkload("spiffe://mesh.test/ns/default/sa/backend")
+	if err != nil {
+		t.Fatal(err)
+	}
+	adminAddr, err := freeport.Addr()
+	if err != nil {
+		t.Fatal(err)
+	}
+	testAddr, err := freeport.Addr()
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, testPort, _ := net.SplitHostPort(testAddr)
+	for _, tc := range []struct{ app, want string }{
+		{adminAddr, "this sidecar's admin endpoint"},
+		{"localhost:" + testPort, "this sidecar's TLS test endpoint"},
+	} {
+		path := filepath.Join(t.TempDir(), "latch.yaml")
+		body := "inbound:\n  - name: web\n    listen: 127.0.0.1:0\n    app: " + tc.app + "\n    allow:\n      - trustDomain: mesh.test\n"
+		if err := os.WriteFile(path, []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		// Before the check, the sidecar served: it would run until the
+		// timeout and return nil.
+		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+		err := runProxy(ctx, []string{"--config", path, "--workload-api", socket, "--admin-address", adminAddr, "--test-endpoint", testAddr, "--pprof"}, io.Discard, io.Discard)
+		cancel()
+		if err == nil || !strings.Contains(err.Error(), "inbound[0].app") || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("app %s: latch proxy returned %v, want inbound[0].app refused as %s", tc.app, err, tc.want)
 		}
 	}
 }

@@ -530,6 +530,19 @@ func (d *decoder) spec(n *yaml.Node, decl *Declaration) {
 			}
 			d.fail(n, "spec.inbound[%d].appAddress: %s is this workload's own listener %s: a peer admitted here would reach it through the sidecar", i, in.App, own)
 		}
+		// The sidecar refuses two inbound listeners that share an app and
+		// disagree on the PROXY protocol header (proxy.Config.Validate).
+		for j, o := range decl.Inbound[:i] {
+			if in.App != "" && o.ProxyProtocol != in.ProxyProtocol && proxy.Reaches(in.App, o.App) {
+				n := inboundNodes[i]
+				for k := 0; k+1 < len(n.Content); k += 2 {
+					if n.Content[k].Value == "proxyProtocol" {
+						n = n.Content[k+1]
+					}
+				}
+				d.fail(n, "spec.inbound[%d].proxyProtocol: spec.inbound[%d] shares the app %s and only one of them sends it a PROXY protocol header: a peer of the other could write a header of its own, naming any SPIFFE ID, where the app reads latch's", i, j, in.App)
+			}
+		}
 	}
 }
 

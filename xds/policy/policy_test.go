@@ -218,6 +218,9 @@ func TestParseHostile(t *testing.T) {
 			"localhost:8443 is this workload's own listener spec.inbound[0] (line 9)"},
 		{"app is the workload's own listener, as ::", func(s string) string { return strings.Replace(s, "127.0.0.1:8080", `"[::]:9001"`, 1) }, 10,
 			"[::]:9001 is this workload's own listener spec.outbound[0]"},
+		{"two inbound listeners share an app, only one with the PROXY protocol header", func(s string) string {
+			return strings.Replace(s, "  outbound:", "    - port: 9443\n      appAddress: localhost:8080\n      proxyProtocol: v2\n      allow: [{trustDomain: mesh.test}]\n  outbound:", 1)
+		}, 18, "spec.inbound[1].proxyProtocol: spec.inbound[0] shares the app localhost:8080 and only one of them sends it a PROXY protocol header"},
 		{"port out of range", func(s string) string { return strings.Replace(s, "port: 8443", "port: 70000", 1) }, 9, "out of range"},
 		{"port as string", func(s string) string { return strings.Replace(s, "port: 8443", `port: "8443"`, 1) }, 9, "want a port number"},
 		{"app address without port", func(s string) string { return strings.Replace(s, "127.0.0.1:8080", "127.0.0.1", 1) }, 10, "is not host:port"},
