@@ -157,11 +157,24 @@ func startMesh(b *testing.B, n int, proto string) *mesh {
 		b.Fatal(err)
 	}
 	m.cps[0] = m.startControlPlane(b, port)
+	idle := m.cps[0].mem(b)
+	idleLive := m.cps[0].live(b)
 	start := time.Now()
 	f := m.swarm.ask(b, "connect "+m.cps[0].addr, "connected")
+	took := time.Since(start)
+	conn := m.cps[0].mem(b)
+	connLive := m.cps[0].live(b)
 	// Printed, not logged: a parent benchmark's log is not shown.
-	fmt.Printf("    %s: %d sidecars (%s) connected and configured in %v (sidecars' CPU %s) %s; control plane %s\n",
-		b.Name(), n, proto, time.Since(start).Round(time.Millisecond), seconds(f["cpu_ns"]), loadAvg(), m.cps[0].memory(b))
+	fmt.Printf("    %s: %d sidecars (%s) connected and configured in %v (sidecars' CPU %s, control plane's %s) %s; control plane %s\n",
+		b.Name(), n, proto, took.Round(time.Millisecond), seconds(f["cpu_ns"]), seconds(conn.cpuNS-idle.cpuNS), loadAvg(), conn)
+	// What each connected sidecar costs: the difference from the control
+	// plane serving the same declarations to nobody, per sidecar; as the
+	// kernel counts it, and what is live after a collection (the garbage
+	// collector lets the heap grow past that, by GOGC).
+	per := func(after, before float64) float64 { return (after - before) / float64(n) / 1024 }
+	fmt.Printf("    %s: control plane serving %d declarations to no sidecar: %s, live heap %.0f MiB; per connected sidecar: RSS %.1f KiB, anonymous %.1f KiB, Go heap in use %.1f KiB, goroutine stacks %.1f KiB, %.1f goroutines; live after a collection: heap %.1f KiB + stacks %.1f KiB\n",
+		b.Name(), n, idle, idleLive.heapInuse/mib, per(conn.rss, idle.rss), per(conn.anon, idle.anon), per(conn.heapInuse, idle.heapInuse), per(conn.stackInuse, idle.stackInuse),
+		(conn.goroutines-idle.goroutines)/float64(n), per(connLive.heapInuse, idleLive.heapInuse), per(connLive.stackInuse, idleLive.stackInuse))
 	b.Cleanup(func() {
 		m.swarm.stop()
 		for _, cp := range m.cps {
@@ -470,25 +483,69 @@ func (cp *controlPlane) kill() {
 
 func (cp *controlPlane) stats(b *testing.B) map[string]float64 { return cp.ask(b, "stats", "stats") }
 
-// memory is the control plane's resident memory as the kernel counts it:
-// RSS, PSS (shared pages divided among their users) and anonymous memory
-// (heap and stacks; what is not file-backed).
-func (cp *controlPlane) memory(b *testing.B) string {
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps_rollup", cp.cmd.Process.Pid))
-	if err != nil {
-		return "(memory unknown)"
+// cpMemory is the control plane's memory as the kernel counts it (RSS, PSS:
+// shared pages divided among their users, anonymous memory: heap and
+// stacks, what is not file-backed; peak RSS) and as Go does.
+type cpMemory struct {
+	rss, pss, anon, peak                       float64 // bytes
+	heapInuse, stackInuse, goroutines, streams float64
+	cpuNS                                      float64
+}
+
+func (cp *controlPlane) mem(b *testing.B) cpMemory {
+	var m cpMemory
+	if data, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps_rollup", cp.cmd.Process.Pid)); err == nil {
+		for _, l := range strings.Split(string(data), "\n") {
+			f := strings.Fields(l)
+			if len(f) != 3 || f[2] != "kB" {
+				continue
+			}
+			v, _ := strconv.ParseFloat(f[1], 64)
+			switch f[0] {
+			case "Rss:":
+				m.rss = v * 1024
+			case "Pss:":
+				m.pss = v * 1024
+			case "Anonymous:":
+				m.anon = v * 1024
+			}
+		}
 	}
-	kb := map[string]float64{}
-	for _, l := range strings.Split(string(data), "\n") {
-		f := strings.Fields(l)
-		if len(f) == 3 && f[2] == "kB" {
-			kb[strings.TrimSuffix(f[0], ":")], _ = strconv.ParseFloat(f[1], 64)
+	if data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", cp.cmd.Process.Pid)); err == nil {
+		for _, l := range strings.Split(string(data), "\n") {
+			if f := strings.Fields(l); len(f) == 3 && f[0] == "VmHWM:" {
+				v, _ := strconv.ParseFloat(f[1], 64)
+				m.peak = v * 1024
+			}
 		}
 	}
 	st := cp.stats(b)
-	b.ReportMetric(kb["Rss"]/1024, "cp-rss-MB")
-	return fmt.Sprintf("RSS %.0f MB, PSS %.0f MB, anonymous %.0f MB (Go heap in use %.0f MB, goroutine stacks %.0f MB for %.0f goroutines, %.0f streams)",
-		kb["Rss"]/1024, kb["Pss"]/1024, kb["Anonymous"]/1024, st["heap_inuse"]/(1<<20), st["stack_inuse"]/(1<<20), st["goroutines"], st["streams"])
+	m.heapInuse, m.stackInuse, m.goroutines, m.streams, m.cpuNS = st["heap_inuse"], st["stack_inuse"], st["goroutines"], st["streams"], st["cpu_ns"]
+	return m
+}
+
+const mib = 1 << 20
+
+func (m cpMemory) String() string {
+	if m.rss == 0 {
+		return "(memory unknown)"
+	}
+	return fmt.Sprintf("RSS %.0f MiB, PSS %.0f MiB, anonymous %.0f MiB, peak RSS %.0f MiB (Go heap in use %.0f MiB, goroutine stacks %.0f MiB for %.0f goroutines, %.0f streams)",
+		m.rss/mib, m.pss/mib, m.anon/mib, m.peak/mib, m.heapInuse/mib, m.stackInuse/mib, m.goroutines, m.streams)
+}
+
+// live is the control plane's memory right after a collection.
+func (cp *controlPlane) live(b *testing.B) cpMemory {
+	cp.ask(b, "gc", "ok")
+	return cp.mem(b)
+}
+
+// memory reports the control plane's memory (cpMemory) and its RSS as a
+// metric.
+func (cp *controlPlane) memory(b *testing.B) string {
+	m := cp.mem(b)
+	b.ReportMetric(m.rss/mib, "cp-rss-MiB")
+	return m.String()
 }
 
 // profile records the control plane's CPU profile until the returned
@@ -532,6 +589,10 @@ func cpuNS() int64 {
 // the swarm wrote, and answers the benchmark's commands until stdin ends.
 func runControlPlane(t *testing.T, dir, addr string) {
 	if prof := os.Getenv("LATCH_XDS_BENCH_PROFILE"); prof != "" {
+		// A sample every 4 KiB rather than 512: per-stream objects are
+		// small, and a coarse profile charges them to whatever happened to
+		// be sampled.
+		runtime.MemProfileRate = 4 << 10
 		// Start-up (reading and translating every declaration) until
 		// listening: what a restart costs before any sidecar is served.
 		f, err := os.Create(filepath.Join(prof, fmt.Sprintf("control-plane-startup-%d.cpu", time.Now().UnixNano())))
@@ -622,6 +683,9 @@ func runControlPlane(t *testing.T, dir, addr string) {
 				t.Fatal(err)
 			}
 			defer f.Close()
+			fmt.Println("ok")
+		case "gc":
+			runtime.GC()
 			fmt.Println("ok")
 		case "stopprofile":
 			pprof.StopCPUProfile()
