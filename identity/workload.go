@@ -1,11 +1,13 @@
 package identity
 
 import (
+	"bytes"
 	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"slices"
 	"strings"
@@ -13,9 +15,11 @@ import (
 	"sync/atomic"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	workloadpb "github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
+	"google.golang.org/grpc"
 )
 
 // SocketEnv is the environment variable naming the Workload API socket when
@@ -82,9 +86,17 @@ func NewWorkloadSource(ctx context.Context, socket string, log *slog.Logger) (*W
 	waiting := func(err error) error {
 		return fmt.Errorf("waiting for the first X.509-SVID from the Workload API at %s: %w", socket, err)
 	}
+	screen := func(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string, streamer grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+		cs, err := streamer(ctx, desc, cc, method, opts...)
+		if err != nil {
+			return nil, err
+		}
+		return screenedStream{cs, log, socket}, nil
+	}
 	client, err := workloadapi.New(ctx,
 		workloadapi.WithAddr(socket),
-		workloadapi.WithLogger(spiffeLogger{log.With("component", "workloadapi", "socket", socket)}))
+		workloadapi.WithLogger(spiffeLogger{log.With("component", "workloadapi", "socket", socket)}),
+		workloadapi.WithDialOptions(grpc.WithChainStreamInterceptor(screen)))
 	if err != nil {
 		return nil, waiting(err)
 	}
@@ -218,6 +230,92 @@ func (s *WorkloadSource) Close() error {
 	s.cancel()
 	s.wg.Wait()
 	return s.client.Close()
+}
+
+// screenedStream is a Workload API stream whose X.509-SVID responses are
+// screened (screenFederated) before go-spiffe parses them.
+type screenedStream struct {
+	grpc.ClientStream
+	log    *slog.Logger
+	socket string
+}
+
+func (c screenedStream) RecvMsg(m any) error {
+	if err := c.ClientStream.RecvMsg(m); err != nil {
+		return err
+	}
+	if resp, ok := m.(*workloadpb.X509SVIDResponse); ok {
+		for _, d := range screenFederated(resp) {
+			c.log.Warn("Workload API: federated bundle ignored", "socket", c.socket, "key", d.key, "reason", d.reason)
+		}
+	}
+	return nil
+}
+
+// ignoredBundle is a federated bundle entry screenFederated took out.
+type ignoredBundle struct{ key, reason string }
+
+// screenFederated takes out of an X.509-SVID response the federated bundle
+// entries that could change which CAs vouch for a trust domain other than
+// the way federation means. go-spiffe (parseX509Bundles) puts the bundles
+// of the SVIDs and then every federated_bundles entry into one set keyed by
+// trust domain, the last one of a trust domain winning, so:
+//   - an entry named as the trust domain of one of the response's SVIDs (the
+//     local one, in either spelling) would replace the local bundle: the CAs
+//     it lists would vouch for local identities, and the local CA for none.
+//     It is ignored; the SVID's own bundle stands.
+//   - a trust domain named by two entries (two spellings, "spiffe://td" and
+//     "td") with different CAs would get one of them, a different one from
+//     update to update (map order). Both are ignored, so the trust domain's
+//     peers are refused (unknown_ca) rather than verified by a coin toss.
+//
+// A SPIRE agent sends neither; the local trust domain's bundle must come
+// from the local SPIRE server and nowhere else. An entry whose name does not
+// parse is left for go-spiffe to refuse with the whole response.
+func screenFederated(resp *workloadpb.X509SVIDResponse) []ignoredBundle {
+	if len(resp.GetFederatedBundles()) == 0 {
+		return nil
+	}
+	local := map[spiffeid.TrustDomain]bool{}
+	for _, svid := range resp.GetSvids() {
+		if td, err := spiffeid.TrustDomainFromString(svid.GetSpiffeId()); err == nil {
+			local[td] = true
+		}
+	}
+	var ignored []ignoredBundle
+	keys := map[spiffeid.TrustDomain][]string{}
+	for _, key := range slices.Sorted(maps.Keys(resp.FederatedBundles)) {
+		td, err := spiffeid.TrustDomainFromString(key)
+		if err != nil {
+			continue
+		}
+		if local[td] {
+			delete(resp.FederatedBundles, key)
+			ignored = append(ignored, ignoredBundle{key, fmt.Sprintf("names the local trust domain %q, whose bundle comes with the SVID only", td.Name())})
+			continue
+		}
+		keys[td] = append(keys[td], key)
+	}
+	for td, ks := range keys {
+		if len(ks) < 2 {
+			continue
+		}
+		first := resp.FederatedBundles[ks[0]]
+		same := true
+		for _, k := range ks[1:] {
+			same = same && bytes.Equal(resp.FederatedBundles[k], first)
+		}
+		for _, k := range ks {
+			if same && k == ks[0] {
+				continue // the same bundle twice: one is enough
+			}
+			delete(resp.FederatedBundles, k)
+			if !same {
+				ignored = append(ignored, ignoredBundle{k, fmt.Sprintf("trust domain %q is listed %d times with different CAs", td.Name(), len(ks))})
+			}
+		}
+	}
+	return ignored
 }
 
 // spiffeLogger adapts slog to go-spiffe's printf-style logger.

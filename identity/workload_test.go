@@ -5,6 +5,7 @@ import (
 	"io"
 	"log/slog"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -176,4 +177,105 @@ func TestWorkloadSourceFederation(t *testing.T) {
 	}
 	dial(t, srv.addr, cfg)
 	wantRefused(t, "server after the removal", srv.next(t), identity.ClassUnknownCA, `no bundle of trust domain "partner.test"`)
+}
+
+// TestWorkloadSourceRefusesFederatedBundleNamedLocal: the Workload API
+// carries the local trust domain's bundle with the SVID and the federated
+// ones in a map keyed by trust domain; go-spiffe merges the map over the
+// SVID's bundle, so an entry named as the local trust domain (in either
+// spelling) would replace the local bundle with whatever CA it holds. The
+// source ignores such an entry, and a foreign trust domain listed twice
+// under two spellings with different CAs (which one go-spiffe kept would
+// change from update to update) is dropped whole.
+func TestWorkloadSourceRefusesFederatedBundleNamedLocal(t *testing.T) {
+	logs := &strings.Builder{}
+	var mu sync.Mutex
+	log := slog.New(slog.NewTextHandler(lockedWriter{&mu, logs}, nil))
+	newCA := func(td string) *devca.CA {
+		ca, err := devca.New(td, devca.Options{Logger: slog.New(slog.DiscardHandler)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ca.Close() })
+		return ca
+	}
+	mesh, partnerCA, otherCA := newCA(trustDomain), newCA(partnerTD), newCA("other.test")
+	if err := mesh.FederateWith(partnerCA); err != nil {
+		t.Fatal(err)
+	}
+	addr, err := mesh.AddWorkload(serverID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	src, err := identity.NewWorkloadSource(ctx, addr, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { src.Close() })
+	local := spiffeid.RequireTrustDomainFromString(trustDomain)
+	cas := func(td spiffeid.TrustDomain) []string {
+		b, err := src.GetX509BundleForTrustDomain(td)
+		if err != nil {
+			return nil
+		}
+		var out []string
+		for _, c := range b.X509Authorities() {
+			out = append(out, c.Subject.String())
+		}
+		return out
+	}
+	want := cas(local)
+	if len(want) == 0 {
+		t.Fatal("no local bundle")
+	}
+	for _, key := range []string{"spiffe://" + trustDomain, trustDomain} {
+		changed := src.Changed()
+		if err := mesh.SetFederatedBundleEntry(key, partnerCA.Bundle()); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			t.Fatal("no update")
+		}
+		if got := cas(local); strings.Join(got, ";") != strings.Join(want, ";") {
+			t.Errorf("federated entry %q: the local bundle holds %v, want the local CA's %v", key, got, want)
+		}
+		if err := mesh.SetFederatedBundleEntry(key, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mu.Lock()
+	if !strings.Contains(logs.String(), "federated bundle ignored") || !strings.Contains(logs.String(), "local trust domain") {
+		t.Errorf("no WARN about the ignored entry: %s", logs.String())
+	}
+	mu.Unlock()
+
+	// partner.test served twice, once with another CA under another
+	// spelling: neither is used.
+	changed := src.Changed()
+	if err := mesh.SetFederatedBundleEntry(partnerTD, otherCA.Bundle()); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-changed:
+	case <-ctx.Done():
+		t.Fatal("no update")
+	}
+	if got := cas(partner); got != nil {
+		t.Errorf("partner.test listed twice with different CAs: the source holds %v", got)
+	}
+}
+
+type lockedWriter struct {
+	mu *sync.Mutex
+	w  io.Writer
+}
+
+func (l lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
 }

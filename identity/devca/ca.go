@@ -91,6 +91,7 @@ type CA struct {
 	changed     chan struct{} // closed and replaced on every change streams care about
 	subs        map[*subscriber]struct{}
 	federated   map[spiffeid.TrustDomain]*x509bundle.Bundle // served as federated bundles
+	entries     map[string][]byte                           // federated_bundles entries served as given (SetFederatedBundleEntry)
 	following   map[spiffeid.TrustDomain]chan struct{}      // FederateWith followers, closed to stop
 
 	wake      chan struct{} // nudges the scheduler after a change of plan
@@ -133,6 +134,7 @@ func New(trustDomain string, opts Options) (*CA, error) {
 		changed:     make(chan struct{}),
 		subs:        make(map[*subscriber]struct{}),
 		federated:   make(map[spiffeid.TrustDomain]*x509bundle.Bundle),
+		entries:     make(map[string][]byte),
 		following:   make(map[spiffeid.TrustDomain]chan struct{}),
 		wake:        make(chan struct{}, 1),
 		done:        make(chan struct{}),

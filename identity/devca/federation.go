@@ -129,16 +129,40 @@ func (ca *CA) FederateWith(other *CA) error {
 	return nil
 }
 
+// SetFederatedBundleEntry serves b in the federated bundles of every
+// response under key exactly as given, in place of what SetFederatedBundle
+// serves under the same key: key may name this CA's own trust domain, or
+// another in another spelling ("spiffe://example.org" or "example.org"). No
+// SPIRE agent sends such an entry; a broken or compromised one could, and
+// this lets the consumers' refusal be tested. A nil b stops serving key.
+func (ca *CA) SetFederatedBundleEntry(key string, b *x509bundle.Bundle) error {
+	ca.mu.Lock()
+	defer ca.mu.Unlock()
+	if ca.closed {
+		return ErrClosed
+	}
+	if b == nil {
+		delete(ca.entries, key)
+	} else {
+		ca.entries[key] = bundleDER(b)
+	}
+	ca.bundleGen++
+	ca.log.Warn("serving a federated bundle entry as given", "key", key, "warning", Warning)
+	ca.notifyLocked()
+	return nil
+}
+
 // federatedDERLocked is every federated bundle as the Workload API carries
 // it, keyed by the trust domain's SPIFFE ID.
 func (ca *CA) federatedDERLocked() map[string][]byte {
-	if len(ca.federated) == 0 {
+	if len(ca.federated) == 0 && len(ca.entries) == 0 {
 		return nil
 	}
-	out := make(map[string][]byte, len(ca.federated))
+	out := make(map[string][]byte, len(ca.federated)+len(ca.entries))
 	for td, b := range ca.federated {
 		out[td.IDString()] = bundleDER(b)
 	}
+	maps.Copy(out, ca.entries)
 	return out
 }
 
