@@ -389,10 +389,11 @@ func (c *conn) handshakeFailed(err error) {
 }
 
 // authorized re-checks a connection whose handshake just completed against
-// the snapshot current now. Apply swaps the snapshot before it sweeps the
-// live connections, and the peer (or expected server ID) is stored before
-// this check, so a connection handshaking during an Apply is caught by one
-// or the other.
+// the snapshot current now, and the peer's trust domain against the bundles
+// held now. Apply swaps the snapshot before it sweeps the live connections,
+// RecheckTrust runs after the bundles changed, and the peer (or expected
+// server ID) is stored before this check, so a connection handshaking
+// during an Apply or a bundle's removal is caught by one or the other.
 func (c *conn) authorized() error {
 	snap := c.l.s.snap.Load()
 	r := c.l.s.route(c.l.name, c.l.dir)
@@ -413,6 +414,14 @@ func (c *conn) authorized() error {
 		if r.out.ServerID != *c.serverID.Load() {
 			return &identity.VerifyError{Class: identity.ClassWrongServerID, Peer: peer,
 				Err: fmt.Errorf("server %s: listener %q now expects %s", peer, c.l.name, r.out.ServerID)}
+		}
+	}
+	// A foreign trust domain's bundle removed (or now refused) after the
+	// handshake verified against it, and before the peer was stored where
+	// RecheckTrust looks: caught here, as the allow-list is above.
+	if td := peer.TrustDomain(); td != snap.local {
+		if err := c.l.s.tlsc.TrustDomainUsable(td); err != nil {
+			return &identity.VerifyError{Class: identity.ClassUnknownCA, Peer: peer, Err: fmt.Errorf("peer %s: %w", peer, err)}
 		}
 	}
 	return nil

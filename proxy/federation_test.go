@@ -245,3 +245,45 @@ func TestFederatedUpstream(t *testing.T) {
 
 // dialAsApp connects a plain TCP client, as the local app would.
 func dialAsApp(addr string) (net.Conn, error) { return net.DialTimeout("tcp", addr, waitFor) }
+
+// bundleGoesAfterVerification is the sidecar's TLS, whose source loses the
+// partner's bundle the moment a handshake has verified a peer against it:
+// the Workload API's removal arriving between the handshake and the
+// connection's start, the window RecheckTrust cannot see (the connection has
+// no peer yet when it runs).
+type bundleGoesAfterVerification struct {
+	*identity.TLS
+	src *identitytest.Source
+}
+
+func (b bundleGoesAfterVerification) ServerConfig(p identity.Profile, authorize func(spiffeid.ID) error, opts ...identity.PeerOption) *tls.Config {
+	cfg := b.TLS.ServerConfig(p, authorize, opts...)
+	verify := cfg.VerifyConnection
+	cfg.VerifyConnection = func(cs tls.ConnectionState) error {
+		if err := verify(cs); err != nil {
+			return err
+		}
+		b.src.RemoveBundle(partner)
+		return nil
+	}
+	return cfg
+}
+
+// TestFederatedBundleRemovedDuringHandshake: a peer whose trust domain's
+// bundle was removed while its handshake completed is refused, not served:
+// the connection checks the trust domain is still usable before it starts,
+// as it checks the allow-list.
+func TestFederatedBundleRemovedDuringHandshake(t *testing.T) {
+	f := newFederation(t)
+	srv := startServer(t, bundleGoesAfterVerification{f.backendTLS, f.backendSrc}, f.cfg, Options{Logger: f.logs.logger()})
+	cfg := f.partnerTLS.ClientConfig(identity.Modern(), mustID(t, backendID), identity.FederatesWith(spiffeid.RequireTrustDomainFromString(trustDomain)))
+	c, err := tls.Dial("tcp", addrOf(t, srv, "web"), cfg)
+	if err == nil {
+		t.Cleanup(func() { c.Close() })
+		err = roundTrip(c, "hello from partner.test")
+	}
+	if err == nil {
+		t.Fatal("a peer of a trust domain whose bundle was removed during its handshake was served")
+	}
+	f.logs.wait(t, 0, "handshake refused", map[string]string{"listener": "web", "class": "unknown_ca", "peer_id": partnerPeerID})
+}

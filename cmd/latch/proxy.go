@@ -174,6 +174,9 @@ func runProxy(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 		return err
 	}
+	// Taken before the first policy is applied: a bundle removed from then
+	// on is rechecked (see the trust recheck below).
+	bundlesChanged := src.Changed()
 	svid, err := src.GetX509SVID()
 	if err != nil {
 		return fmt.Errorf("reading the SVID: %w", err)
@@ -213,16 +216,12 @@ func runProxy(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	// A federated bundle removed (or now refused) leaves its peers' live
 	// connections without trust: cut them as a policy revocation would.
 	spawn("trust recheck", func(ctx context.Context) error {
-		for {
-			select {
-			case <-ctx.Done():
-				return nil
-			case <-src.Changed():
-				if n := srv.RecheckTrust(); n > 0 {
-					log.Warn("connections closed: their peers' trust domain is no longer trusted", "closed", n)
-				}
+		onEveryChange(ctx, bundlesChanged, src.Changed, func() {
+			if n := srv.RecheckTrust(); n > 0 {
+				log.Warn("connections closed: their peers' trust domain is no longer trusted", "closed", n)
 			}
-		}
+		})
+		return nil
 	})
 	spawn("memory release", func(ctx context.Context) error { return newReleaser().run(ctx, releaseTick) })
 
@@ -285,6 +284,24 @@ func runProxy(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			stop()
 			shutdownProxy(srv, *drainTimeout, log)
 			return nil
+		}
+	}
+}
+
+// onEveryChange calls do after every change changed announces (a channel
+// closed at the next change, as identity.WorkloadSource.Changed), starting
+// with next, the one taken before anything the changes matter to was set up,
+// until ctx ends. The channel for the next change is taken before do runs: a
+// change that comes while do runs makes it run again, rather than going
+// unseen until the change after.
+func onEveryChange(ctx context.Context, next <-chan struct{}, changed func() <-chan struct{}, do func()) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-next:
+			next = changed()
+			do()
 		}
 	}
 }

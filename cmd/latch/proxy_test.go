@@ -346,3 +346,57 @@ func TestProxyRefusesAppAtItsOwnEndpoints(t *testing.T) {
 		}
 	}
 }
+
+// changes is a change announcer like identity.WorkloadSource.Changed.
+type changes struct {
+	mu sync.Mutex
+	ch chan struct{}
+}
+
+func (c *changes) changed() <-chan struct{} {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.ch
+}
+
+func (c *changes) change() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	close(c.ch)
+	c.ch = make(chan struct{})
+}
+
+// TestOnEveryChangeSeesAChangeDuringTheCall: a bundle removed while the
+// trust recheck of the previous change runs is rechecked too (taking the
+// channel of the next change after the recheck would miss it until some
+// later change: the removed trust domain's connections would stay up).
+func TestOnEveryChangeSeesAChangeDuringTheCall(t *testing.T) {
+	c := &changes{ch: make(chan struct{})}
+	first := c.changed()
+	calls := make(chan int, 4)
+	n := 0
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		onEveryChange(ctx, first, c.changed, func() {
+			n++
+			if n == 1 {
+				c.change() // the next change, while this call runs
+			}
+			calls <- n
+		})
+	}()
+	defer func() { cancel(); <-done }()
+	c.change()
+	for want := 1; want <= 2; want++ {
+		select {
+		case got := <-calls:
+			if got != want {
+				t.Fatalf("call %d, want %d", got, want)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%d calls for 2 changes: the change during the first call went unseen", want-1)
+		}
+	}
+}
