@@ -9,6 +9,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"strconv"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -50,6 +51,9 @@ flags:
 		}
 	}
 	if addr == "" || fs.NArg() > 0 {
+		if addr == "" && fs.NArg() == 0 {
+			return usagef("want exactly one HOST:PORT, got none")
+		}
 		return usagef("want exactly one HOST:PORT, got %q", append([]string{addr}, fs.Args()...))
 	}
 	if err := checkAddr(addr); err != nil {
@@ -170,6 +174,9 @@ func checkAddr(addr string) error {
 	}
 	if host == "" || port == "" {
 		return fmt.Errorf("%q: want HOST:PORT with both parts", addr)
+	}
+	if n, err := strconv.ParseUint(port, 10, 16); err != nil || n == 0 {
+		return fmt.Errorf("%q: port %q is not a number from 1 to 65535", addr, port)
 	}
 	return nil
 }

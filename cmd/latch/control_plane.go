@@ -111,6 +111,12 @@ func parseControlPlaneFlags(args []string, stdout io.Writer) (controlPlaneFlags,
 	if f.peerStreams < 1 {
 		return f, usagef("--max-streams-per-peer %d: want at least 1", f.peerStreams)
 	}
+	if err := checkHostPort("listen", f.listen, false); err != nil {
+		return f, err
+	}
+	if err := checkHostPort("admin-address", f.adminAddr, false); err != nil {
+		return f, err
+	}
 	// Sidecars NACK a listener address that is not an IP: refuse it here,
 	// before every sidecar does.
 	if _, err := netip.ParseAddr(f.inboundHost); err != nil {

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
+	"strconv"
 
 	"latch.dev/latch/identity"
 )
@@ -66,4 +68,24 @@ func durationsAsStrings(_ []string, a slog.Attr) slog.Attr {
 		a.Value = slog.StringValue(a.Value.Duration().String())
 	}
 	return a
+}
+
+// checkHostPort checks the host:port value of flag name before anything is
+// started: a malformed address is a usage error (exit 2), where a bind or a
+// connection that fails later is not. An address to dial needs a host and a
+// port other than 0; one to listen on may leave the host empty (every
+// address) and ask for port 0 (any free port).
+func checkHostPort(name, value string, dial bool) error {
+	host, port, err := net.SplitHostPort(value)
+	if err != nil {
+		return usagef("--%s %q: want host:port (%v)", name, value, err)
+	}
+	n, err := strconv.ParseUint(port, 10, 16)
+	if err != nil {
+		return usagef("--%s %q: port %q is not a number from 0 to 65535", name, value, port)
+	}
+	if dial && (host == "" || n == 0) {
+		return usagef("--%s %q: want a host and a port other than 0 to connect to", name, value)
+	}
+	return nil
 }

@@ -46,6 +46,9 @@ func runInject(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if *reload <= 0 {
 		return usagef("--cert-reload-interval %s: must be positive", *reload)
 	}
+	if err := checkHostPort("listen", *listen, false); err != nil {
+		return err
+	}
 
 	cfg, err := inject.LoadConfig(*configPath)
 	if err != nil {

@@ -68,9 +68,25 @@ func runProxy(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	var cpID spiffeid.ID
 	if *xdsAddr != "" {
+		if err := checkHostPort("xds-address", *xdsAddr, true); err != nil {
+			return err
+		}
 		if cpID, err = spiffeid.FromString(*xdsID); err != nil {
 			return usagef("--xds-server-id %q: %w", *xdsID, err)
 		}
+	}
+	if *adminAddr != "off" {
+		if err := checkHostPort("admin-address", *adminAddr, false); err != nil {
+			return err
+		}
+	}
+	if *testEndpoint != "" {
+		if err := checkHostPort("test-endpoint", *testEndpoint, false); err != nil {
+			return err
+		}
+	}
+	if *drainTimeout < 0 {
+		return usagef("--drain-timeout %s: must not be negative", *drainTimeout)
 	}
 	// Read the file before waiting on the Workload API, so a broken file
 	// fails at once.
