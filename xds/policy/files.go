@@ -5,8 +5,10 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/fsnotify/fsnotify"
@@ -62,6 +64,7 @@ func (f *Files) reload() (Change, error) {
 	}
 	var changes []Change
 	now := map[string]os.FileInfo{}
+	var read []string
 	for _, file := range files {
 		p := file.path
 		if prev, ok := f.known[p]; ok && unchanged(prev, file.info) {
@@ -74,13 +77,15 @@ func (f *Files) reload() (Change, error) {
 		if racy(file.info, start) {
 			now[p] = nil // read again next time: see unchanged
 		}
-		data, err := os.ReadFile(p)
-		if err != nil {
-			now[p] = nil // retried next time
-			changes = append(changes, f.store.SetFileError(p, err))
+		read = append(read, p)
+	}
+	for _, r := range f.readAll(read) {
+		if r.readErr != nil {
+			now[r.path] = nil // retried next time
+			changes = append(changes, f.store.SetFileError(r.path, r.readErr))
 			continue
 		}
-		changes = append(changes, f.store.SetFile(p, data))
+		changes = append(changes, f.store.setFile(r.parsedFile))
 	}
 	for p := range f.known {
 		if _, ok := now[p]; !ok {
@@ -89,6 +94,46 @@ func (f *Files) reload() (Change, error) {
 	}
 	f.known = now
 	return mergeChanges(changes), nil
+}
+
+// readFile is a file read and parsed, or the error reading it.
+type readFile struct {
+	parsedFile
+	readErr error
+}
+
+// readAll reads and parses the files at paths, on every core when there are
+// many: at start-up that is every file, and one by one they were half of
+// what a restarted control plane did before it could serve. The results are
+// in the order of paths, and the store takes them in that order, as it did
+// when each file was parsed in turn: which file keeps a contested ID does not
+// depend on which parse finished first.
+func (f *Files) readAll(paths []string) []readFile {
+	out := make([]readFile, len(paths))
+	do := func(i int) {
+		out[i].path = paths[i]
+		if out[i].data, out[i].readErr = os.ReadFile(paths[i]); out[i].readErr == nil {
+			out[i].parsedFile = f.store.parse(out[i].parsedFile)
+		}
+	}
+	workers := min(runtime.GOMAXPROCS(0), len(paths))
+	if workers <= 1 {
+		for i := range paths {
+			do(i)
+		}
+		return out
+	}
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Go(func() {
+			for i := int(next.Add(1) - 1); i < len(paths); i = int(next.Add(1) - 1) {
+				do(i)
+			}
+		})
+	}
+	wg.Wait()
+	return out
 }
 
 // unchanged reports whether a file is the one read before, untouched: the

@@ -1,8 +1,10 @@
 package policy
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 )
@@ -76,4 +78,63 @@ func TestFilesRereadOnlyWhatChanged(t *testing.T) {
 		t.Fatal(err)
 	}
 	served("spiffe://mesh.test/a@1005")
+}
+
+// TestFilesReadAtOnceKeepListingOrder: many changed files are read and
+// parsed at once, but the store takes them in the directory's order, as when
+// they were read one by one: of two files claiming an ID, the first listed
+// keeps it whichever parse ends first, and broken files are refused with
+// their line.
+func TestFilesReadAtOnceKeepListingOrder(t *testing.T) {
+	const n = 200
+	for round := range 5 {
+		dir := t.TempDir()
+		for i := range n {
+			// File i and file i+n/2 claim the same ID; the later one's is
+			// longer to parse (more rules), so it tends to finish last
+			// in one round and, with the order reversed, first in another.
+			id := fmt.Sprintf("spiffe://mesh.test/w%d", i%(n/2))
+			src := policyFor(fmt.Sprintf("f%03d", i), id, 1000+i)
+			if (i >= n/2) == (round%2 == 0) {
+				src += strings.Repeat("        - trustDomain: mesh.test\n", 50)
+			}
+			if i == 7 {
+				src = "kind: ["
+			}
+			writeFile(t, dir, fmt.Sprintf("f%03d.yaml", i), src)
+		}
+		f, err := newFiles(dir, testOpts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		snap, ch, err := f.Reload()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(snap.Declarations) != n/2 || len(ch.IDs) != n/2 {
+			t.Fatalf("%d declarations served, %d IDs changed; want %d", len(snap.Declarations), len(ch.IDs), n/2)
+		}
+		for _, d := range snap.Declarations {
+			var w int
+			fmt.Sscanf(d.ID.Path(), "/w%d", &w)
+			want := w
+			if w == 7 {
+				want = w + n/2 // the first one is broken
+			}
+			if got := int(d.Inbound[0].Port) - 1000; got != want {
+				t.Fatalf("round %d: %s served from file %d, want %d (the first listed that parses)", round, d.ID, got, want)
+			}
+		}
+		for i := n / 2; i < n; i++ {
+			if i == 7+n/2 {
+				continue
+			}
+			if !hasError(snap, fmt.Sprintf("f%03d.yaml", i), 1, "conflicts with") {
+				t.Fatalf("round %d: f%03d.yaml's conflict not reported: %v", round, i, snap.Errors)
+			}
+		}
+		if !hasError(snap, "f007.yaml", 1, "YAML") {
+			t.Fatalf("round %d: the broken file is not reported: %v", round, snap.Errors)
+		}
+	}
 }

@@ -182,14 +182,45 @@ func (s *Store) Options() Options { return s.opts }
 // SetFile gives the store the contents of the file at path, which is parsed
 // unless it is unchanged.
 func (s *Store) SetFile(path string, data []byte) Change {
-	src := FileSource(path)
+	return s.setFile(parsedFile{path: path, data: data})
+}
+
+// parsedFile is a file's contents and, if parsed, what Parse made of them
+// with the store's options.
+type parsedFile struct {
+	path   string
+	data   []byte
+	parsed bool
+	decls  []Declaration
+	err    error
+}
+
+// parse parses f unless the store holds its contents already (then the store
+// ignores it anyway). It does not change the store, so files can be parsed
+// at once and handed to setFile one by one.
+func (s *Store) parse(f parsedFile) parsedFile {
+	s.mu.Lock()
+	e := s.entries[FileSource(f.path)]
+	same := e != nil && e.latest != nil && bytes.Equal(e.latest, f.data)
+	s.mu.Unlock()
+	if !same {
+		f.decls, f.err = Parse(f.path, f.data, s.opts)
+		f.parsed = true
+	}
+	return f
+}
+
+func (s *Store) setFile(f parsedFile) Change {
+	src := FileSource(f.path)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if e := s.entries[src]; e != nil && e.latest != nil && bytes.Equal(e.latest, data) {
+	if e := s.entries[src]; e != nil && e.latest != nil && bytes.Equal(e.latest, f.data) {
 		return Change{}
 	}
-	decls, err := Parse(path, data, s.opts)
-	return s.set(src, bytes.Clone(data), 0, decls, err)
+	if !f.parsed {
+		f.decls, f.err = Parse(f.path, f.data, s.opts)
+	}
+	return s.set(src, bytes.Clone(f.data), 0, f.decls, f.err)
 }
 
 // SetFileError records that the file at path could not be read; it keeps
