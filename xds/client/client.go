@@ -303,6 +303,10 @@ func (c *Client) session(ctx context.Context) (gotResponse bool, err error) {
 	conn, err := grpc.NewClient(c.opts.Address,
 		grpc.WithTransportCredentials(credentials.NewTLS(c.tlsConfig())),
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 20 * time.Second, Timeout: 10 * time.Second, PermitWithoutStream: true}),
+		// No read buffer of gRPC's own (32 KiB by default, for the life of
+		// the connection): the TLS connection under it already holds a
+		// whole record. (gRPC's write buffer is released after each flush.)
+		grpc.WithReadBufferSize(0),
 	)
 	if err != nil {
 		return false, fmt.Errorf("dialing control plane: %w", err)
