@@ -589,10 +589,6 @@ func cpuNS() int64 {
 // the swarm wrote, and answers the benchmark's commands until stdin ends.
 func runControlPlane(t *testing.T, dir, addr string) {
 	if prof := os.Getenv("LATCH_XDS_BENCH_PROFILE"); prof != "" {
-		// A sample every 4 KiB rather than 512: per-stream objects are
-		// small, and a coarse profile charges them to whatever happened to
-		// be sampled.
-		runtime.MemProfileRate = 4 << 10
 		// Start-up (reading and translating every declaration) until
 		// listening: what a restart costs before any sidecar is served.
 		f, err := os.Create(filepath.Join(prof, fmt.Sprintf("control-plane-startup-%d.cpu", time.Now().UnixNano())))
