@@ -15,7 +15,7 @@ import (
 )
 
 // outside matches references to material that is not part of the
-// repository: the planners' brief and seeds, and issue numbers.
+// repository: documents kept outside it, and issue numbers.
 var outside = regexp.MustCompile(`\.\./shared|shared/seeds|DESIGN\.md|[Tt]he seed (TLS )?policy|issue's cadence|\b[Ii]ssue #?[0-9]+\b`)
 
 // link matches a Markdown inline link's target.
