@@ -207,7 +207,7 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 	// frontend asks through the same code path as `latch check`.
 	te, err := admin.ListenTestEndpoint(admin.TestEndpointOptions{
 		Addr: "127.0.0.1:0", TLS: backend.tls, TrustDomain: BackendID.TrustDomain(),
-		FederatesWith: func() []spiffeid.TrustDomain { return federatedInbound(backend.server.Current()) },
+		FederatesWith: func() []spiffeid.TrustDomain { return backend.server.Current().InboundFederation() },
 		Logger:        logger.With("component", "test-endpoint"),
 	})
 	if err != nil {
@@ -257,23 +257,6 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 		<-ctx.Done()
 	}
 	return rep, nil
-}
-
-// federatedInbound is every trust domain an inbound listener of cfg
-// federates with, as latch proxy gives its TLS test endpoint.
-func federatedInbound(cfg *proxy.Config) []spiffeid.TrustDomain {
-	if cfg == nil {
-		return nil
-	}
-	var out []spiffeid.TrustDomain
-	for _, in := range cfg.Inbound {
-		for _, td := range in.FederatesWith {
-			if !slices.Contains(out, td) {
-				out = append(out, td)
-			}
-		}
-	}
-	return out
 }
 
 // declarations are the demo's ServicePolicy files.

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"slices"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -21,6 +22,26 @@ type Config struct {
 	TLS      identity.Profile
 	Inbound  []Inbound
 	Outbound []Outbound
+}
+
+// InboundFederation lists, in order of appearance and each once, the
+// foreign trust domains some inbound listener of c federates with: whose
+// workloads may call this sidecar at all. The TLS test endpoint answers them
+// too, so a federated peer can test before it is allowed. A nil Config
+// federates with none.
+func (c *Config) InboundFederation() []spiffeid.TrustDomain {
+	if c == nil {
+		return nil
+	}
+	var out []spiffeid.TrustDomain
+	for _, in := range c.Inbound {
+		for _, td := range in.FederatesWith {
+			if !slices.Contains(out, td) {
+				out = append(out, td)
+			}
+		}
+	}
+	return out
 }
 
 // Inbound terminates mTLS from peers and forwards plain TCP to the app.

@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
 	"latch.dev/latch/identity"
 	"latch.dev/latch/identity/identitytest"
 )
@@ -373,5 +375,26 @@ func TestApplyRefusesOtherOwnListenersAsApp(t *testing.T) {
 				t.Errorf("running config %q after a refused one, want 1", v)
 			}
 		})
+	}
+}
+
+// TestInboundFederation: every foreign trust domain some inbound listener
+// federates with, once each, in order; outbound federation is not a reason
+// to answer a workload's call.
+func TestInboundFederation(t *testing.T) {
+	td := spiffeid.RequireTrustDomainFromString
+	cfg := &Config{
+		Inbound: []Inbound{
+			{Name: "a", FederatesWith: []spiffeid.TrustDomain{td("b.test"), td("a.test")}},
+			{Name: "b"},
+			{Name: "c", FederatesWith: []spiffeid.TrustDomain{td("a.test"), td("c.test")}},
+		},
+		Outbound: []Outbound{{Name: "d", FederatesWith: []spiffeid.TrustDomain{td("d.test")}}},
+	}
+	if got := fmt.Sprint(cfg.InboundFederation()); got != "[b.test a.test c.test]" {
+		t.Errorf("InboundFederation() = %s", got)
+	}
+	if got := (*Config)(nil).InboundFederation(); got != nil {
+		t.Errorf("nil config: %v", got)
 	}
 }

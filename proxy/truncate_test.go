@@ -92,7 +92,7 @@ func TestTruncatedStreamResets(t *testing.T) {
 				testTruncatedInbound(t, v.profile, v.tweak, e)
 			})
 			t.Run("outbound/"+v.name+"/"+e.name, func(t *testing.T) {
-				testTruncatedOutbound(t, v.profile, v.tweak, e)
+				testTruncatedOutbound(t, v.profile, v.tweak, e, false)
 			})
 		}
 	}
@@ -137,8 +137,11 @@ func testTruncatedInbound(t *testing.T, profile identity.Profile, tweak func(*tl
 
 // testTruncatedOutbound: an upstream sends one record to the outbound
 // listener and ends its stream; the app that dialed the listener must read
-// the record and then the end the upstream chose.
-func testTruncatedOutbound(t *testing.T, profile identity.Profile, tweak func(*tls.Config), e tlsEnd) {
+// the record and then the end the upstream chose. With halfClosed, the app
+// has sent its request and half-closed first, and the upstream must have
+// read the request and close_notify (not a bare FIN) before it answers.
+func testTruncatedOutbound(t *testing.T, profile identity.Profile, tweak func(*tls.Config), e tlsEnd, halfClosed bool) {
+	const request = "go"
 	ca := identitytest.NewCA(t, trustDomain)
 	backend := identity.NewTLS(ca.Source(t, backendID))
 	scfg := backend.ServerConfig(profile, func(spiffeid.ID) error { return nil })
@@ -156,10 +159,16 @@ func testTruncatedOutbound(t *testing.T, profile identity.Profile, tweak func(*t
 			return
 		}
 		defer nc.Close()
-		raw := &cuttableConn{TCPConn: nc.(*net.TCPConn)}
+		raw := &eofConn{cuttableConn: &cuttableConn{TCPConn: nc.(*net.TCPConn)}}
 		raw.SetDeadline(time.Now().Add(waitFor))
 		tc := tls.Server(raw, scfg)
-		if _, err := io.ReadFull(tc, make([]byte, 2)); err != nil {
+		if halfClosed {
+			b, err := io.ReadAll(tc)
+			if string(b) != request || err != nil || raw.eof.Load() {
+				t.Errorf("the upstream read %q, %v (TCP stream ended before close_notify: %v), want the request and close_notify", b, err, raw.eof.Load())
+				return
+			}
+		} else if _, err := io.ReadFull(tc, make([]byte, len(request))); err != nil {
 			t.Error(err)
 			return
 		}
@@ -167,7 +176,7 @@ func testTruncatedOutbound(t *testing.T, profile identity.Profile, tweak func(*t
 			t.Error(err)
 			return
 		}
-		e.end(t, tc, raw)
+		e.end(t, tc, raw.cuttableConn)
 		// Read until latch ends its side (with a reset after a
 		// truncation), so that nothing here closes first.
 		io.Copy(io.Discard, raw)
@@ -186,8 +195,11 @@ func testTruncatedOutbound(t *testing.T, profile identity.Profile, tweak func(*t
 	c.SetDeadline(time.Now().Add(waitFor))
 	// The upstream answers this: a reset that came before Dial returned
 	// would fail the Dial instead of the read.
-	if _, err := c.Write([]byte("go")); err != nil {
+	if _, err := c.Write([]byte(request)); err != nil {
 		t.Fatal(err)
+	}
+	if halfClosed {
+		c.(*net.TCPConn).CloseWrite()
 	}
 	b, err := io.ReadAll(c)
 	checkEnd(t, appResult{string(b), err}, "response", e)
@@ -400,65 +412,9 @@ func TestTruncatedAfterHalfClose(t *testing.T) {
 				m.logs.wait(t, mark, "connection closed", map[string]string{"listener": "web", "direction": "inbound", "reason": e.reason})
 			})
 			t.Run("outbound/"+v.name+"/"+e.name, func(t *testing.T) {
-				testHalfClosedOutbound(t, v.profile, v.tweak, e)
+				testTruncatedOutbound(t, v.profile, v.tweak, e, true)
 			})
 		}
 	}
 }
 
-// testHalfClosedOutbound: the app that dialed an outbound listener sends a
-// request and half-closes; the upstream must read it and close_notify, then
-// answers and ends its stream as e says.
-func testHalfClosedOutbound(t *testing.T, profile identity.Profile, tweak func(*tls.Config), e tlsEnd) {
-	ca := identitytest.NewCA(t, trustDomain)
-	scfg := identity.NewTLS(ca.Source(t, backendID)).ServerConfig(profile, func(spiffeid.ID) error { return nil })
-	tweak(scfg)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	served := make(chan struct{})
-	go func() {
-		defer close(served)
-		nc, err := ln.Accept()
-		if err != nil {
-			return
-		}
-		defer nc.Close()
-		raw := &eofConn{cuttableConn: &cuttableConn{TCPConn: nc.(*net.TCPConn)}}
-		raw.SetDeadline(time.Now().Add(waitFor))
-		tc := tls.Server(raw, scfg)
-		b, err := io.ReadAll(tc)
-		if string(b) != "request" || err != nil || raw.eof.Load() {
-			t.Errorf("the upstream read %q, %v (TCP stream ended before close_notify: %v), want the request and close_notify", b, err, raw.eof.Load())
-			return
-		}
-		if _, err := tc.Write([]byte("response")); err != nil {
-			t.Error(err)
-			return
-		}
-		e.end(t, tc, raw.cuttableConn)
-		io.Copy(io.Discard, raw)
-	}()
-	t.Cleanup(func() { <-served })
-
-	logs := newLogs()
-	s := startServer(t, identity.NewTLS(ca.Source(t, frontendID)), &Config{TLS: profile, Outbound: []Outbound{{
-		Name: "backend", Listen: "127.0.0.1:0", Upstreams: []string{ln.Addr().String()}, ServerID: mustID(t, backendID),
-	}}}, Options{Logger: logs.logger()})
-	c, err := net.Dial("tcp", addrOf(t, s, "backend"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(waitFor))
-	if _, err := c.Write([]byte("request")); err != nil {
-		t.Fatal(err)
-	}
-	c.(*net.TCPConn).CloseWrite()
-	b, err := io.ReadAll(c)
-	checkEnd(t, appResult{string(b), err}, "response", e)
-	c.Close()
-	logs.wait(t, 0, "connection closed", map[string]string{"listener": "backend", "direction": "outbound", "reason": e.reason, "peer_id": backendID})
-}

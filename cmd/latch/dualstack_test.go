@@ -5,7 +5,6 @@ import (
 	"crypto/tls"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -42,26 +41,9 @@ type dualStackWorld struct {
 
 func newDualStackWorld(t *testing.T) *dualStackWorld {
 	t.Helper()
-	ca, err := devca.New("mesh.test", devca.Options{Logger: slog.New(slog.DiscardHandler)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ca.Close() })
-	app, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { app.Close() })
-	go func() {
-		for {
-			c, err := app.Accept()
-			if err != nil {
-				return
-			}
-			go func() { defer c.Close(); _, _ = io.Copy(c, c) }()
-		}
-	}()
-	return &dualStackWorld{ca: ca, app: app.Addr().String(), sockets: map[string]string{}}
+	ca := newDevCA(t, "mesh.test")
+	app := echoApp(t)
+	return &dualStackWorld{ca: ca, app: app, sockets: map[string]string{}}
 }
 
 func (w *dualStackWorld) socket(t *testing.T, id string) string {

@@ -62,22 +62,9 @@ func TestProxyCommandFederation(t *testing.T) {
 	}
 	t.Cleanup(func() { pSrc.Close() })
 
-	app, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { app.Close() })
-	go func() {
-		for {
-			c, err := app.Accept()
-			if err != nil {
-				return
-			}
-			go func() { defer c.Close(); io.Copy(c, c) }()
-		}
-	}()
+	app := echoApp(t)
 	path := filepath.Join(t.TempDir(), "latch.yaml")
-	cfg := "inbound:\n  - name: web\n    listen: 127.0.0.1:0\n    app: " + app.Addr().String() +
+	cfg := "inbound:\n  - name: web\n    listen: 127.0.0.1:0\n    app: " + app +
 		"\n    federatesWith: [partner.test]\n    allow:\n      - pathPrefix: spiffe://partner.test/ns/billing\n"
 	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)

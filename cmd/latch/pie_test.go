@@ -134,23 +134,3 @@ func TestProxyBuiltAsPIE(t *testing.T) {
 		t.Fatal("the PIE latch proxy did not exit on SIGTERM")
 	}
 }
-
-// echoApp serves an echo on loopback until the test ends.
-func echoApp(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { defer c.Close(); io.Copy(c, c) }()
-		}
-	}()
-	return ln.Addr().String()
-}

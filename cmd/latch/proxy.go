@@ -9,7 +9,6 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
-	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -264,7 +263,7 @@ func runProxy(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if *testEndpoint != "" {
 		te, err := admin.ListenTestEndpoint(admin.TestEndpointOptions{
 			Addr: *testEndpoint, TLS: tlsc, Profile: profile, TrustDomain: svid.ID.TrustDomain(),
-			FederatesWith: func() []spiffeid.TrustDomain { return inboundFederation(srv.Current()) },
+			FederatesWith: func() []spiffeid.TrustDomain { return srv.Current().InboundFederation() },
 			Registerer:    reg, Logger: log.With("component", "test-endpoint"),
 		})
 		if err != nil {
@@ -370,24 +369,6 @@ func newProxyStatus(p *proxyParts, wait *identityWait) proxyStatus {
 		st.ControlPlane = &s
 	}
 	return st
-}
-
-// inboundFederation is every foreign trust domain an inbound listener of
-// cfg federates with: the TLS test endpoint answers their workloads too, so
-// a federated peer can test before it is allowed.
-func inboundFederation(cfg *proxy.Config) []spiffeid.TrustDomain {
-	if cfg == nil {
-		return nil
-	}
-	var out []spiffeid.TrustDomain
-	for _, in := range cfg.Inbound {
-		for _, td := range in.FederatesWith {
-			if !slices.Contains(out, td) {
-				out = append(out, td)
-			}
-		}
-	}
-	return out
 }
 
 func versionOf(cfg *proxy.Config) string {

@@ -8,7 +8,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
@@ -21,7 +20,6 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"latch.dev/latch/identity"
-	"latch.dev/latch/identity/devca"
 	"latch.dev/latch/internal/freeport"
 )
 
@@ -166,11 +164,7 @@ func TestProxyCommand(t *testing.T) {
 		frontend = "spiffe://mesh.test/ns/default/sa/frontend"
 		backend  = "spiffe://mesh.test/ns/default/sa/backend"
 	)
-	ca, err := devca.New("mesh.test", devca.Options{Logger: slog.New(slog.DiscardHandler)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ca.Close() })
+	ca := newDevCA(t, "mesh.test")
 	beSocket, err := ca.AddWorkload(backend)
 	if err != nil {
 		t.Fatal(err)
@@ -185,20 +179,7 @@ func TestProxyCommand(t *testing.T) {
 	}
 	t.Cleanup(func() { feSrc.Close() })
 
-	app, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { app.Close() })
-	go func() {
-		for {
-			c, err := app.Accept()
-			if err != nil {
-				return
-			}
-			go func() { defer c.Close(); io.Copy(c, c) }()
-		}
-	}()
+	app := echoApp(t)
 
 	path := filepath.Join(t.TempDir(), "latch.yaml")
 	writeConfig := func(body string) {
@@ -208,7 +189,7 @@ func TestProxyCommand(t *testing.T) {
 		}
 	}
 	config := func(allow string) string {
-		return "inbound:\n  - name: web\n    listen: 127.0.0.1:0\n    app: " + app.Addr().String() + "\n    allow:\n      - id: " + allow + "\n"
+		return "inbound:\n  - name: web\n    listen: 127.0.0.1:0\n    app: " + app + "\n    allow:\n      - id: " + allow + "\n"
 	}
 	writeConfig(config(frontend))
 
@@ -309,11 +290,7 @@ func TestProxyCommandRefusesBadSetup(t *testing.T) {
 // peer admitted there would reach /status, pprof or the test endpoint
 // through the sidecar, from loopback).
 func TestProxyRefusesAppAtItsOwnEndpoints(t *testing.T) {
-	ca, err := devca.New("mesh.test", devca.Options{Logger: slog.New(slog.DiscardHandler)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ca.Close() })
+	ca := newDevCA(t, "mesh.test")
 	socket, err := ca.AddWorkload("spiffe://mesh.test/ns/default/sa/backend")
 	if err != nil {
 		t.Fatal(err)
