@@ -312,7 +312,9 @@ func TestIncumbencySurvivesRestart(t *testing.T) {
 	m.waitStatus("newer", "Accepted", func(_ *unstructured.Unstructured, a, _ cond) bool { return a.Status == "True" })
 	// The older object now claims the newer one's ID: it loses.
 	m.apply("older", inboundSpec(api, 8444, "127.0.0.1:1"))
-	m.waitStatus("older", "Conflict", func(_ *unstructured.Unstructured, a, _ cond) bool { return a.Reason == policy.ReasonConflict && a.Generation == 2 })
+	m.waitStatus("older", "Conflict", func(_ *unstructured.Unstructured, a, _ cond) bool {
+		return a.Reason == policy.ReasonConflict && a.Generation == 2
+	})
 	r.stop()
 
 	// A new replica, fresh store: the incumbent by status, not the oldest.

@@ -417,4 +417,3 @@ func TestTruncatedAfterHalfClose(t *testing.T) {
 		}
 	}
 }
-
