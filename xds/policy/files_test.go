@@ -2,8 +2,12 @@ package policy
 
 import (
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"reflect"
+	"runtime"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -137,4 +141,159 @@ func TestFilesReadAtOnceKeepListingOrder(t *testing.T) {
 			t.Fatalf("round %d: the broken file is not reported: %v", round, snap.Errors)
 		}
 	}
+}
+
+// TestFilesReadAtOnceMatchOneByOne: a reload that reads and parses many files
+// at once leaves the store exactly as feeding it the same files one by one in
+// the directory's order does (which is what a reload did before it parsed on
+// every core): the same declarations served from the same files, the same
+// refusals, the same state for every source and the same change reported,
+// over a first load and reloads that edit, break, fix, add and remove files,
+// with many files contesting the same IDs. Parses of different lengths and
+// more workers than cores make them finish out of order; if the store took
+// them as they finished, which file keeps a contested ID would change.
+func TestFilesReadAtOnceMatchOneByOne(t *testing.T) {
+	// More workers than cores: finishing order then depends on the
+	// scheduler as well as on each parse's length.
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(8))
+	rnd := rand.New(rand.NewPCG(15, 2026))
+	const files, pool = 240, 60
+	dir := t.TempDir()
+	// content is a file of one to three declarations whose IDs come from a
+	// small pool (so most are contested, a file may win some and lose
+	// others, and adjacent files often contest one), padded so that parses
+	// take very different times; some files are broken.
+	content := func(i, version int) string {
+		switch rnd.IntN(12) {
+		case 0:
+			return "kind: [" // not YAML
+		case 1: // YAML, but refused on a line of its own
+			return policyFor(fmt.Sprintf("f%d", i), "spiffe://elsewhere.test/x", 1000)
+		case 2:
+			return "" // no declarations at all
+		}
+		var docs []string
+		for d := range 1 + rnd.IntN(3) {
+			id := fmt.Sprintf("spiffe://mesh.test/w%d", (i+rnd.IntN(3)+d*7)%pool)
+			doc := policyFor(fmt.Sprintf("f%d-%d-v%d", i, d, version), id, 1000+i)
+			doc += strings.Repeat("        - trustDomain: mesh.test\n", rnd.IntN(3)*rnd.IntN(80))
+			docs = append(docs, doc)
+		}
+		// Two declarations of one ID in a file refuse the whole file.
+		return strings.Join(docs, "---\n")
+	}
+	present := map[string]bool{}
+	write := func(i, version int) {
+		name := fmt.Sprintf("f%03d.yaml", i)
+		writeFile(t, dir, name, content(i, version))
+		present[name] = true
+	}
+	for i := range files {
+		write(i, 0)
+	}
+
+	f, err := newFiles(dir, testOpts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	serial, err := NewStore(testOpts, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for round := range 6 {
+		if round > 0 {
+			for i := range files {
+				name := fmt.Sprintf("f%03d.yaml", i)
+				switch r := rnd.IntN(10); {
+				case r < 3:
+					write(i, round)
+				case r == 3 && present[name]:
+					if err := os.Remove(filepath.Join(dir, name)); err != nil {
+						t.Fatal(err)
+					}
+					delete(present, name)
+				}
+			}
+		}
+		snap, ch, err := f.Reload()
+		if err != nil {
+			t.Fatal(err)
+		}
+
+		// The reference: every file given to the store in turn, in the
+		// directory's order (an unchanged one is no change), then the
+		// removed ones forgotten.
+		var want Change
+		var names []string
+		for name := range present {
+			names = append(names, name)
+		}
+		slices.Sort(names)
+		for _, name := range names {
+			p := filepath.Join(dir, name)
+			data, err := os.ReadFile(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			want.Merge(serial.SetFile(p, data))
+		}
+		for _, src := range serial.Sources() {
+			if !present[filepath.Base(src.File)] {
+				want.Merge(serial.Remove(src))
+			}
+		}
+		wantSnap := serial.Snapshot()
+
+		if len(wantSnap.Declarations) == 0 || len(wantSnap.Errors) == 0 {
+			t.Fatalf("round %d: the reference serves %d declarations with %d errors; the test needs both", round, len(wantSnap.Declarations), len(wantSnap.Errors))
+		}
+		if !reflect.DeepEqual(snap, wantSnap) {
+			t.Fatalf("round %d: parsed at once, the store serves\n%s\nwant (one by one)\n%s", round, describeSnapshot(snap), describeSnapshot(wantSnap))
+		}
+		if !sameChange(ch, want) {
+			t.Fatalf("round %d: the reload reported %d IDs and %d sources changed, one by one %d and %d:\n%+v\nwant\n%+v", round, len(ch.IDs), len(ch.Sources), len(want.IDs), len(want.Sources), ch, want)
+		}
+		if got, want := f.Store().Sources(), serial.Sources(); !slices.Equal(got, want) {
+			t.Fatalf("round %d: sources %v, want %v", round, got, want)
+		}
+		for _, src := range serial.Sources() {
+			got, _ := f.Store().State(src)
+			want, _ := serial.State(src)
+			if !reflect.DeepEqual(got, want) {
+				t.Fatalf("round %d: %s: state %+v, want %+v", round, src, got, want)
+			}
+		}
+	}
+}
+
+// describeSnapshot lists which file serves each ID and every refusal, to
+// show where two snapshots differ.
+func describeSnapshot(s Snapshot) string {
+	var b strings.Builder
+	for _, d := range s.Declarations {
+		fmt.Fprintf(&b, "  %s from %s:%d\n", d.ID, filepath.Base(d.File), d.Line)
+	}
+	for _, e := range s.Errors {
+		fmt.Fprintf(&b, "  %s:%d: %s\n", filepath.Base(e.File), e.Line, e.Reason)
+	}
+	return b.String()
+}
+
+// sameChange reports whether a and b name the same IDs and sources, in any
+// order.
+func sameChange(a, b Change) bool {
+	sortedIDs := func(c Change) []string {
+		var out []string
+		for _, id := range c.IDs {
+			out = append(out, id.String())
+		}
+		slices.Sort(out)
+		return out
+	}
+	sortedSources := func(c Change) []Source {
+		out := slices.Clone(c.Sources)
+		slices.SortFunc(out, Source.compare)
+		return out
+	}
+	return slices.Equal(sortedIDs(a), sortedIDs(b)) && slices.Equal(sortedSources(a), sortedSources(b))
 }
