@@ -571,6 +571,7 @@ func checkControlPlane(t *testing.T, r *rendered, tc chartCase) {
 	if !slices.Contains(env, "SPIFFE_ENDPOINT_SOCKET") {
 		t.Error("control plane has no SPIFFE_ENDPOINT_SOCKET")
 	}
+	checkMemoryLimit(t, c)
 	checkKubernetesSource(t, r, tc, d, env)
 	// Declarations: the directory it is told to read is the projected volume
 	// of the chart's ConfigMap and the service owners' ones.
@@ -627,6 +628,33 @@ func checkControlPlane(t *testing.T, r *rendered, tc chartCase) {
 // token, RBAC to read ServicePolicies (everywhere, or in the namespaces
 // listed) and write their status, and to hold its Lease and ACK reports in
 // its own namespace; the flags say the same.
+// checkMemoryLimit: a container with a memory limit tells the Go runtime
+// (GOMEMLIMIT, in bytes), so the garbage collector holds the heap under it
+// rather than letting it grow to twice what is live; without a limit, no
+// GOMEMLIMIT.
+func checkMemoryLimit(t *testing.T, c corev1.Container) {
+	t.Helper()
+	var ref *corev1.ResourceFieldSelector
+	for _, e := range c.Env {
+		if e.Name == "GOMEMLIMIT" {
+			if e.ValueFrom == nil || e.ValueFrom.ResourceFieldRef == nil {
+				t.Errorf("%s: GOMEMLIMIT = %+v, want it from the memory limit", c.Name, e)
+				return
+			}
+			ref = e.ValueFrom.ResourceFieldRef
+		}
+	}
+	_, limited := c.Resources.Limits[corev1.ResourceMemory]
+	switch {
+	case limited && ref == nil:
+		t.Errorf("%s: memory limit %v but no GOMEMLIMIT", c.Name, c.Resources.Limits.Memory())
+	case !limited && ref != nil:
+		t.Errorf("%s: GOMEMLIMIT without a memory limit", c.Name)
+	case limited && (ref.ContainerName != c.Name || ref.Resource != "limits.memory" || ref.Divisor.String() != "1"):
+		t.Errorf("%s: GOMEMLIMIT from %+v, want limits.memory of this container in bytes", c.Name, ref)
+	}
+}
+
 func checkKubernetesSource(t *testing.T, r *rendered, tc chartCase, d *appsv1.Deployment, env []string) {
 	t.Helper()
 	name := d.Spec.Template.Spec.ServiceAccountName
