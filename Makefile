@@ -62,10 +62,11 @@ bench-compare:
 # every workload, a change to one, a control-plane restart and a replica
 # failover, each figure printed with the load average. About 30 minutes on
 # 2 cores. SIDECARS=2000 for another size; PROFILE=dir for the control
-# plane's CPU and heap profiles.
+# plane's CPU and heap profiles; CP_GOMEMLIMIT=700MiB for the control plane's
+# GOMEMLIMIT (the chart sets it from the memory limit).
 SIDECARS ?= 1000,10000
 bench-propagation:
-	LATCH_XDS_BENCH_SIDECARS=$(SIDECARS) LATCH_XDS_BENCH_PROFILE=$(PROFILE) \
+	LATCH_XDS_BENCH_SIDECARS=$(SIDECARS) LATCH_XDS_BENCH_PROFILE=$(PROFILE) LATCH_XDS_BENCH_CP_GOMEMLIMIT=$(CP_GOMEMLIMIT) \
 		$(GO) test ./xds/server -run '^$$' -bench Propagation -benchtime 1x -timeout 120m
 
 # Load, faults and hostile input, with the figures table (docs/security.md).
