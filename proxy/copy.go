@@ -68,15 +68,19 @@ func putBuffer(bp *[]byte) {
 }
 
 // errWouldBlock is what a socket in the copy loop's mode answers instead of
-// blocking. It is a temporary net.Error, like a passed read deadline, so a
-// tls.Conn reading the socket passes it on and stays usable.
-var errWouldBlock error = wouldBlockError{}
+// waiting, and errIdle what a wait answers once it has lasted parkAfter (see
+// socket). Both are temporary net.Errors, like a passed read deadline, so a
+// tls.Conn reading the socket passes them on and stays usable.
+var (
+	errWouldBlock error = tempError("proxy: read would block")
+	errIdle       error = tempError("proxy: no data for the grace period")
+)
 
-type wouldBlockError struct{}
+type tempError string
 
-func (wouldBlockError) Error() string   { return "proxy: read would block" }
-func (wouldBlockError) Timeout() bool   { return true }
-func (wouldBlockError) Temporary() bool { return true }
+func (e tempError) Error() string { return string(e) }
+func (tempError) Timeout() bool   { return true }
+func (tempError) Temporary() bool { return true }
 
 // errResetAtEOF is the failure of a read that returned EOF on a connection
 // that had been reset.
@@ -124,6 +128,8 @@ type side struct {
 	// is in its epoll set; the token it is parked under (0: not parked).
 	registered bool
 	token      uint64
+	// one is where a TLS side's next record is waited for (see copyHalf).
+	one [1]byte
 }
 
 func (s *side) init(rw, raw net.Conn, sock *socket) {
@@ -135,12 +141,14 @@ func (s *side) init(rw, raw net.Conn, sock *socket) {
 	}
 }
 
-// parkAfter is how long a direction waits for data on its goroutine before
-// the parker takes it over and the goroutine ends. Long enough that a
-// connection in use (a request and its response, a stream with pauses) keeps
-// the runtime poller's fast wake-up; short enough that connections kept open
-// and idle (pools, long-lived streams between bursts) hold no goroutine.
-// Tests shorten it, before any connection exists.
+// parkAfter is how long a direction waits for data on its goroutine, at
+// least, before the parker takes it over and the goroutine ends (at most
+// twice that, see grace). Long enough that a connection in use (a request
+// and its response, a stream with pauses) keeps the runtime poller's fast
+// wake-up; short enough that connections kept open and idle (pools,
+// long-lived streams between bursts) hold no goroutine. Tests shorten it,
+// before any connection exists; zero parks a direction as soon as its
+// source is empty.
 var parkAfter = 500 * time.Millisecond
 
 // pipe copies both ways between the downstream (accepted) and upstream
@@ -171,6 +179,12 @@ func (c *conn) pipe(downRW, downRaw net.Conn, downSock *socket, upRW, upRaw net.
 	c.pending.Store(2)
 	down.c, down.dst, down.fromDownstream, down.then = c, up, true, then
 	up.c, up.dst, up.fromDownstream, up.then = c, down, false, then
+	for _, s := range []*side{down, up} {
+		if s.sock != nil {
+			s.sock.grace.sw = &c.l.s.grace
+		}
+	}
+	c.l.s.grace.track(c)
 	go down.run()
 	go up.run()
 }
@@ -185,6 +199,7 @@ func (s *side) run() {
 	}
 	c.ended(r)
 	if c.pending.Add(-1) == 0 {
+		c.l.s.grace.untrack(c)
 		c.reason.CompareAndSwap(nil, &eofReason)
 		s.then()
 	}
@@ -231,29 +246,54 @@ func (c *conn) copyHalf(dst, src *side, fromDownstream bool) halfResult {
 		total = &c.bytesIn
 	}
 	counter := c.l.metrics.flowCounter(fromDownstream)
+	wait := parkAfter > 0
 	for {
 		var n int
 		var rerr error
-		if src.plain && src.sock != nil {
-			bp, n, rerr = src.sock.readPooled(bp, bulk)
-		} else {
+		// idle: the source had nothing for the grace period (or, with
+		// parkAfter zero, nothing at all) and no buffer is held: park.
+		idle := false
+		switch {
+		case src.plain && src.sock != nil:
+			// Waits inside, holding no buffer, when there is nothing to
+			// read.
+			bp, n, rerr = src.sock.readPooled(bp, bulk, wait)
+			idle = rerr == errWouldBlock || rerr == errIdle
+		case src.sock != nil:
 			if bp == nil {
+				// A TLS side: wait for the next record with a one-byte
+				// read, the only read of the TLS stack that may wait, so
+				// that no copy buffer is held while it does. The rest of
+				// the record is in the tls.Conn's buffer by then.
+				// It asks the socket, even if the last read(2) drained it.
+				src.sock.waitOK, src.sock.drained, src.sock.rawRead = wait, false, !bulk
+				n, rerr = src.rw.Read(src.one[:])
+				src.sock.waitOK = false
+				if n == 0 {
+					idle = rerr == errWouldBlock || rerr == errIdle
+					break
+				}
 				bp = getBuffer(bulk)
+				(*bp)[0] = src.one[0]
 			}
-			n, rerr = src.rw.Read(*bp)
-			// A TLS read gives one record at most. Over a socket, which
-			// answers errWouldBlock rather than blocking, go on while more
-			// is at hand: one write to the plain side per buffer, not per
-			// record.
-			for src.sock != nil && rerr == nil && n < len(*bp) {
+			// A TLS read gives one record at most: go on while more is at
+			// hand, so the plain side gets one write per buffer, not per
+			// record. These reads never wait (errWouldBlock).
+			src.sock.rawRead = !bulk
+			for rerr == nil && n < len(*bp) {
 				var m int
 				m, rerr = src.rw.Read((*bp)[n:])
 				n += m
 			}
+		default:
+			if bp == nil {
+				bp = getBuffer(bulk)
+			}
+			n, rerr = src.rw.Read(*bp)
 		}
 		if n > 0 {
 			c.touch()
-			if err := write(dst, (*bp)[:n]); err != nil {
+			if err := write(dst, (*bp)[:n], bulk); err != nil {
 				return halfResult{err: err, upstream: fromDownstream}
 			}
 			total.Add(int64(n))
@@ -266,20 +306,20 @@ func (c *conn) copyHalf(dst, src *side, fromDownstream bool) halfResult {
 				bp = nil
 			}
 		}
-		if rerr == errWouldBlock {
-			// Only a socket says so, directly or through a tls.Conn that
-			// has nothing left to decrypt: the source is empty. Wait
-			// without the buffer; past parkAfter, without the goroutine.
+		if rerr == errWouldBlock || rerr == errIdle {
+			// The source is empty: give the buffer back before waiting.
 			if bp != nil {
 				putBuffer(bp)
 				bp = nil
 			}
-			ready, err := src.sock.waitFor(parkAfter)
-			if err != nil {
-				return halfResult{err: err, upstream: !fromDownstream}
-			}
-			if !ready && c.l.s.parker.park(src) {
-				return halfResult{parked: true}
+			if idle {
+				if c.l.s.parker.park(src) {
+					return halfResult{parked: true}
+				}
+				// Not parked (the connection is being killed, or there is
+				// no parker): wait on this goroutine from now on, rather
+				// than ask an empty socket again at once.
+				wait = true
 			}
 			continue
 		}
@@ -309,10 +349,14 @@ func (c *conn) copyHalf(dst, src *side, fromDownstream bool) halfResult {
 
 // write writes p to dst. Towards a TLS side over a socket, the records of
 // the write are sent together: one system call per buffer, not per record.
-func write(dst *side, p []byte) error {
-	if dst.plain || dst.sock == nil {
+// bulk says the direction streams (see sysRead).
+func write(dst *side, p []byte, bulk bool) error {
+	if dst.sock == nil {
 		_, err := dst.rw.Write(p)
 		return err
+	}
+	if dst.plain {
+		return dst.sock.writeAll(p, !bulk)
 	}
 	dst.sock.beginBatch(len(p))
 	_, err := dst.rw.Write(p)

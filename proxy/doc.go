@@ -34,14 +34,21 @@
 //
 // Each direction copies through a pooled 32 KiB buffer that it holds only
 // while data flows; a direction whose read fills it is streaming and takes
-// 128 KiB buffers until it is parked. Towards a TLS side, the records made of one buffer leave
-// in one write(2); from a TLS side, the loop reads on while decrypted records
-// are at hand, so the plain side also gets one write per buffer. A direction
-// that finds its source empty gives the buffer back and waits on the
-// runtime poller; after parkAfter (500 ms) without data the Server's parker
-// (an epoll set, Linux only) takes it over and its goroutine ends, so an
-// idle connection holds neither buffers nor goroutines. Data, an end of
-// stream or a kill start it again on a fresh goroutine.
+// 128 KiB buffers until it is parked. Towards a TLS side, the records made
+// of one buffer leave in one write(2); from a TLS side, the loop reads on
+// while decrypted records are at hand, so the plain side also gets one write
+// per buffer. A direction that finds its source empty gives the buffer back
+// and waits inside the socket's read on the runtime poller (a TLS side waits
+// for the next record with a one-byte read, so no copy buffer is held);
+// once a wait has lasted parkAfter (500 ms; ended by the Server's grace
+// sweeper between one and two times that, no timer per wait) the Server's
+// parker (an epoll set, Linux only) takes the direction over and its
+// goroutine ends, so an idle connection holds neither buffers nor
+// goroutines. Data, an end of stream or a kill start it again on a fresh
+// goroutine. Request/response traffic is read and written with raw system
+// calls, which do not wake the Go runtime's monitor thread every time the
+// process wakes from idle (see sysRead); streaming directions use ordinary
+// ones.
 //
 // # Limits and lifecycle
 //

@@ -12,8 +12,9 @@ import (
 // parker holds the directions of idle connections with no goroutine at all.
 //
 // A direction that found its source empty first waits on the runtime's
-// poller for parkAfter (a connection in use hardly ever waits that long).
-// After that its socket is registered here, one-shot and level-triggered,
+// poller for parkAfter (a connection in use hardly ever waits that long;
+// see grace for how the wait is ended). After that its socket is registered
+// here, one-shot and level-triggered,
 // and its goroutine returns: an idle connection then costs its sockets and
 // TLS state, not two goroutine stacks (≈8 KB per connection and sidecar).
 // When the socket turns readable (data, FIN, RST) the loop starts the

@@ -13,3 +13,11 @@ func (p *parker) park(*side) bool { return false }
 func (p *parker) wake(*conn)      {}
 func (p *parker) count() int      { return 0 }
 func (p *parker) close()          {}
+
+// graceSweeper ends long waits on a socket (see grace_linux.go); there are
+// none elsewhere.
+type graceSweeper struct{}
+
+func (*graceSweeper) track(*conn)   {}
+func (*graceSweeper) untrack(*conn) {}
+func (*graceSweeper) close()        {}

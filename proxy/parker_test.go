@@ -4,10 +4,14 @@ package proxy
 
 import (
 	"context"
+	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"runtime"
 	"strconv"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -110,4 +114,64 @@ func TestIdleTimeoutClosesParkedConnection(t *testing.T) {
 		}
 		return true
 	})
+}
+
+// Waits that the grace sweeper ends race with data arriving: messages of
+// every size (partial TLS records included) with pauses around the grace
+// period (parkAfter is 1 ms in tests), on several connections at once. Every
+// echo must come back whole and in order, directions must park and resume
+// along the way, and once everything is idle the sweeper stops.
+func TestGraceEndsWaitsWhileDataFlows(t *testing.T) {
+	m := newMesh(t, echo, meshOptions{})
+	const conns, messages = 4, 150
+	var parkedSeen atomic.Bool
+	stop := make(chan struct{})
+	var sampler sync.WaitGroup
+	sampler.Go(func() {
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(200 * time.Microsecond):
+			}
+			if m.inbound.parker.count() > 0 || m.outbound.parker.count() > 0 {
+				parkedSeen.Store(true)
+			}
+		}
+	})
+	var wg sync.WaitGroup
+	errs := make(chan error, conns)
+	for i := range conns {
+		c := m.dial(t)
+		wg.Go(func() {
+			rng := rand.New(rand.NewPCG(uint64(i), 7))
+			for j := range messages {
+				size := 1 + rng.IntN(100<<10)
+				if j%3 == 0 {
+					size = 1 + rng.IntN(64)
+				}
+				msg := make([]byte, size)
+				for k := range msg {
+					msg[k] = byte(rng.Uint32())
+				}
+				if err := roundTrip(c, string(msg)); err != nil {
+					errs <- fmt.Errorf("connection %d, message %d (%d bytes): %w", i, j, size, err)
+					return
+				}
+				time.Sleep(time.Duration(rng.IntN(4000)) * time.Microsecond)
+			}
+		})
+	}
+	wg.Wait()
+	close(stop)
+	sampler.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	if !parkedSeen.Load() {
+		t.Error("no direction was ever parked: the grace never ended a wait")
+	}
+	until(t, "every direction parked", func() bool { return m.inbound.parker.count() == 2*conns && m.outbound.parker.count() == 2*conns })
+	until(t, "the grace sweepers stopped", func() bool { return !m.inbound.grace.running.Load() && !m.outbound.grace.running.Load() })
 }

@@ -113,8 +113,10 @@ type Server struct {
 	// (including the slot reserved before each Accept), drains.
 	wg sync.WaitGroup
 
-	// parker holds the idle directions of every connection of the Server.
+	// parker holds the idle directions of every connection of the Server,
+	// and grace ends the waits that lasted long enough to park.
 	parker parker
+	grace  graceSweeper
 }
 
 // NewServer returns a Server that builds its TLS configurations with tlsc.
@@ -517,6 +519,7 @@ wait:
 		}
 	}
 	s.wg.Wait()
+	s.grace.close()
 	s.parker.close()
 	s.log.Info("proxy stopped", "forced", err != nil)
 	return err
