@@ -26,6 +26,8 @@ type ghostunnel struct {
 	// allowID and verifyID override the IDs the server side admits and
 	// the client side expects (tests: a pair that must refuse).
 	allowID, verifyID string
+	// env is added to the sidecars' environment (GOMAXPROCS...).
+	env []string
 }
 
 // ghostunnelHint says where ghostunnel comes from, for the line of a run
@@ -83,11 +85,11 @@ func (g ghostunnel) Start(ctx context.Context, env *Env) (*Pair, error) {
 	// close by default, as latch logs each close. Landlock stays on too
 	// (best effort, the default).
 	sides := []sideSpec{
-		{side: "out", argv: []string{bin, "client",
+		{side: "out", env: g.env, argv: []string{bin, "client",
 			"--listen", ports.Out, "--target", ports.In,
 			"--use-workload-api-addr", outSocket,
 			"--verify-uri", verify}},
-		{side: "in", argv: []string{bin, "server",
+		{side: "in", env: g.env, argv: []string{bin, "server",
 			"--listen", ports.In, "--target", ports.Backend,
 			"--use-workload-api-addr", inSocket,
 			"--allow-uri", allow}},

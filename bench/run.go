@@ -57,6 +57,9 @@ type Options struct {
 	// GhostunnelBinary is the ghostunnel executable; empty looks for
 	// ghostunnel on PATH (see ghostunnel).
 	GhostunnelBinary string
+	// GhostunnelEnv is added to the ghostunnel sidecars' environment, as
+	// LatchEnv is to latch's (GOMAXPROCS=1 for both, say).
+	GhostunnelEnv []string
 	// ModuleDir is the repository root, for building latch (default: the
 	// module the working directory is in).
 	ModuleDir string
@@ -110,7 +113,7 @@ func AllTopologies(opts Options) []Topology {
 	return []Topology{
 		direct{}, goMTLS{},
 		&latchPair{binary: opts.LatchBinary, extraArgs: opts.LatchArgs, env: opts.LatchEnv, curves: opts.LatchCurves},
-		ghostunnel{binary: opts.GhostunnelBinary},
+		ghostunnel{binary: opts.GhostunnelBinary, env: opts.GhostunnelEnv},
 		haproxy{}, nginx{}, stunnel{},
 	}
 }

@@ -58,6 +58,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		jsonPath  = fs.String("json", "", "write the results as JSON to this file (default bench/results/latch-bench-<time>.json in the repository, which git ignores, or the temporary directory outside it; \"-\" for none)")
 		latchArgs listFlag
 		latchEnv  listFlag
+		guEnv     listFlag
 		curves    = fs.String("latch-curves", "", "narrow latch's key exchange groups, comma-separated (e.g. X25519); default the modern profile's")
 	)
 	fs.DurationVar(&opts.Duration, "duration", 3*time.Second, "length of each measurement, per topology and round")
@@ -70,6 +71,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.StringVar(&opts.GhostunnelBinary, "ghostunnel", "", "ghostunnel binary (default: ghostunnel on PATH; built from github.com/ghostunnel/ghostunnel with go build -mod=vendor, its module is not on the Go module proxy)")
 	fs.Var(&latchArgs, "latch-arg", "extra argument for each `latch proxy` (repeatable; {side} becomes out or in)")
 	fs.Var(&latchEnv, "latch-env", "extra NAME=value in the latch sidecars' environment (repeatable)")
+	fs.Var(&guEnv, "ghostunnel-env", "extra NAME=value in the ghostunnel sidecars' environment (repeatable)")
 	fs.StringVar(&opts.ProfileDir, "profile", "", "record a CPU profile (Linux perf) of each pair under bulk and new-connection load and write the reports to this directory")
 	fs.BoolVar(&opts.KeepDir, "keep", false, "keep the temporary directory with configs and logs")
 	if err := fs.Parse(args); err != nil {
@@ -90,7 +92,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			opts.Topologies = append(opts.Topologies, strings.TrimSpace(n))
 		}
 	}
-	opts.LatchArgs, opts.LatchEnv = latchArgs, latchEnv
+	opts.LatchArgs, opts.LatchEnv, opts.GhostunnelEnv = latchArgs, latchEnv, guEnv
 	opts.NoResumed, opts.NoCounts = !*resumed, !*counts
 	if *curves != "" {
 		for _, c := range strings.Split(*curves, ",") {
