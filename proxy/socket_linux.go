@@ -8,6 +8,8 @@ import (
 	"sync"
 	"syscall"
 	"unsafe"
+
+	"golang.org/x/sys/unix"
 )
 
 // socket is the TCP connection under one side of a pipe, read so that a
@@ -102,6 +104,12 @@ var (
 
 // newSocket returns the socket of a TCP connection, nil for anything else
 // (the copy loop then blocks in Read holding a buffer, as io.Copy would).
+//
+// Also nil for a descriptor in blocking mode: the copy loop's raw system
+// calls (see sysRead) are only safe on a non-blocking one. Every socket the
+// net package makes is non-blocking, but the flag belongs to the open file,
+// so os.File.Fd on a dup of the connection's descriptor turns it off for
+// both; one fcntl per connection makes sure.
 func newSocket(nc net.Conn) *socket {
 	tc, ok := nc.(*net.TCPConn)
 	if !ok {
@@ -109,6 +117,13 @@ func newSocket(nc net.Conn) *socket {
 	}
 	rc, err := tc.SyscallConn()
 	if err != nil {
+		return nil
+	}
+	nonblocking := false
+	if err := rc.Control(func(fd uintptr) {
+		fl, err := unix.FcntlInt(fd, unix.F_GETFL, 0)
+		nonblocking = err == nil && fl&unix.O_NONBLOCK != 0
+	}); err != nil || !nonblocking {
 		return nil
 	}
 	s := &socket{TCPConn: tc, rc: rc}

@@ -5,9 +5,36 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
+
+// The copy loop reads and writes its sockets with raw system calls, which
+// must never block (a blocked raw call holds its P and stalls the Go
+// scheduler). A TCP connection whose descriptor was put in blocking mode
+// behind net's back (os.File.Fd on a dup of it does that: the flag belongs
+// to the open file, which the dup shares) gets no socket, so the loop reads
+// it with ordinary blocking reads instead.
+func TestBlockingDescriptorGetsNoSocket(t *testing.T) {
+	client, server := tcpPair(t)
+	defer client.Close()
+	defer server.Close()
+	if newSocket(client) == nil {
+		t.Fatal("newSocket refused a non-blocking TCP connection")
+	}
+	rc, err := server.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) { serr = syscall.SetNonblock(int(fd), false) }); err != nil || serr != nil {
+		t.Fatal(err, serr)
+	}
+	if newSocket(server) != nil {
+		t.Fatal("newSocket accepted a descriptor in blocking mode: its raw reads could block the scheduler")
+	}
+}
 
 // What the TLS stack writes from the other direction (its answer to a
 // KeyUpdate) while the copy loop has a batch open must neither interleave
