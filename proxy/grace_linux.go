@@ -179,8 +179,10 @@ func (g *graceSweeper) sweepLocked() bool {
 	return waiting
 }
 
-// close stops the sweeper for good; the Server calls it once every
-// connection has ended.
+// close stops the sweeper for good and returns once its goroutine has
+// exited; the Server calls it once every connection has ended. A loop that
+// stopped by itself may still be on its way out (it lets go of mu before it
+// returns), so close waits for the last one started whether it runs or not.
 func (g *graceSweeper) close() {
 	g.mu.Lock()
 	g.closed = true
@@ -190,6 +192,8 @@ func (g *graceSweeper) close() {
 	g.mu.Unlock()
 	if running {
 		close(stop)
+	}
+	if done != nil {
 		<-done
 	}
 }
