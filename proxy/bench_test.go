@@ -8,7 +8,6 @@ import (
 	"io"
 	"net"
 	"runtime"
-	"syscall"
 	"testing"
 	"time"
 
@@ -119,15 +118,6 @@ func BenchmarkEndToEnd(b *testing.B) {
 	b.ReportMetric((processCPU(b)-cpu0).Seconds()/(float64(b.N)*float64(len(buf))/1e9), "cpu-s/GB")
 }
 
-// processCPU is the user and system CPU time of this process so far.
-func processCPU(b *testing.B) time.Duration {
-	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		b.Fatal(err)
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-}
-
 // BenchmarkEcho measures a 1 KiB request and its echo on one persistent
 // connection through both sidecars: the request/response hot path (a wake-up,
 // a read, a seal or open and a write on each of four hops), and what it
@@ -142,7 +132,7 @@ func BenchmarkEcho(b *testing.B) {
 	msg := make([]byte, 1024)
 	reply := make([]byte, len(msg))
 	b.ReportAllocs()
-	ru0 := rusage(b)
+	cpu0 := processCPU(b)
 	b.ResetTimer()
 	for range b.N {
 		if _, err := c.Write(msg); err != nil {
@@ -153,18 +143,8 @@ func BenchmarkEcho(b *testing.B) {
 		}
 	}
 	b.StopTimer()
-	ru1 := rusage(b)
-	cpu := time.Duration(ru1.Utime.Nano() + ru1.Stime.Nano() - ru0.Utime.Nano() - ru0.Stime.Nano())
+	cpu := processCPU(b) - cpu0
 	b.ReportMetric(float64(cpu.Nanoseconds())/1e3/float64(b.N), "cpu-µs/op")
-}
-
-// rusage is this process's resource usage so far.
-func rusage(b *testing.B) syscall.Rusage {
-	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		b.Fatal(err)
-	}
-	return ru
 }
 
 // BenchmarkConnect measures new connections through both sidecars: TCP
