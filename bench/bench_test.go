@@ -495,9 +495,14 @@ func TestParseContextSwitches(t *testing.T) {
 	if got := parseContextSwitches([]byte(status)); got != 157 {
 		t.Fatalf("parseContextSwitches = %d, want 157", got)
 	}
-	// This process has switched at least once by now.
-	if n := contextSwitches(os.Getpid()); n <= 0 {
+	// This process has switched at least once by now, and as a Go
+	// program it runs more than one thread.
+	n, threads := contextSwitches(os.Getpid())
+	if n <= 0 {
 		t.Fatalf("own context switches = %d", n)
+	}
+	if threads < 2 {
+		t.Fatalf("own threads = %d, want at least 2", threads)
 	}
 }
 

@@ -120,6 +120,9 @@ type Usage struct {
 	// every live thread: each voluntary one is a thread that went to sleep
 	// and had to be woken again.
 	ContextSwitches int64
+	// Threads is how many threads the processes have (OS threads: what a
+	// Go runtime, a thread pool or a thread per connection costs).
+	Threads int
 }
 
 // Usage reads the current memory and CPU time of the process and its
@@ -149,28 +152,30 @@ func (p *Process) Usage() (Usage, error) {
 		u.AnonKB += mem.anon
 		u.PSSKB += mem.pss
 		u.CPUSeconds += cpu
-		u.ContextSwitches += contextSwitches(pid)
+		cs, threads := contextSwitches(pid)
+		u.ContextSwitches += cs
+		u.Threads += threads
 	}
 	return u, nil
 }
 
 // contextSwitches sums the context switches of pid's live threads, from
-// /proc/PID/task/TID/status.
-func contextSwitches(pid int) int64 {
+// /proc/PID/task/TID/status, and counts the threads.
+func contextSwitches(pid int) (n int64, threads int) {
 	dir := filepath.Join("/proc", strconv.Itoa(pid), "task")
 	tasks, err := os.ReadDir(dir)
 	if err != nil {
-		return 0
+		return 0, 0
 	}
-	var n int64
 	for _, t := range tasks {
 		b, err := os.ReadFile(filepath.Join(dir, t.Name(), "status"))
 		if err != nil {
 			continue // exited meanwhile
 		}
 		n += parseContextSwitches(b)
+		threads++
 	}
-	return n
+	return n, threads
 }
 
 // parseContextSwitches reads voluntary_ctxt_switches and

@@ -182,6 +182,10 @@ type SidecarMemory struct {
 	PerConnAnonKB   float64 `json:"perConnAnonKB"`
 	PerConnPSSKB    float64 `json:"perConnPssKB"`
 	PerConnFreshKB  float64 `json:"perConnFreshKB"`
+	// Threads before the idle connections were opened and with them open
+	// (after the rest).
+	BeforeThreads    int `json:"beforeThreads"`
+	WithConnsThreads int `json:"withConnsThreads"`
 }
 
 func (t *TopologyResult) bulk(conns int) *BulkFigures {
@@ -448,9 +452,9 @@ func (r *Result) WriteMarkdown(w io.Writer) {
 		p("| %s |\n", strings.Join(row, " | "))
 	}
 
-	p("\nMemory (MB; out / in sidecar), from /proc/PID/smaps_rollup summed over each sidecar's processes: RSS, its anonymous part (heap, stacks) and PSS (shared pages divided among the processes sharing them). Idle: after start-up and a %s rest; after load: after every test and a rest; per connection: (with %d idle connections − after load) ÷ %d, after a rest, and RSS right after the last one opened.\n\n", settle, r.Options.IdleConns, r.Options.IdleConns)
-	p("| topology | RSS idle | anon idle | PSS idle | RSS after load | anon after load | PSS after load | RSS with %d conns | KB/conn RSS | anon | PSS | RSS right after opening |\n", r.Options.IdleConns)
-	p("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+	p("\nMemory (MB; out / in sidecar), from /proc/PID/smaps_rollup summed over each sidecar's processes: RSS, its anonymous part (heap, stacks) and PSS (shared pages divided among the processes sharing them). Idle: after start-up and a %s rest; after load: after every test and a rest; per connection: (with %d idle connections − after load) ÷ %d, after a rest, and RSS right after the last one opened; threads: OS threads after load and with the connections open.\n\n", settle, r.Options.IdleConns, r.Options.IdleConns)
+	p("| topology | RSS idle | anon idle | PSS idle | RSS after load | anon after load | PSS after load | RSS with %d conns | KB/conn RSS | anon | PSS | RSS right after opening | threads |\n", r.Options.IdleConns)
+	p("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 	for i := range r.Topologies {
 		t := &r.Topologies[i]
 		if len(t.Memory) == 0 {
@@ -477,6 +481,7 @@ func (r *Result) WriteMarkdown(w io.Writer) {
 			withConns(func(m SidecarMemory) string { return f1(m.PerConnAnonKB) }),
 			withConns(func(m SidecarMemory) string { return f1(m.PerConnPSSKB) }),
 			withConns(func(m SidecarMemory) string { return f1(m.PerConnFreshKB) }),
+			withConns(func(m SidecarMemory) string { return fmt.Sprintf("%d→%d", m.BeforeThreads, m.WithConnsThreads) }),
 		}, " | "))
 	}
 

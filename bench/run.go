@@ -607,9 +607,10 @@ func (r *running) measureIdleConns(ctx context.Context, n int, progress func(str
 		m.PerConnAnonKB = per(with[i].AnonKB, before[i].AnonKB)
 		m.PerConnPSSKB = per(with[i].PSSKB, before[i].PSSKB)
 		m.PerConnFreshKB = per(fresh[i].RSSKB, before[i].RSSKB)
-		progress("idle     %-10s %-3s RSS %6.1f MB idle (anon %.1f, PSS %.1f), %6.1f MB after load (anon %.1f, PSS %.1f), %6.1f MB with %d connections; per connection %5.1f KB RSS (%.1f right after opening), %.1f anon, %.1f PSS",
+		m.BeforeThreads, m.WithConnsThreads = before[i].Threads, with[i].Threads
+		progress("idle     %-10s %-3s RSS %6.1f MB idle (anon %.1f, PSS %.1f), %6.1f MB after load (anon %.1f, PSS %.1f), %6.1f MB with %d connections; per connection %5.1f KB RSS (%.1f right after opening), %.1f anon, %.1f PSS; threads %d → %d",
 			r.topo.Name(), m.Sidecar, mb(m.IdleKB), mb(m.IdleAnonKB), mb(m.IdlePSSKB), mb(m.BeforeKB), mb(m.BeforeAnonKB), mb(m.BeforePSSKB), mb(m.WithConnsKB), n,
-			m.PerConnKB, m.PerConnFreshKB, m.PerConnAnonKB, m.PerConnPSSKB)
+			m.PerConnKB, m.PerConnFreshKB, m.PerConnAnonKB, m.PerConnPSSKB, m.BeforeThreads, m.WithConnsThreads)
 	}
 	return nil
 }
