@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -87,10 +88,19 @@ func (f *Files) reload() (Change, error) {
 		}
 		changes = append(changes, f.store.setFile(r.parsedFile))
 	}
+	// Files gone are forgotten in the directory's order too: what one lets
+	// go of is offered to the files waiting for it, so the order can decide
+	// which waiting file gets a contested ID (in map order, a different one
+	// from one run to the next).
+	var gone []string
 	for p := range f.known {
 		if _, ok := now[p]; !ok {
-			changes = append(changes, f.store.Remove(FileSource(p)))
+			gone = append(gone, p)
 		}
+	}
+	slices.Sort(gone)
+	for _, p := range gone {
+		changes = append(changes, f.store.Remove(FileSource(p)))
 	}
 	f.known = now
 	return mergeChanges(changes), nil

@@ -297,3 +297,42 @@ func sameChange(a, b Change) bool {
 	}
 	return slices.Equal(sortedIDs(a), sortedIDs(b)) && slices.Equal(sortedSources(a), sortedSources(b))
 }
+
+// TestFilesRemovedInDirectoryOrder: files removed together are forgotten in
+// the directory's order, as if one by one, since the order decides who gets
+// a contested ID. a.yaml serves w1 and b.yaml w2; c.yaml wants both, d.yaml
+// w1, and both wait. Removing a then b: c still misses w2 when w1 is let go,
+// so d takes w1, and c then misses w1. (Removing b then a would give c
+// both.) Before, removed files were forgotten in map order.
+func TestFilesRemovedInDirectoryOrder(t *testing.T) {
+	const w1, w2 = "spiffe://mesh.test/w1", "spiffe://mesh.test/w2"
+	for range 30 {
+		dir := t.TempDir()
+		writeFile(t, dir, "a.yaml", policyFor("a", w1, 1001))
+		writeFile(t, dir, "b.yaml", policyFor("b", w2, 1002))
+		writeFile(t, dir, "c.yaml", policyFor("c1", w1, 1003)+"---\n"+policyFor("c2", w2, 1003))
+		writeFile(t, dir, "d.yaml", policyFor("d", w1, 1004))
+		f, err := newFiles(dir, testOpts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if snap, _, err := f.Reload(); err != nil || ids(snap) != w1+"@1001 "+w2+"@1002" {
+			t.Fatalf("served %q (%v), want a's and b's", ids(snap), err)
+		}
+		for _, name := range []string{"a.yaml", "b.yaml"} {
+			if err := os.Remove(filepath.Join(dir, name)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		snap, _, err := f.Reload()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := ids(snap); got != w1+"@1004" {
+			t.Fatalf("after removing a.yaml and b.yaml, served %q, want d.yaml's w1 alone (a.yaml forgotten first)", got)
+		}
+		if !hasError(snap, "c.yaml", 1, "conflicts with") {
+			t.Fatalf("c.yaml's conflict not reported: %v", snap.Errors)
+		}
+	}
+}
