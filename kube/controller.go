@@ -14,10 +14,10 @@ import (
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/dynamic"
-	"k8s.io/client-go/dynamic/dynamicinformer"
-	coordinationv1 "k8s.io/client-go/kubernetes/typed/coordination/v1"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/util/workqueue"
@@ -72,6 +72,8 @@ type Options struct {
 	LeaseName string
 	// LeaseDuration, RenewDeadline and RetryPeriod are the leader
 	// election's timing (defaults 15s, 10s, 2s: client-go's usual).
+	// LeaseDuration is at least a second (the Lease holds whole seconds),
+	// RenewDeadline shorter than it and longer than 1.2 RetryPeriods.
 	LeaseDuration, RenewDeadline, RetryPeriod time.Duration
 	// ReportInterval is the least time between two writes of this
 	// replica's ACK report (default 1s); ReportHeartbeat the most (default
@@ -88,17 +90,16 @@ type Options struct {
 type Controller struct {
 	opts Options
 	log  *slog.Logger
-	// Clients: the dynamic one for ServicePolicies and ACK reports, a typed
-	// one for Leases. Not the generated clientset: its hundreds of typed
-	// clients and their init would double the size of the latch binary,
-	// which every sidecar runs too.
-	dyn    dynamic.Interface
-	leases coordinationv1.LeasesGetter
+	// The dynamic client reads and writes everything: ServicePolicies, ACK
+	// reports, the Lease. Nothing here may import a typed client, the
+	// generated clientset or informers, or client-go's leaderelection: they
+	// register every API group at package init, which every sidecar would
+	// run too (latch is one binary). See lease.go and cmd/latch's
+	// TestSidecarBinaryLinksNoKubernetesClients.
+	dyn dynamic.Interface
 
-	policyFactories []dynamicinformer.DynamicSharedInformerFactory
-	policies        map[string]cache.SharedIndexInformer // by namespace ("" for all)
-	reportFactory   dynamicinformer.DynamicSharedInformerFactory
-	reports         cache.SharedIndexInformer
+	policies map[string]cache.SharedIndexInformer // by namespace ("" for all)
+	reports  cache.SharedIndexInformer
 
 	queue  workqueue.TypedRateLimitingInterface[cache.ObjectName] // objects to read into the store
 	status atomic.Pointer[statusQueue]                            // objects whose status to write; nil unless leading
@@ -125,6 +126,9 @@ func New(opts Options) (*Controller, error) {
 	opts.LeaseDuration = cmp.Or(opts.LeaseDuration, 15*time.Second)
 	opts.RenewDeadline = cmp.Or(opts.RenewDeadline, 10*time.Second)
 	opts.RetryPeriod = cmp.Or(opts.RetryPeriod, 2*time.Second)
+	if err := validateElection(opts.LeaseDuration, opts.RenewDeadline, opts.RetryPeriod); err != nil {
+		return nil, fmt.Errorf("kube: leader election: %w", err)
+	}
 	opts.ReportInterval = cmp.Or(opts.ReportInterval, time.Second)
 	opts.ReportHeartbeat = cmp.Or(opts.ReportHeartbeat, 30*time.Second)
 	if opts.OnChange == nil {
@@ -143,12 +147,8 @@ func New(opts Options) (*Controller, error) {
 	if err != nil {
 		return nil, fmt.Errorf("kube: client for ServicePolicies: %w", err)
 	}
-	leases, err := coordinationv1.NewForConfig(cfg)
-	if err != nil {
-		return nil, fmt.Errorf("kube: client for Leases: %w", err)
-	}
 	c := &Controller{
-		opts: opts, log: log, dyn: dyn, leases: leases,
+		opts: opts, log: log, dyn: dyn,
 		policies: map[string]cache.SharedIndexInformer{},
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(workqueue.DefaultTypedControllerRateLimiter[cache.ObjectName](),
 			workqueue.TypedRateLimitingQueueConfig[cache.ObjectName]{Name: "servicepolicies"}),
@@ -160,8 +160,7 @@ func New(opts Options) (*Controller, error) {
 		namespaces = []string{metav1.NamespaceAll}
 	}
 	for _, ns := range namespaces {
-		f := dynamicinformer.NewFilteredDynamicSharedInformerFactory(dyn, 0, ns, nil)
-		inf := f.ForResource(GVR).Informer()
+		inf := newInformer(dyn, GVR, ns, nil)
 		if _, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
 			AddFunc: c.policyChanged,
 			UpdateFunc: func(old, cur any) {
@@ -179,12 +178,10 @@ func New(opts Options) (*Controller, error) {
 		}); err != nil {
 			return nil, err
 		}
-		c.policyFactories = append(c.policyFactories, f)
 		c.policies[ns] = inf
 	}
-	c.reportFactory = dynamicinformer.NewFilteredDynamicSharedInformerFactory(dyn, 0, opts.Namespace,
+	c.reports = newInformer(dyn, configMaps, opts.Namespace,
 		func(o *metav1.ListOptions) { o.LabelSelector = reportLabel + "=" + opts.LeaseName })
-	c.reports = c.reportFactory.ForResource(configMaps).Informer()
 	if _, err := c.reports.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(o any) { c.acks.update(o) },
 		UpdateFunc: func(_, o any) { c.acks.update(o) },
@@ -193,6 +190,33 @@ func New(opts Options) (*Controller, error) {
 		return nil, err
 	}
 	return c, nil
+}
+
+// newInformer is a shared informer of the objects of gvr in namespace ("":
+// all), as dynamicinformer.NewFilteredDynamicInformer builds it. Not that
+// package itself: it imports client-go's typed informers for one interface,
+// and with them every API group (see the Controller's dyn).
+func newInformer(dyn dynamic.Interface, gvr schema.GroupVersionResource, namespace string, tweak func(*metav1.ListOptions)) cache.SharedIndexInformer {
+	r := dyn.Resource(gvr).Namespace(namespace)
+	if tweak == nil {
+		tweak = func(*metav1.ListOptions) {}
+	}
+	return cache.NewSharedIndexInformerWithOptions(
+		cache.ToListWatcherWithWatchListSemantics(&cache.ListWatch{
+			ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
+				tweak(&o)
+				return r.List(ctx, o)
+			},
+			WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
+				tweak(&o)
+				return r.Watch(ctx, o)
+			},
+		}, dyn),
+		&unstructured.Unstructured{},
+		cache.SharedIndexInformerOptions{
+			Indexers:          cache.Indexers{cache.NamespaceIndex: cache.MetaNamespaceIndexFunc},
+			ObjectDescription: gvr.String(),
+		})
 }
 
 func (c *Controller) policyChanged(obj any) {
@@ -216,19 +240,15 @@ func (c *Controller) Leading() bool { return c.leading.Load() }
 // takes part in the election of the status writer, until ctx is done. It
 // returns an error only if the informers cannot sync before ctx is done.
 func (c *Controller) Run(ctx context.Context) error {
+	var informers sync.WaitGroup
+	defer informers.Wait()
+	for _, inf := range c.policies {
+		informers.Go(func() { inf.RunWithContext(ctx) })
+	}
+	informers.Go(func() { c.reports.RunWithContext(ctx) })
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	defer c.queue.ShutDown()
-	for _, f := range c.policyFactories {
-		f.Start(ctx.Done())
-	}
-	c.reportFactory.Start(ctx.Done())
-	defer func() {
-		for _, f := range c.policyFactories {
-			f.Shutdown()
-		}
-		c.reportFactory.Shutdown()
-	}()
 	start := time.Now()
 	syncs := []cache.InformerSynced{c.reports.HasSynced}
 	for _, inf := range c.policies {

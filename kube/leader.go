@@ -5,10 +5,7 @@ import (
 	"sync"
 	"time"
 
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/tools/cache"
-	"k8s.io/client-go/tools/leaderelection"
-	"k8s.io/client-go/tools/leaderelection/resourcelock"
 	"k8s.io/client-go/util/workqueue"
 )
 
@@ -18,31 +15,16 @@ import (
 // takes over at once rather than after LeaseDuration.
 func (c *Controller) runElection(ctx context.Context) {
 	for ctx.Err() == nil {
-		le, err := leaderelection.NewLeaderElector(leaderelection.LeaderElectionConfig{
-			Lock: &resourcelock.LeaseLock{
-				LeaseMeta:  metav1.ObjectMeta{Namespace: c.opts.Namespace, Name: c.opts.LeaseName},
-				Client:     c.leases,
-				LockConfig: resourcelock.ResourceLockConfig{Identity: c.opts.Identity},
+		e := &election{
+			leases: c.dyn.Resource(leases).Namespace(c.opts.Namespace),
+			name:   c.opts.LeaseName, identity: c.opts.Identity,
+			leaseDuration: c.opts.LeaseDuration, renewDeadline: c.opts.RenewDeadline, retryPeriod: c.opts.RetryPeriod,
+			log: c.log,
+			onNewLeader: func(id string) {
+				c.log.Info("status writer elected", "lease", c.opts.LeaseName, "leader", id, "self", id == c.opts.Identity)
 			},
-			LeaseDuration:   c.opts.LeaseDuration,
-			RenewDeadline:   c.opts.RenewDeadline,
-			RetryPeriod:     c.opts.RetryPeriod,
-			ReleaseOnCancel: true,
-			Name:            c.opts.LeaseName,
-			Callbacks: leaderelection.LeaderCallbacks{
-				OnStartedLeading: c.lead,
-				OnStoppedLeading: func() {},
-				OnNewLeader: func(id string) {
-					c.log.Info("status writer elected", "lease", c.opts.LeaseName, "leader", id, "self", id == c.opts.Identity)
-				},
-			},
-		})
-		if err != nil {
-			c.log.Error("leader election misconfigured; this replica never writes status", "reason", err)
-			<-ctx.Done()
-			return
 		}
-		le.Run(ctx) // returns when leadership is lost, or ctx is done
+		e.Run(ctx, c.lead) // returns when leadership is lost, or ctx is done
 	}
 }
 
