@@ -43,8 +43,10 @@ import (
 //   - the renew deadline runs from the start of the last successful renewal,
 //     not from the start of a retry round, and the holder stops writing status
 //     the moment it passes (client-go can overrun it by a RetryPeriod);
-//   - a renewal that finds another holder with a live Lease ends leadership at
-//     once instead of retrying until the deadline;
+//   - a renewal that finds the Lease naming another holder, or none, or gone
+//     ends leadership at once instead of retrying until the deadline, even
+//     where the Lease could be taken again (someone else may be leading on
+//     it already: the next term starts from what it reads);
 //   - status writers have stopped before the Lease is released, and release
 //     checks that the Lease it read still names this replica (client-go's
 //     writes an empty holder over whichever replica took the Lease meanwhile).
@@ -167,6 +169,7 @@ type election struct {
 	observed   leaseRecord
 	observedAt time.Time // when this replica saw the record change, by its own clock
 	reported   string    // the holder last passed to onNewLeader
+	lost       bool      // the Lease was found deleted while this replica held it
 }
 
 func (e *election) isLeader() bool { return e.observed.holder == e.identity }
@@ -190,7 +193,7 @@ func (e *election) Run(ctx context.Context, lead func(context.Context)) {
 	var renewed time.Time // start of the last successful write: the renew deadline runs from it
 	for {
 		now := time.Now()
-		ok := e.tryAcquireOrRenew(ctx, now)
+		ok := e.tryAcquireOrRenew(ctx, now, false)
 		e.reportLeader()
 		if ok {
 			renewed = now
@@ -234,7 +237,7 @@ func (e *election) renew(ctx context.Context, renewed time.Time) string {
 			return fmt.Sprintf("not renewed within the renew deadline (%v)", e.renewDeadline)
 		}
 		rctx, cancel := context.WithDeadline(ctx, deadline)
-		ok := e.tryAcquireOrRenew(rctx, now)
+		ok := e.tryAcquireOrRenew(rctx, now, true)
 		cancel()
 		e.reportLeader()
 		switch {
@@ -242,7 +245,11 @@ func (e *election) renew(ctx context.Context, renewed time.Time) string {
 			return ""
 		case ok:
 			renewed = now
-		case !e.isLeader() && e.valid(time.Now()):
+		case e.lost:
+			return "the Lease was deleted"
+		case !e.isLeader() && e.observed.holder == "":
+			return "the Lease was released by another"
+		case !e.isLeader():
 			return fmt.Sprintf("the Lease is held by %q", e.observed.holder)
 		}
 	}
@@ -250,7 +257,11 @@ func (e *election) renew(ctx context.Context, renewed time.Time) string {
 
 // tryAcquireOrRenew is client-go's: it writes this replica as holder if the
 // Lease is free, expired as observed from here, or already this replica's.
-func (e *election) tryAcquireOrRenew(ctx context.Context, now time.Time) bool {
+// When renewing, it only renews: a Lease found naming another holder, or
+// none, or deleted, ends the term even if it could be taken, since another
+// replica may have taken it meanwhile and be leading already; a new term
+// (and a new lead) starts from what it reads.
+func (e *election) tryAcquireOrRenew(ctx context.Context, now time.Time, renewing bool) bool {
 	want := leaseRecord{holder: e.identity, duration: e.leaseDuration.Truncate(time.Second), acquire: now, renew: now}
 
 	// Fast path: the holder renews on the resourceVersion it last wrote,
@@ -266,6 +277,9 @@ func (e *election) tryAcquireOrRenew(ctx context.Context, now time.Time) bool {
 
 	u, err := e.leases.Get(ctx, e.name, metav1.GetOptions{})
 	switch {
+	case apierrors.IsNotFound(err) && renewing:
+		e.lost = true
+		return false
 	case apierrors.IsNotFound(err):
 		return e.create(ctx, want)
 	case err != nil:
@@ -283,6 +297,9 @@ func (e *election) tryAcquireOrRenew(ctx context.Context, now time.Time) bool {
 		// Not a Lease this code can write conditionally: no holder is
 		// better than two.
 		e.log.Warn("Lease unreadable; not competing for it", "lease", e.name, "spec", clip(got.raw, 256))
+		return false
+	}
+	if renewing && !e.isLeader() {
 		return false
 	}
 	if got.holder != "" && e.valid(now) && !e.isLeader() {

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"math"
 	"net"
+	"net/http"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -330,4 +332,247 @@ func TestHostileLease(t *testing.T) {
 		})
 		time.Sleep(time.Second)
 	})
+}
+
+// TestHostileLeaseHolders: another party writes the Lease a replica leads
+// on. A foreign holder that keeps renewing is never taken over, however its
+// clock is set (its renewTime an hour behind, as a node with a skewed clock
+// would write it): a replica judges expiry by when it saw the record change,
+// never by the record's times; once the foreign holder stops, the Lease is
+// taken after its duration. A Lease deleted, or released by someone else,
+// under the leader ends its term at once: another replica may be leading on
+// it already.
+func TestHostileLeaseHolders(t *testing.T) {
+	c := cluster(t)
+	m := newMesh(t, c, "lease-holders")
+	api := dynamic.NewForConfigOrDie(c.Config).Resource(leaseGVR).Namespace(controlPlaneNS)
+
+	t.Run("foreign-holder-renewing-with-a-skewed-clock", func(t *testing.T) {
+		skewed := func(i int) map[string]any {
+			at := time.Now().Add(-time.Hour).Add(time.Duration(i) * time.Microsecond).UTC().Format(metav1.RFC3339Micro)
+			return map[string]any{"holderIdentity": "foreign", "leaseDurationSeconds": int64(1), "leaseTransitions": int64(4),
+				"acquireTime": at, "renewTime": at}
+		}
+		u, err := api.Create(context.Background(), &unstructured.Unstructured{Object: map[string]any{
+			"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+			"metadata": map[string]any{"name": "foreign"}, "spec": skewed(0),
+		}}, metav1.CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		// The foreign holder renews every 300 ms, a third of its 1 s lease.
+		ctx, cancel := context.WithCancel(context.Background())
+		renewing := make(chan struct{})
+		go func() {
+			defer close(renewing)
+			cur := u
+			for i := 1; ctx.Err() == nil; i++ {
+				select {
+				case <-ctx.Done():
+					return
+				case <-time.After(300 * time.Millisecond):
+				}
+				cur.Object["spec"] = skewed(i)
+				var err error
+				if cur, err = api.Update(ctx, cur, metav1.UpdateOptions{}); err != nil {
+					if ctx.Err() == nil {
+						t.Errorf("the foreign holder's renewal: %v", err)
+					}
+					return
+				}
+			}
+		}()
+		defer func() { cancel(); <-renewing }()
+		r := m.replica("cp-skew", replicaOptions{lease: "foreign"})
+		l := watchLeaders(t, r)
+		time.Sleep(3 * time.Second) // three times the lease, fifteen attempts
+		if started, _ := l.times("cp-skew"); !started.IsZero() {
+			t.Fatalf("took over a Lease renewed every 300 ms, because its renewTime is an hour old")
+		}
+		cancel()
+		<-renewing
+		stopped := time.Now()
+		waitFor(t, "the replica to take the Lease once the foreign holder stopped", r.ctl.Leading)
+		// Its last renewal was at most 300 ms before it stopped; the replica
+		// saw it at most RetryPeriod × 2.2 (440 ms) later, and takes the
+		// Lease at the first attempt 1 s after that.
+		if took := time.Since(stopped); took < 700*time.Millisecond || took > 2500*time.Millisecond {
+			t.Errorf("took the Lease %v after its holder stopped renewing a 1 s lease", took)
+		}
+		if holder, duration, transitions := leaseOf(t, api, "foreign"); holder != "cp-skew" || duration != 3 || transitions != 5 {
+			t.Errorf("Lease: holder %q, %d s, %d transitions; want cp-skew, 3 s, 5", holder, duration, transitions)
+		}
+	})
+
+	// intrude has the leader of lease find it deleted, or released by
+	// someone else: it stops leading, and a replica (itself in a new term,
+	// or the other) leads again, never two at once.
+	intrude := func(t *testing.T, lease string, do func(u *unstructured.Unstructured) error) {
+		a := m.replica(lease+"-a", replicaOptions{lease: lease})
+		waitFor(t, "the first replica to lead", a.ctl.Leading)
+		b := m.replica(lease+"-b", replicaOptions{lease: lease})
+		l := watchLeaders(t, a, b)
+		time.Sleep(100 * time.Millisecond)
+		for {
+			u, err := api.Get(context.Background(), lease, metav1.GetOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err = do(u); err == nil {
+				break
+			} else if !apierrors.IsConflict(err) {
+				t.Fatal(err)
+			}
+		}
+		at := time.Now()
+		waitFor(t, "the first replica's term to end", func() bool { _, stopped := l.times(a.name); return !stopped.IsZero() })
+		_, stopped := l.times(a.name)
+		t.Logf("the leader stopped %v after", stopped.Sub(at).Round(time.Millisecond))
+		if stopped.Sub(at) > time.Second {
+			t.Errorf("the leader stopped %v after: later than its next renewal", stopped.Sub(at))
+		}
+		waitFor(t, "a replica to lead again", func() bool { return a.ctl.Leading() || b.ctl.Leading() })
+		time.Sleep(500 * time.Millisecond)
+	}
+	t.Run("deleted-while-held", func(t *testing.T) {
+		intrude(t, "deleted", func(u *unstructured.Unstructured) error {
+			return api.Delete(context.Background(), u.GetName(), metav1.DeleteOptions{Preconditions: &metav1.Preconditions{ResourceVersion: ptr(u.GetResourceVersion())}})
+		})
+	})
+	t.Run("released-by-another-while-held", func(t *testing.T) {
+		intrude(t, "released", func(u *unstructured.Unstructured) error {
+			u.Object["spec"].(map[string]any)["holderIdentity"] = ""
+			_, err := api.Update(context.Background(), u, metav1.UpdateOptions{})
+			return err
+		})
+	})
+}
+
+func ptr[T any](v T) *T { return &v }
+
+// gate holds the first Lease update of each of n clients until all n have
+// sent one, so that they race on the same resourceVersion.
+type gate struct {
+	mu      sync.Mutex
+	n       int
+	arrived chan struct{} // closed when n have arrived
+}
+
+func newGate(n int) *gate { return &gate{n: n, arrived: make(chan struct{})} }
+
+// config is base for one client whose first Lease update waits at the gate.
+func (g *gate) config(base *rest.Config) *rest.Config {
+	cfg := rest.CopyConfig(base)
+	var once sync.Once
+	cfg.Wrap(func(rt http.RoundTripper) http.RoundTripper {
+		return roundTripper(func(req *http.Request) (*http.Response, error) {
+			if req.Method == http.MethodPut && strings.Contains(req.URL.Path, "/leases/") {
+				once.Do(func() {
+					g.mu.Lock()
+					if g.n--; g.n == 0 {
+						close(g.arrived)
+					}
+					g.mu.Unlock()
+					select {
+					case <-g.arrived:
+					case <-time.After(20 * time.Second):
+					}
+				})
+			}
+			return rt.RoundTrip(req)
+		})
+	})
+	return cfg
+}
+
+type roundTripper func(*http.Request) (*http.Response, error)
+
+func (f roundTripper) RoundTrip(req *http.Request) (*http.Response, error) { return f(req) }
+
+// TestCandidatesRaceForAnExpiredLease: two replicas find the same expired
+// Lease and both write themselves as its holder on the same
+// resourceVersion, at the same moment: the API server takes one write and
+// refuses the other as a conflict; one replica leads, the other, having lost
+// the race, waits.
+func TestCandidatesRaceForAnExpiredLease(t *testing.T) {
+	c := cluster(t)
+	m := newMesh(t, c, "lease-race")
+	api := dynamic.NewForConfigOrDie(c.Config).Resource(leaseGVR).Namespace(controlPlaneNS)
+	if _, err := api.Create(context.Background(), &unstructured.Unstructured{Object: map[string]any{
+		"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+		"metadata": map[string]any{"name": "expired"},
+		"spec":     map[string]any{"holderIdentity": "gone", "leaseDurationSeconds": int64(1), "leaseTransitions": int64(7)},
+	}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	g := newGate(2)
+	a := m.replica("cp-race-a", replicaOptions{lease: "expired", cfg: g.config(c.Config)})
+	b := m.replica("cp-race-b", replicaOptions{lease: "expired", cfg: g.config(c.Config)})
+	l := watchLeaders(t, a, b)
+	select {
+	case <-g.arrived:
+	case <-time.After(20 * time.Second):
+		t.Fatal("the two replicas did not both try to take the Lease")
+	}
+	waitFor(t, "a replica to lead", func() bool { return a.ctl.Leading() || b.ctl.Leading() })
+	time.Sleep(testLeaseDuration) // the loser keeps waiting: the winner renews
+	aStarted, _ := l.times(a.name)
+	bStarted, _ := l.times(b.name)
+	if !aStarted.IsZero() && !bStarted.IsZero() {
+		t.Errorf("both replicas led (cp-race-a from %v, cp-race-b from %v)", aStarted, bStarted)
+	}
+	winner := a.name
+	if b.ctl.Leading() {
+		winner = b.name
+	}
+	if holder, duration, transitions := leaseOf(t, api, "expired"); holder != winner || duration != 3 || transitions != 8 {
+		t.Errorf("Lease: holder %q, %d s, %d transitions; want %s, 3 s, 8", holder, duration, transitions, winner)
+	}
+}
+
+// TestLeaseAcrossAPIServerRestart: the API server goes away for longer than
+// the Lease while two replicas run. The leader stops writing status within
+// its renew deadline, nobody leads while it is down, and once it is back one
+// replica leads, never two.
+func TestLeaseAcrossAPIServerRestart(t *testing.T) {
+	c := cluster(t)
+	m := newMesh(t, c, "lease-restart")
+	a := m.replica("cp-restart-a", replicaOptions{lease: "restart-lease"})
+	waitFor(t, "cp-restart-a to lead", a.ctl.Leading)
+	b := m.replica("cp-restart-b", replicaOptions{lease: "restart-lease"})
+	l := watchLeaders(t, a, b)
+
+	down := time.Now()
+	c.StopAPIServer()
+	restarted := false
+	defer func() {
+		if !restarted {
+			_ = c.StartAPIServer(context.Background())
+		}
+	}()
+	waitFor(t, "cp-restart-a to stop leading", func() bool { return !a.ctl.Leading() })
+	_, stopped := l.times(a.name)
+	t.Logf("API server down at 0: cp-restart-a stopped leading at %v", stopped.Sub(down).Round(time.Millisecond))
+	if stopped.Sub(down) > testRenewDeadline+500*time.Millisecond {
+		t.Errorf("cp-restart-a led %v after the API server went away, past its renew deadline (%v)", stopped.Sub(down), testRenewDeadline)
+	}
+	time.Sleep(testLeaseDuration + time.Second)
+	if a.ctl.Leading() || b.ctl.Leading() {
+		t.Fatalf("a replica leads without an API server: cp-restart-a %v, cp-restart-b %v", a.ctl.Leading(), b.ctl.Leading())
+	}
+	start := time.Now()
+	if err := c.StartAPIServer(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	restarted = true
+	back := time.Now()
+	waitFor(t, "a replica to lead after the restart", func() bool { return a.ctl.Leading() || b.ctl.Leading() })
+	t.Logf("API server restarted at %v, ready %v later; a replica leads %v after that", start.Sub(down).Round(time.Millisecond),
+		back.Sub(start).Round(time.Millisecond), time.Since(back).Round(time.Millisecond))
+	time.Sleep(time.Second) // watchLeaders looks for two at once meanwhile
+	api := dynamic.NewForConfigOrDie(c.Config).Resource(leaseGVR).Namespace(controlPlaneNS)
+	holder, _, _ := leaseOf(t, api, "restart-lease")
+	if (holder == a.name) != a.ctl.Leading() || (holder == b.name) != b.ctl.Leading() {
+		t.Errorf("Lease held by %q; cp-restart-a leading %v, cp-restart-b %v", holder, a.ctl.Leading(), b.ctl.Leading())
+	}
 }
