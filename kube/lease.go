@@ -26,9 +26,10 @@ import (
 // apply configurations) and so registers all of them in
 // k8s.io/client-go/kubernetes/scheme at package init. latch is one binary:
 // that init runs in every sidecar, which never talks to the API server. It
-// cost each sidecar 16 MB of binary, 110 more packages initialised, 1.5 MB
-// more heap at start and about 2 MB more anonymous memory at rest (figures in
-// docs/performance.md); a regression test in cmd/latch keeps it out.
+// cost each sidecar 16 MB of binary, 83 more packages initialised, 1.5 MB
+// more heap at start and 14 MB more RSS at rest, 1.3 MB of it anonymous
+// (figures in docs/performance.md); a regression test in cmd/latch keeps it
+// out.
 //
 // The algorithm is client-go's (tryAcquireOrRenew, release): a candidate
 // takes the Lease when it is free (no holder) or when the record has not

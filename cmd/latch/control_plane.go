@@ -257,7 +257,7 @@ func runControlPlane(ctx context.Context, args []string, stdout, stderr io.Write
 		}
 	}
 	if f.kubernetes {
-		// client-go (informers, leader election) logs through klog: into
+		// client-go (informers, the REST client) logs through klog: into
 		// our log, in its format.
 		klog.SetSlogLogger(log.With("library", "client-go"))
 		cfg, err := kube.RESTConfig(f.kubeconfig)

@@ -33,7 +33,7 @@ var linkedOnlyForAPIGroups = []string{
 // talks to the API server. Linking client-go's typed clients (through the
 // clientset, its informers, dynamicinformer or leaderelection) registered
 // every API group at init: the binary grew from 33 to 52 MB, init from 258 to
-// 368 packages and 1.8 to 3.5 MB of heap, an idle sidecar from 29 to 43 MB of
+// 368 packages and 1.8 to 3.5 MB of heap, an idle sidecar from 30 to 47 MB of
 // RSS (docs/performance.md). The control plane reaches the API server
 // through the dynamic client (kube/) for that reason.
 func TestSidecarBinaryLinksNoKubernetesClients(t *testing.T) {
