@@ -50,7 +50,15 @@ import (
 //     it already: the next term starts from what it reads);
 //   - status writers have stopped before the Lease is released, and release
 //     checks that the Lease it read still names this replica (client-go's
-//     writes an empty holder over whichever replica took the Lease meanwhile).
+//     writes an empty holder over whichever replica took the Lease meanwhile);
+//   - a Lease deleted while another replica held it is created only once
+//     that holder's term, as observed, has run out (client-go creates it at
+//     once, while the holder may lead until its next renewal).
+//
+// Nothing but the replicas should write the Lease: a holder forged or
+// released by someone else is taken at once, and the leader, which finds out
+// at its next renewal, may lead beside the new holder until then, a
+// RetryPeriod at most.
 //
 // And a hostile or garbled Lease (any holder, durations of any sign, fields
 // missing or of the wrong type, leaseTransitions at its maximum) is read as
@@ -282,6 +290,12 @@ func (e *election) tryAcquireOrRenew(ctx context.Context, now time.Time, renewin
 		e.lost = true
 		return false
 	case apierrors.IsNotFound(err):
+		if e.observed.holder != "" && !e.isLeader() && e.valid(now) {
+			// Deleted under a holder this replica saw alive: it may lead
+			// until its next renewal finds the Lease gone, so its term
+			// is waited out as if the Lease were still there.
+			return false
+		}
 		return e.create(ctx, want)
 	case err != nil:
 		if ctx.Err() == nil {
