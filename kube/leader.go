@@ -28,8 +28,9 @@ func (c *Controller) runElection(ctx context.Context) {
 	}
 }
 
-// lead writes status while ctx (the leadership) lasts.
-func (c *Controller) lead(ctx context.Context) {
+// lead writes status while ctx (the leadership) lasts, each write bounded by
+// the term t.
+func (c *Controller) lead(ctx context.Context, t *term) {
 	c.log.Info("leading: writing ServicePolicy status", "lease", c.opts.LeaseName)
 	q := workqueue.NewTypedRateLimitingQueueWithConfig(workqueue.DefaultTypedControllerRateLimiter[cache.ObjectName](),
 		workqueue.TypedRateLimitingQueueConfig[cache.ObjectName]{Name: "servicepolicy-status"})
@@ -40,7 +41,7 @@ func (c *Controller) lead(ctx context.Context) {
 
 	var wg sync.WaitGroup
 	for range 2 {
-		wg.Go(func() { c.runStatus(ctx, q) })
+		wg.Go(func() { c.runStatus(ctx, t, q) })
 	}
 	tick := time.NewTicker(c.opts.ReportHeartbeat)
 	defer tick.Stop()
@@ -50,7 +51,9 @@ func (c *Controller) lead(ctx context.Context) {
 			done = true
 		case now := <-tick.C:
 			for _, name := range c.acks.expire(now, c.opts.ReportHeartbeat) {
-				c.deleteReport(name)
+				if t.live() { // a leader's write, as status is
+					c.deleteReport(name)
+				}
 			}
 		}
 	}

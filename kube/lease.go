@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"math"
 	"math/rand/v2"
+	"sync/atomic"
 	"time"
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -193,12 +194,44 @@ func (e *election) observe(r leaseRecord, at time.Time) {
 	e.observed, e.observedAt = r, at
 }
 
+// term is how long a leader may still write: until the renew deadline of
+// its last renewal. lead's context ends when the goroutine renewing the
+// Lease finds the term over, but that goroutine may get to run late (a
+// starved process, a renewal that does not return at its deadline), and
+// another replica may take the Lease leaseDuration after the last renewal
+// it saw, whatever this one does. So each write of the leader's takes its
+// context from the term: none is sent, and none goes on, after the deadline.
+type term struct {
+	end atomic.Pointer[time.Time] // with the monotonic reading: immune to clock steps
+}
+
+func newTerm(renewed time.Time, renewDeadline time.Duration) *term {
+	t := &term{}
+	t.extend(renewed, renewDeadline)
+	return t
+}
+
+// extend moves the end of the term after a renewal that started at renewed.
+func (t *term) extend(renewed time.Time, renewDeadline time.Duration) {
+	end := renewed.Add(renewDeadline)
+	t.end.Store(&end)
+}
+
+// live says whether the term has not ended at the time of the call.
+func (t *term) live() bool { return time.Now().Before(*t.end.Load()) }
+
+// context returns ctx bounded by the end of the term as it stands now.
+func (t *term) context(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithDeadline(ctx, *t.end.Load())
+}
+
 // Run takes part in one term until ctx is done or leadership is lost: it
 // tries to acquire the Lease every RetryPeriod (jittered); once it holds it,
 // lead runs with a context that ends when a renewal fails past RenewDeadline,
-// when another replica is found holding the Lease, or with ctx. The Lease is
-// released after lead has returned.
-func (e *election) Run(ctx context.Context, lead func(context.Context)) {
+// when another replica is found holding the Lease, or with ctx, and with the
+// term its writes are bounded by. The Lease is released after lead has
+// returned.
+func (e *election) Run(ctx context.Context, lead func(context.Context, *term)) {
 	var renewed time.Time // start of the last successful write: the renew deadline runs from it
 	for {
 		now := time.Now()
@@ -216,9 +249,10 @@ func (e *election) Run(ctx context.Context, lead func(context.Context)) {
 	}
 
 	leadCtx, stop := context.WithCancel(ctx)
+	t := newTerm(renewed, e.renewDeadline)
 	done := make(chan struct{})
-	go func() { defer close(done); lead(leadCtx) }()
-	reason := e.renew(ctx, renewed)
+	go func() { defer close(done); lead(leadCtx, t) }()
+	reason := e.renew(ctx, renewed, t)
 	stop()
 	<-done
 	if reason != "" {
@@ -228,8 +262,8 @@ func (e *election) Run(ctx context.Context, lead func(context.Context)) {
 }
 
 // renew renews the Lease every RetryPeriod until ctx is done ("" returned)
-// or leadership is lost (why returned).
-func (e *election) renew(ctx context.Context, renewed time.Time) string {
+// or leadership is lost (why returned), extending t at each renewal.
+func (e *election) renew(ctx context.Context, renewed time.Time, t *term) string {
 	timer := time.NewTimer(e.retryPeriod)
 	defer timer.Stop()
 	for {
@@ -254,6 +288,7 @@ func (e *election) renew(ctx context.Context, renewed time.Time) string {
 			return ""
 		case ok:
 			renewed = now
+			t.extend(renewed, e.renewDeadline)
 		case e.lost:
 			return "the Lease was deleted"
 		case !e.isLeader() && e.observed.holder == "":

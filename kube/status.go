@@ -198,15 +198,21 @@ func (c *Controller) forgetProgrammed(name cache.ObjectName) {
 	c.mu.Unlock()
 }
 
-// runStatus writes status from q until it shuts down.
-func (c *Controller) runStatus(ctx context.Context, q statusQueue) {
+// runStatus writes status from q until it shuts down, each write within
+// the term t: a write the term's end cuts off fails, and is queued again for
+// the next leader's term on this replica, if any (the next leader writes
+// every status anyway).
+func (c *Controller) runStatus(ctx context.Context, t *term, q statusQueue) {
 	for {
 		name, shutdown := q.Get()
 		if shutdown {
 			return
 		}
-		if err := c.writeStatus(ctx, name); err != nil {
-			if ctx.Err() == nil {
+		wctx, cancel := t.context(ctx)
+		err := c.writeStatus(wctx, name)
+		cancel()
+		if err != nil {
+			if ctx.Err() == nil && t.live() {
 				c.log.Warn("status not written; retrying", "object", name.String(), "reason", err)
 			}
 			q.AddRateLimited(name)
