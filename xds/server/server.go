@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"maps"
 	"reflect"
 	"runtime"
 	"slices"
@@ -95,12 +94,10 @@ type streamState struct {
 	from   peerKey
 	node   string // node ID once proved equal to peer
 	opened time.Time
-	sent   map[string]string // response nonce → version sent with it
-	nacks  map[string]string // served type URL → error detail (clipped) of the last NACK not followed by an ACK
-	// acked is, per served type URL, the version the sidecar last
-	// acknowledged; types are the types the stream has been sent.
-	acked map[string]string
-	types map[string]bool
+	// types is what the stream was sent and answered, per served type (in
+	// the order of typeIndex). Fixed, not maps: ten thousand streams hold
+	// one each for their whole life.
+	types [len(servedTypeURLs)]typeState
 	// lastSent and lastSentVersion are the nonce and version of the latest
 	// response; lastAcked is that nonce once acknowledged. Responses are
 	// answered in order, so it means every response was.
@@ -112,13 +109,54 @@ type streamState struct {
 	subscribedSize int                        // bytes of those names
 }
 
-// servedTypes are the resource types of latch's snapshots. A request for
-// any other is refused: go-control-plane would open a watch and keep the
-// request for every type URL a peer makes up.
-var servedTypes = map[string]bool{
-	resource.ListenerType: true,
-	resource.ClusterType:  true,
-	resource.EndpointType: true,
+// typeState is what one stream was sent of one resource type and what its
+// sidecar said of it.
+type typeState struct {
+	// nonce and version are those of the latest response of the type: an
+	// acknowledgement or refusal names its nonce. One naming an earlier
+	// response of the type is about a version already replaced (the sidecar
+	// answers the latest next), so only the latest is kept, however many
+	// changes the stream carries.
+	nonce, version string
+	// acked is the version the sidecar last acknowledged; nack the error
+	// detail (clipped) of its last refusal not followed by an ACK.
+	acked, nack string
+}
+
+// firstNACK is the refusal of the first type, in type URL order, whose last
+// update the sidecar refused; "" if none.
+func (st *streamState) firstNACK() string {
+	for _, t := range st.types {
+		if t.nack != "" {
+			return t.nack
+		}
+	}
+	return ""
+}
+
+// sentAny reports whether the stream was sent anything.
+func (st *streamState) sentAny() bool {
+	for _, t := range st.types {
+		if t.nonce != "" {
+			return true
+		}
+	}
+	return false
+}
+
+// servedTypeURLs are the resource types of latch's snapshots, sorted. A
+// request for any other is refused: go-control-plane would open a watch and
+// keep the request for every type URL a peer makes up.
+var servedTypeURLs = [...]string{resource.ClusterType, resource.EndpointType, resource.ListenerType}
+
+// typeIndex is typeURL's index in servedTypeURLs, -1 if it is not served.
+func typeIndex(typeURL string) int {
+	for i, t := range servedTypeURLs {
+		if t == typeURL {
+			return i
+		}
+	}
+	return -1
 }
 
 // New returns a Server whose streams end when ctx is done.
@@ -457,8 +495,10 @@ func (s *Server) LastNACK(node string) string {
 	s.mu.Lock()
 	var msgs []string
 	for k := range s.nodes[node] {
-		for _, m := range s.streams[k].nacks {
-			msgs = append(msgs, m)
+		for _, t := range s.streams[k].types {
+			if t.nack != "" {
+				msgs = append(msgs, t.nack)
+			}
 		}
 	}
 	s.mu.Unlock()
@@ -590,8 +630,7 @@ func (s *Server) callbacks() serverv3.CallbackFuncs {
 					"reason", "stream limit", "limit", s.streamsPerPeer)
 				return status.Errorf(codes.ResourceExhausted, "latch control plane: %s already holds %d xDS streams (the limit per workload instance)", from, s.streamsPerPeer)
 			}
-			s.streams[streamKey{delta, id}] = &streamState{peer: pid, from: from, opened: time.Now(), sent: map[string]string{}, nacks: map[string]string{},
-				acked: map[string]string{}, types: map[string]bool{}}
+			s.streams[streamKey{delta, id}] = &streamState{peer: pid, from: from, opened: time.Now()}
 			n := len(s.streams)
 			s.mu.Unlock()
 			s.metrics.connected(n)
@@ -734,7 +773,7 @@ func (s *Server) checkNode(key streamKey, node *core.Node) error {
 
 // checkType refuses a request for a type latch does not serve.
 func (s *Server) checkType(key streamKey, typeURL string) error {
-	if servedTypes[typeURL] {
+	if typeIndex(typeURL) >= 0 {
 		return nil
 	}
 	s.mu.Lock()
@@ -821,14 +860,14 @@ func (s *Server) holdNACKed(key streamKey, req *discovery.DiscoveryRequest) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if st := s.streams[key]; st != nil {
-		if v, ok := st.sent[req.GetResponseNonce()]; ok {
-			req.VersionInfo = v
+		if i := typeIndex(req.GetTypeUrl()); i >= 0 && req.GetResponseNonce() != "" && st.types[i].nonce == req.GetResponseNonce() {
+			req.VersionInfo = st.types[i].version
 		}
 	}
 }
 
 // noteAck keeps the stream's last NACK of typeURL, cut to maxNACKBytes, and
-// logs it; an ACK clears it. typeURL is one of servedTypes, so a stream
+// logs it; an ACK clears it. typeURL is one of servedTypeURLs, so a stream
 // holds at most one NACK per served type.
 func (s *Server) noteAck(key streamKey, typeURL, version string, ack bool, nack *rpcstatus.Status) {
 	s.mu.Lock()
@@ -845,9 +884,13 @@ func (s *Server) noteAck(key streamKey, typeURL, version string, ack bool, nack 
 			// it was sent, or nothing, and ACKs only the former: an ACK of
 			// any type means every earlier refusal was made good, though
 			// the refused type may not be sent again (only changes are).
-			clear(st.nacks)
+			for i := range st.types {
+				st.types[i].nack = ""
+			}
 		case ack:
-			delete(st.nacks, typeURL)
+			if i := typeIndex(typeURL); i >= 0 {
+				st.types[i].nack = ""
+			}
 		}
 		s.mu.Unlock()
 		return
@@ -856,7 +899,9 @@ func (s *Server) noteAck(key streamKey, typeURL, version string, ack bool, nack 
 	if msg == "" {
 		msg = fmt.Sprintf("(no message, code %d)", nack.GetCode())
 	}
-	st.nacks[typeURL] = msg
+	if i := typeIndex(typeURL); i >= 0 {
+		st.types[i].nack = msg
+	}
 	s.mu.Unlock()
 	s.metrics.nack(node)
 	s.logPeer(slog.LevelWarn, "update refused by sidecar", "node", node, "type", typeURL, "version", clip(version, maxLoggedBytes), "reason", msg)
@@ -868,11 +913,9 @@ func (s *Server) noteSent(key streamKey, typeURL, nonce, version string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if st := s.streams[key]; st != nil {
-		if len(st.sent) > 64 {
-			clear(st.sent) // only the latest nonces matter
+		if i := typeIndex(typeURL); i >= 0 { // always: only served types are sent
+			st.types[i].nonce, st.types[i].version = nonce, version
 		}
-		st.sent[nonce] = version
-		st.types[typeURL] = true // one of servedTypes: checked on the request
 		st.lastSent, st.lastSentVersion = nonce, version
 	}
 }
@@ -886,8 +929,8 @@ func (s *Server) trackAck(key streamKey, typeURL, nonce string, nacked bool) {
 	}
 	s.mu.Lock()
 	if st := s.streams[key]; st != nil && !nacked {
-		if v, ok := st.sent[nonce]; ok {
-			st.acked[typeURL] = v
+		if i := typeIndex(typeURL); i >= 0 && st.types[i].nonce == nonce {
+			st.types[i].acked = st.types[i].version
 		}
 		if nonce == st.lastSent {
 			st.lastAcked = nonce
@@ -934,15 +977,14 @@ func (s *Server) Acks() []NodeAcks {
 		for k := range keys {
 			st := s.streams[k]
 			na.Connected++
-			if len(st.nacks) > 0 {
+			if nack := st.firstNACK(); nack != "" {
 				na.NACKed++
 				if na.NACK == "" {
-					types := slices.Sorted(maps.Keys(st.nacks))
-					na.NACK = st.nacks[types[0]]
+					na.NACK = nack
 				}
 				continue
 			}
-			applied := len(st.types) > 0 && na.Version != ""
+			applied := st.sentAny() && na.Version != ""
 			if k.delta {
 				// Delta sends only the types that changed, so a type's
 				// last version may be older than the node's: the stream
@@ -950,8 +992,8 @@ func (s *Server) Acks() []NodeAcks {
 				// node's version and was acknowledged.
 				applied = applied && st.lastSentVersion == na.Version && st.lastAcked == st.lastSent
 			} else {
-				for t := range st.types {
-					applied = applied && st.acked[t] == na.Version
+				for _, t := range st.types {
+					applied = applied && (t.nonce == "" || t.acked == na.Version)
 				}
 			}
 			if applied {

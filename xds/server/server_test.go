@@ -71,7 +71,7 @@ func TestUpdateVersionsAndRemoval(t *testing.T) {
 	// b's declaration goes away while b is connected: b is served an empty
 	// snapshot, not its old one.
 	bStream := streamKey{id: 1}
-	s.streams[bStream] = &streamState{peer: spiffeid.RequireFromString("spiffe://mesh.test/b"), sent: map[string]string{}, nacks: map[string]string{}}
+	s.streams[bStream] = &streamState{peer: spiffeid.RequireFromString("spiffe://mesh.test/b")}
 	if err := s.checkNode(bStream, &core.Node{Id: "spiffe://mesh.test/b"}); err != nil {
 		t.Fatal(err)
 	}
@@ -105,7 +105,7 @@ func TestCheckNode(t *testing.T) {
 	s := New(ctx, Options{})
 	peer := spiffeid.RequireFromString("spiffe://mesh.test/a")
 	key := streamKey{id: 1}
-	s.streams[key] = &streamState{peer: peer, sent: map[string]string{}, nacks: map[string]string{}}
+	s.streams[key] = &streamState{peer: peer}
 
 	if err := s.checkNode(key, nil); err == nil {
 		t.Error("first request without a node accepted")
