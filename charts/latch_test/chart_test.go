@@ -655,6 +655,38 @@ func checkMemoryLimit(t *testing.T, c corev1.Container) {
 	}
 }
 
+// TestControlPlaneMemoryLimit: GOMEMLIMIT follows the control plane's
+// memory limit whatever the values say of it: from the limit, in bytes, when
+// there is one; absent when there is none (resources or limits removed, or
+// a limit on CPU only), where the downward API would give the node's
+// memory, not a limit of the container's.
+func TestControlPlaneMemoryLimit(t *testing.T) {
+	for _, tc := range []struct {
+		set  []string
+		want bool
+	}{
+		{nil, true},
+		{[]string{"controlPlane.resources.limits.memory=1Gi"}, true},
+		{[]string{"controlPlane.resources.limits=null"}, false},
+		{[]string{"controlPlane.resources.limits.memory=null", "controlPlane.resources.limits.cpu=2"}, false},
+		{[]string{"controlPlane.resources=null"}, false},
+	} {
+		t.Run(strings.Join(append([]string{"defaults"}, tc.set...), ","), func(t *testing.T) {
+			r := render(t, nil, tc.set...)
+			d, ok := r.get("Deployment", release+"-latch-control-plane").(*appsv1.Deployment)
+			if !ok {
+				t.Fatal("control plane Deployment not rendered")
+			}
+			c := d.Spec.Template.Spec.Containers[0]
+			checkMemoryLimit(t, c)
+			has := slices.ContainsFunc(c.Env, func(e corev1.EnvVar) bool { return e.Name == "GOMEMLIMIT" })
+			if has != tc.want {
+				t.Errorf("GOMEMLIMIT set: %v, want %v (limits %v)", has, tc.want, c.Resources.Limits)
+			}
+		})
+	}
+}
+
 func checkKubernetesSource(t *testing.T, r *rendered, tc chartCase, d *appsv1.Deployment, env []string) {
 	t.Helper()
 	name := d.Spec.Template.Spec.ServiceAccountName
