@@ -95,6 +95,11 @@ type BulkFigures struct {
 	// the rest after each run) per 10^9 payload bytes; nil for baselines.
 	CPUSecondsPerGB       *float64  `json:"cpuSecondsPerGB,omitempty"`
 	RoundsCPUSecondsPerGB []float64 `json:"roundsCPUSecondsPerGB,omitempty"`
+	// HarnessCPUSecondsPerGB is the harness's own CPU time (the load client
+	// and the backend; for go-mtls both TLS ends) per 10^9 payload bytes,
+	// over the same span: what the rest of the path cost beside the pair.
+	HarnessCPUSecondsPerGB       *float64  `json:"harnessCPUSecondsPerGB,omitempty"`
+	RoundsHarnessCPUSecondsPerGB []float64 `json:"roundsHarnessCPUSecondsPerGB,omitempty"`
 }
 
 // LatencyResult is the round-trip time of an echo on a persistent
@@ -397,15 +402,16 @@ func (r *Result) WriteMarkdown(w io.Writer) {
 		p("| %s |\n", strings.Join(row, " | "))
 	}
 
-	p("\nBulk: 64 KiB frames streamed for the duration, checked by count and CRC-32C at the backend.\n\n| topology |")
+	p("\nBulk: 64 KiB frames streamed for the duration, checked by count and CRC-32C at the backend. Client+backend CPU: the harness process's own CPU time over the same span (the load client and the backend, for go-mtls both TLS ends; for a proxy pair, the rest of the path beside it).\n\n| topology |")
 	for _, c := range r.Options.BulkConns {
 		p(" bulk ×%d MB/s | pair CPU s/GB ×%d |", c, c)
 	}
+	p(" client+backend CPU s/GB ×1 |")
 	goref := r.find("go-mtls")
 	if goref != nil {
 		p(" ×1 of go-mtls |")
 	}
-	p("\n|---|%s%s\n", strings.Repeat("---:|", 2*len(r.Options.BulkConns)), map[bool]string{true: "---:|"}[goref != nil])
+	p("\n|---|%s---:|%s\n", strings.Repeat("---:|", 2*len(r.Options.BulkConns)), map[bool]string{true: "---:|"}[goref != nil])
 	for i := range r.Topologies {
 		t := &r.Topologies[i]
 		row := []string{t.Name}
@@ -416,6 +422,10 @@ func (r *Result) WriteMarkdown(w io.Writer) {
 					return ptrFmt(b != nil && b.CPUSecondsPerGB != nil, func() string { return fmt.Sprintf("%.2f", *b.CPUSecondsPerGB) })
 				}))
 		}
+		row = append(row, orDash(func() (string, bool) {
+			b := t.bulkAt(1)
+			return ptrFmt(b != nil && b.HarnessCPUSecondsPerGB != nil, func() string { return fmt.Sprintf("%.2f", *b.HarnessCPUSecondsPerGB) })
+		}))
 		if goref != nil {
 			row = append(row, orDash(func() (string, bool) {
 				b, g := t.bulkAt(1), goref.bulkAt(1)

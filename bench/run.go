@@ -144,6 +144,9 @@ type bulkRound struct {
 	mbps     float64
 	bytes    uint64
 	cpuPerGB *float64 // pair CPU seconds per 10^9 bytes; nil for baselines
+	// harnessCPUPerGB: the harness's own CPU seconds (client and backend)
+	// per 10^9 bytes.
+	harnessCPUPerGB *float64
 }
 
 type latencyRound struct {
@@ -430,6 +433,10 @@ func (r *running) skip(ctx context.Context) bool { return r.dead || ctx.Err() !=
 type spent struct {
 	cpu   float64
 	ctxsw int64
+	// harness is the CPU time of this process over the same span: the load
+	// client and the backend (for go-mtls, both TLS ends), which no pair's
+	// figure includes.
+	harness float64
 }
 
 // measure runs load between two readings of the sidecars' usage, the
@@ -440,6 +447,7 @@ func (r *running) measure(ctx context.Context, opts Options, load func() error) 
 	if err != nil {
 		return spent{}, err
 	}
+	harness0 := ownCPU()
 	if err := load(); err != nil {
 		return spent{}, err
 	}
@@ -450,7 +458,7 @@ func (r *running) measure(ctx context.Context, opts Options, load func() error) 
 	if err != nil {
 		return spent{}, err
 	}
-	var s spent
+	s := spent{harness: ownCPU() - harness0}
 	for i := range after {
 		s.cpu += after[i].CPUSeconds - before[i].CPUSeconds
 		s.ctxsw += after[i].ContextSwitches - before[i].ContextSwitches
@@ -482,6 +490,11 @@ func (r *running) measureBulk(ctx context.Context, opts Options, conns int, pool
 	}
 	br := bulkRound{mbps: b.MBps(), bytes: b.Bytes}
 	line := fmt.Sprintf("round %d  bulk ×%d  %-10s %8.1f MB/s", round+1, conns, r.label(), br.mbps)
+	if b.Bytes > 0 {
+		v := s.harness / (float64(b.Bytes) / 1e9)
+		br.harnessCPUPerGB = &v
+		line += fmt.Sprintf("  client+backend CPU %.2f s/GB", v)
+	}
 	if len(r.pair.Sidecars) > 0 && b.Bytes > 0 {
 		v := s.cpu / (float64(b.Bytes) / 1e9)
 		br.cpuPerGB = &v
@@ -632,13 +645,21 @@ func (r *running) finish() {
 	}
 	for conns, rounds := range r.bulk {
 		b := r.res.bulk(conns)
-		var mbps, cpu []float64
+		var mbps, cpu, harness []float64
 		for _, br := range rounds {
 			mbps = append(mbps, br.mbps)
 			b.Bytes += br.bytes
 			if br.cpuPerGB != nil {
 				cpu = append(cpu, *br.cpuPerGB)
 			}
+			if br.harnessCPUPerGB != nil {
+				harness = append(harness, *br.harnessCPUPerGB)
+			}
+		}
+		if len(harness) > 0 {
+			b.RoundsHarnessCPUSecondsPerGB = harness
+			v := median(harness)
+			b.HarnessCPUSecondsPerGB = &v
 		}
 		b.RoundsMBps, b.MBps = mbps, median(mbps)
 		if len(cpu) > 0 {
