@@ -67,6 +67,7 @@ type conn struct {
 	mu        sync.Mutex
 	up        net.Conn
 	tls       *tls.Conn // the TLS side, once its handshake completed
+	tlsSock   *socket   // the socket under tls (nil: none)
 	idleTimer *time.Timer
 
 	// tr is what the TLS side's tls.Conn reads: the peer's connection
@@ -135,12 +136,18 @@ func (c *conn) kill(reason string) {
 	}
 	c.stop()
 	c.mu.Lock()
-	up, tc := c.up, c.tls
+	up, tc, ts := c.up, c.tls, c.tlsSock
 	c.mu.Unlock()
 	reset := resets(reason)
 	if !reset && tc != nil {
 		// Close sends close_notify (under a write deadline of its own, and
 		// not at all while a Write is in flight) and closes the socket.
+		// The copy loop's writes towards TLS leave after tls.Conn.Write
+		// has returned (see socket.endBatch), so Close cannot tell one is
+		// in flight: closing tells the socket not to wait behind it.
+		if ts != nil {
+			ts.closing.Store(true)
+		}
 		tc.Close()
 	}
 	for _, nc := range []net.Conn{c.down, up} {
@@ -175,13 +182,13 @@ func (c *conn) setUp(up net.Conn) bool {
 
 // setTLS records the TLS side once its handshake completed and its peer is
 // authorized, unless the connection was killed in the meantime.
-func (c *conn) setTLS(tc *tls.Conn) bool {
+func (c *conn) setTLS(tc *tls.Conn, sock *socket) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.killed() {
 		return false
 	}
-	c.tls = tc
+	c.tls, c.tlsSock = tc, sock
 	return true
 }
 
@@ -235,7 +242,7 @@ func (c *conn) serveInbound(r *route) {
 		c.refused(err)
 		return
 	}
-	if !c.setTLS(tc) {
+	if !c.setTLS(tc, downSock) {
 		c.finish()
 		return
 	}
@@ -335,7 +342,7 @@ func (c *conn) serveOutbound(r *route) {
 		c.refused(err)
 		return
 	}
-	if !c.setTLS(tc) {
+	if !c.setTLS(tc, upSock) {
 		c.finish()
 		return
 	}

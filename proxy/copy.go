@@ -82,6 +82,11 @@ func (e tempError) Error() string { return string(e) }
 func (tempError) Timeout() bool   { return true }
 func (tempError) Temporary() bool { return true }
 
+// errWriteBlocked is what the TLS stack's write gets from a socket that a
+// write of the copy loop holds while kill closes the connection (see
+// socket.Write).
+var errWriteBlocked = errors.New("proxy: the socket is held by a write the peer does not read")
+
 // errResetAtEOF is the failure of a read that returned EOF on a connection
 // that had been reset.
 var errResetAtEOF = fmt.Errorf("end of stream on a reset connection: %w", syscall.ECONNRESET)

@@ -311,3 +311,34 @@ func TestPeerThatNeverReads(t *testing.T) {
 		t.Errorf("heap in use grew by %d MiB while the app read nothing", grew>>20)
 	}
 }
+
+// A connection whose app reads nothing goes idle with the sidecar's write
+// towards the peer sidecar stuck on a full socket: the idle timeout closes
+// it then, not five seconds later (tls.Conn.Close's write deadline for its
+// close_notify, which waited behind the stuck write).
+func TestIdleTimeoutWithAStuckWrite(t *testing.T) {
+	stuck := make(chan struct{})
+	defer close(stuck) // before the mesh's cleanup waits for the app
+	const idle = 300 * time.Millisecond
+	m := newMesh(t, func(net.Conn) { <-stuck }, meshOptions{outbound: func(o *Outbound) { o.IdleTimeout = idle }})
+	mark := m.logs.mark()
+	c := m.dial(t)
+	chunk := make([]byte, 1<<20)
+	for {
+		c.SetWriteDeadline(time.Now().Add(200 * time.Millisecond))
+		if _, err := c.Write(chunk); err != nil {
+			if !isTimeout(err) {
+				t.Fatal(err)
+			}
+			break
+		}
+	}
+	blocked := time.Now()
+	expectClosed(t, c)
+	took := time.Since(blocked)
+	m.logs.wait(t, mark, "connection closed", map[string]string{"listener": "backend", "reason": reasonIdleTimeout})
+	t.Logf("closed %v after the client's writes blocked (idle timeout %v)", took.Round(time.Millisecond), idle)
+	if took >= 4*time.Second {
+		t.Errorf("closed %v after the client's writes blocked, with an idle timeout of %v: the close waited for the stuck write", took, idle)
+	}
+}

@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"unsafe"
 
@@ -83,6 +84,9 @@ type socket struct {
 	batchRaw bool       // the batch is of a direction that is not streaming (see sysRead)
 	wpool    *sync.Pool // where wbuf comes from: the pool of the batch's size
 	wbuf     *[]byte
+	// closing: kill is closing the TLS connection over this socket (see
+	// Write).
+	closing atomic.Bool
 }
 
 // recordBatchSize holds the records made of n bytes of plaintext: each
@@ -177,8 +181,21 @@ func (s *socket) writeNow(fd uintptr) bool {
 
 // Write is what the TLS stack writes: straight to the socket, or into the
 // batch while the copy loop has one open.
+//
+// While kill closes the connection, a write that finds the socket taken
+// gives up at once: what holds it is a write of the copy loop waiting for a
+// peer that does not read (a connection idle for the whole idle timeout
+// moved no byte, so nothing else can be writing), and the TLS stack's
+// close_notify could only follow a record cut in the middle. Waiting would
+// hold the kill for tls.Conn.Close's write deadline (5 s) before the
+// sockets are closed.
 func (s *socket) Write(p []byte) (int, error) {
-	s.wmu.Lock()
+	if !s.wmu.TryLock() {
+		if s.closing.Load() {
+			return 0, errWriteBlocked
+		}
+		s.wmu.Lock()
+	}
 	defer s.wmu.Unlock()
 	if !s.batch {
 		return s.TCPConn.Write(p)

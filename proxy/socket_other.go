@@ -2,7 +2,10 @@
 
 package proxy
 
-import "net"
+import (
+	"net"
+	"sync/atomic"
+)
 
 // socket is only implemented on Linux (see socket_linux.go). Elsewhere
 // newSocket returns nil and the copy loop blocks in Read holding its
@@ -11,6 +14,7 @@ type socket struct {
 	net.Conn
 	waitOK, drained, rawRead bool
 	grace                    struct{ sw *graceSweeper }
+	closing                  atomic.Bool
 }
 
 func newSocket(net.Conn) *socket { return nil }
