@@ -195,6 +195,8 @@ type tricklingConn struct {
 	on     bool
 	stalls map[int]time.Duration // by offset into what is trickled
 	off    int
+	// midStall runs in the middle of each stall.
+	midStall func()
 }
 
 func (c *tricklingConn) Write(p []byte) (int, error) {
@@ -205,7 +207,11 @@ func (c *tricklingConn) Write(p []byte) (int, error) {
 	}
 	for i := range p {
 		if d, ok := c.stalls[c.off]; ok {
-			time.Sleep(d)
+			time.Sleep(d / 2)
+			if c.midStall != nil {
+				c.midStall()
+			}
+			time.Sleep(d / 2)
 		}
 		if _, err := c.TCPConn.Write(p[i : i+1]); err != nil {
 			return i, err
@@ -236,7 +242,12 @@ func TestTricklingPeer(t *testing.T) {
 				t.Fatal(err)
 			}
 			t.Cleanup(func() { raw.Close() })
-			tr := &tricklingConn{TCPConn: raw.(*net.TCPConn), stalls: map[int]time.Duration{}}
+			var parkedMidRecord int
+			tr := &tricklingConn{TCPConn: raw.(*net.TCPConn), stalls: map[int]time.Duration{}, midStall: func() {
+				if m.inbound.parker.count() == 2 {
+					parkedMidRecord++
+				}
+			}}
 			tc := tls.Client(tr, cfg)
 			tc.SetDeadline(time.Now().Add(4 * waitFor))
 			if err := tc.Handshake(); err != nil {
@@ -269,6 +280,11 @@ func TestTricklingPeer(t *testing.T) {
 			raw.(*net.TCPConn).CloseWrite()
 			if n, err := io.Copy(io.Discard, tc); n != 0 || err != nil {
 				t.Fatalf("after the half-close: %d more bytes, %v; want a clean end", n, err)
+			}
+			// Both directions parked while a record was half sent: the
+			// peer's (waiting for the rest) and the app's.
+			if parkedMidRecord == 0 {
+				t.Error("no stall found the connection parked")
 			}
 		})
 	}
