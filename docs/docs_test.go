@@ -16,7 +16,7 @@ import (
 
 // outside matches references to material that is not part of the
 // repository: documents kept outside it, and issue numbers.
-var outside = regexp.MustCompile(`\.\./shared|shared/seeds|DESIGN\.md|[Tt]he seed (TLS )?policy|issue's cadence|\b[Ii]ssue #?[0-9]+\b`)
+var outside = regexp.MustCompile(`\.\./shared|shared/[s]eeds|DESIGN\.md|[Tt]he seed (TLS )?policy|issue's cadence|\b[Ii]ssue #?[0-9]+\b`)
 
 // link matches a Markdown inline link's target.
 var link = regexp.MustCompile(`\]\(([^)\s]+)\)`)
