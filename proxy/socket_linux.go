@@ -390,18 +390,15 @@ func readFD(fd uintptr, p []byte, raw bool) (int, error) {
 // message, and the monitor wakes anyway at the next timer, GC or ordinary
 // system call anywhere in the process (a handshake, the access log).
 func sysRead(fd uintptr, p []byte, raw bool) (int, syscall.Errno) {
-	if len(p) == 0 {
-		return 0, 0
-	}
-	call := syscall.Syscall
-	if raw {
-		call = syscall.RawSyscall
-	}
-	n, _, e := call(syscall.SYS_READ, fd, uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)))
-	return int(n), e
+	return sysIO(syscall.SYS_READ, fd, p, raw)
 }
 
 func sysWrite(fd uintptr, p []byte, raw bool) (int, syscall.Errno) {
+	return sysIO(syscall.SYS_WRITE, fd, p, raw)
+}
+
+// sysIO makes the read(2) or write(2) trap on p, raw or not (see sysRead).
+func sysIO(trap, fd uintptr, p []byte, raw bool) (int, syscall.Errno) {
 	if len(p) == 0 {
 		return 0, 0
 	}
@@ -409,6 +406,6 @@ func sysWrite(fd uintptr, p []byte, raw bool) (int, syscall.Errno) {
 	if raw {
 		call = syscall.RawSyscall
 	}
-	n, _, e := call(syscall.SYS_WRITE, fd, uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)))
+	n, _, e := call(trap, fd, uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)))
 	return int(n), e
 }
