@@ -15,6 +15,7 @@ import (
 	"sync"
 	"time"
 
+	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
@@ -484,6 +485,12 @@ func configKey(cfg *proxy.Config) string {
 	cp.Source, cp.Version = "", ""
 	sum := sha256.Sum256([]byte(fmt.Sprintf("%+v", cp)))
 	return hex.EncodeToString(sum[:])
+}
+
+// node is how this client names itself to the control plane, on the first
+// request of every stream, delta or state of the world.
+func (c *Client) node() *core.Node {
+	return &core.Node{Id: c.opts.NodeID.String(), UserAgentName: "latch"}
 }
 
 func (c *Client) edsNames(s Set) []string {

@@ -6,7 +6,6 @@ import (
 	"maps"
 	"slices"
 
-	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	rpcstatus "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
@@ -82,7 +81,7 @@ func (c *Client) deltaSession(ctx context.Context, ads discovery.AggregatedDisco
 			d.view[typ][name] = e
 		}
 	}
-	node := &core.Node{Id: c.opts.NodeID.String(), UserAgentName: "latch"}
+	node := c.node()
 	// Clusters first, then listeners, as Envoy does: listeners refer to
 	// clusters, and the client waits until references resolve.
 	first := []*discovery.DeltaDiscoveryRequest{

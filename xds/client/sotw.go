@@ -55,7 +55,7 @@ func (c *Client) sotwSession(ctx context.Context, ads discovery.AggregatedDiscov
 	s := &session{
 		c:      c,
 		stream: stream,
-		node:   &core.Node{Id: c.opts.NodeID.String(), UserAgentName: "latch"},
+		node:   c.node(),
 		types:  map[string]*typeState{ListenerType: {}, ClusterType: {}, EndpointType: {}},
 	}
 	// Clusters first, then listeners, as Envoy does: listeners refer to
