@@ -159,11 +159,7 @@ func TestInjectedSidecarServesIPv4AndIPv6(t *testing.T) {
 	waitListening(t, beLogs, inPort)
 	beLogs.wait(t, "admin endpoint listening", nil)
 
-	feSrc, err := identity.NewWorkloadSource(t.Context(), w.socket(t, frontend), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { feSrc.Close() })
+	feSrc := workloadSource(t, w.socket(t, frontend))
 	clientTLS := identity.NewTLS(feSrc).ClientConfig(identity.Modern(), spiffeid.RequireFromString(backend))
 	for _, host := range loopbacks {
 		addr := net.JoinHostPort(host, strconv.Itoa(inPort))
@@ -248,11 +244,7 @@ spec:
 	})
 	waitListening(t, beLogs, inPort)
 
-	feSrc, err := identity.NewWorkloadSource(t.Context(), w.socket(t, frontend), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { feSrc.Close() })
+	feSrc := workloadSource(t, w.socket(t, frontend))
 	clientTLS := identity.NewTLS(feSrc).ClientConfig(identity.Modern(), spiffeid.RequireFromString(backend))
 	for _, host := range loopbacks {
 		addr := net.JoinHostPort(host, strconv.Itoa(inPort))

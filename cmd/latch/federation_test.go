@@ -56,11 +56,7 @@ func TestProxyCommandFederation(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	pSrc, err := identity.NewWorkloadSource(t.Context(), pSocket, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { pSrc.Close() })
+	pSrc := workloadSource(t, pSocket)
 
 	app := echoApp(t)
 	path := filepath.Join(t.TempDir(), "latch.yaml")

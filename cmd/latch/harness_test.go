@@ -6,6 +6,7 @@ import (
 	"net"
 	"testing"
 
+	"latch.dev/latch/identity"
 	"latch.dev/latch/identity/devca"
 )
 
@@ -39,4 +40,16 @@ func newDevCA(t *testing.T, td string) *devca.CA {
 	}
 	t.Cleanup(func() { ca.Close() })
 	return ca
+}
+
+// workloadSource is the Workload API source at socket, closed when the test
+// ends.
+func workloadSource(t *testing.T, socket string) *identity.WorkloadSource {
+	t.Helper()
+	src, err := identity.NewWorkloadSource(t.Context(), socket, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { src.Close() })
+	return src
 }

@@ -69,11 +69,7 @@ func TestProxyBuiltAsPIE(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	feSrc, err := identity.NewWorkloadSource(t.Context(), feSocket, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { feSrc.Close() })
+	feSrc := workloadSource(t, feSocket)
 	app := echoApp(t)
 
 	cfg := filepath.Join(dir, "latch.yaml")

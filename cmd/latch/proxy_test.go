@@ -173,11 +173,7 @@ func TestProxyCommand(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	feSrc, err := identity.NewWorkloadSource(t.Context(), feSocket, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { feSrc.Close() })
+	feSrc := workloadSource(t, feSocket)
 
 	app := echoApp(t)
 
