@@ -2,16 +2,16 @@ package server
 
 import (
 	"bytes"
+	"maps"
+	"reflect"
 	"testing"
 
 	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	endpoint "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
-	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/protobuf/proto"
-	"google.golang.org/protobuf/types/known/durationpb"
 
 	"latch.dev/latch/xds/policy"
 	"latch.dev/latch/xds/translate"
@@ -82,6 +82,9 @@ func TestSnapshotsHoldResourcesEncoded(t *testing.T) {
 			if len(h.ProtoReflect().GetUnknown()) == 0 {
 				t.Errorf("%s %q is held as a tree of fields, not encoded", typ, name)
 			}
+			if h.ProtoReflect().Descriptor().FullName() == w.ProtoReflect().Descriptor().FullName() {
+				t.Errorf("%s %q is held as a message of its type (%d bytes before its fields), not as its bytes", typ, name, reflect.TypeOf(w).Elem().Size())
+			}
 			wb, err := det.Marshal(w)
 			if err != nil {
 				t.Fatal(err)
@@ -101,6 +104,37 @@ func TestSnapshotsHoldResourcesEncoded(t *testing.T) {
 			n++
 		}
 	}
+	// What go-control-plane's own snapshot of the translation would give
+	// the cache: the same resources per type, the same version, and for
+	// delta streams the same version of each resource, so a sidecar moving
+	// between replicas or releases is sent nothing it has.
+	theirs, err := cache.NewSnapshot(b.version, want)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := theirs.ConstructVersionMap(); err != nil {
+		t.Fatal(err)
+	}
+	for _, typ := range []string{resource.ClusterType, resource.EndpointType, resource.ListenerType, resource.RouteType} {
+		if got, w := b.snap.GetVersion(typ), theirs.GetVersion(typ); got != w && !(typ == resource.RouteType && got == "") {
+			t.Errorf("%s: version %q, want %q", typ, got, w)
+		}
+		if got, w := b.snap.GetVersionMap(typ), theirs.GetVersionMap(typ); !maps.Equal(got, w) {
+			t.Errorf("%s: resource versions %v, want %v", typ, got, w)
+		}
+		got, w := b.snap.GetResourcesAndTTL(typ), theirs.GetResourcesAndTTL(typ)
+		if len(got) != len(w) {
+			t.Errorf("%s: %d resources with TTL, want %d", typ, len(got), len(w))
+		}
+		for name, r := range w {
+			g, ok := got[name]
+			gb, _ := det.Marshal(g.Resource)
+			wb, _ := det.Marshal(r.Resource)
+			if !ok || g.TTL != nil || !bytes.Equal(gb, wb) {
+				t.Errorf("%s %q: held %v with TTL %v, marshalling to other bytes", typ, name, ok, g.TTL)
+			}
+		}
+	}
 	if n < 7 || len(want[resource.EndpointType]) == 0 {
 		t.Fatalf("only %d resources (%d endpoints): the declaration should cover every shape", n, len(want[resource.EndpointType]))
 	}
@@ -111,8 +145,8 @@ func TestSnapshotsHoldResourcesEncoded(t *testing.T) {
 }
 
 // TestBuildRefuses: consistency is still checked although encoded clusters
-// hide their references, and a message without a name as field 1 is not
-// encoded.
+// hide their references, and a snapshot whose resources cannot be told apart
+// by name is not served.
 func TestBuildRefuses(t *testing.T) {
 	eds := &cluster.Cluster{Name: "outbound|9001", ClusterDiscoveryType: &cluster.Cluster_Type{Type: cluster.Cluster_EDS},
 		EdsClusterConfig: &cluster.Cluster_EdsClusterConfig{}}
@@ -122,7 +156,11 @@ func TestBuildRefuses(t *testing.T) {
 	if b := build("n", translate.Resources{Clusters: []*cluster.Cluster{eds}, Endpoints: []*endpoint.ClusterLoadAssignment{{ClusterName: "outbound|9001"}}}); b.err != nil {
 		t.Errorf("a consistent snapshot refused: %v", b.err)
 	}
-	if _, err := encode[types.Resource](durationpb.New(1)); err == nil {
-		t.Error("a message whose field 1 is not a name was encoded")
+	static := &cluster.Cluster{Name: "inbound|8443|app", ClusterDiscoveryType: &cluster.Cluster_Type{Type: cluster.Cluster_STATIC}}
+	if b := build("n", translate.Resources{Clusters: []*cluster.Cluster{static, static}}); b.err == nil {
+		t.Error("two clusters of one name were served")
+	}
+	if b := build("n", translate.Resources{Clusters: []*cluster.Cluster{{ClusterDiscoveryType: &cluster.Cluster_Type{Type: cluster.Cluster_STATIC}}}}); b.err == nil {
+		t.Error("a cluster without a name was served")
 	}
 }

@@ -15,7 +15,6 @@ import (
 
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
-	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	delta "github.com/envoyproxy/go-control-plane/pkg/server/delta/v3"
@@ -29,8 +28,6 @@ import (
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
-	"google.golang.org/protobuf/proto"
-	"google.golang.org/protobuf/reflect/protoreflect"
 
 	"latch.dev/latch/xds/policy"
 	"latch.dev/latch/xds/translate"
@@ -309,113 +306,6 @@ func (s *Server) serve(declared []policy.Declaration, gone []string, total, errs
 	}
 	s.metrics.nodes(total)
 	s.log.Info("declarations served", "declared", total, "changed", changed, "removed", removed, "declaration_errors", errs)
-}
-
-// built is one node's snapshot, ready to install.
-type built struct {
-	node, version string
-	r             translate.Resources
-	snap          *cache.Snapshot
-	err           error
-}
-
-// build makes a consistent snapshot of r, versioned by its content hash,
-// holding each resource encoded (see encode).
-func build(node string, r translate.Resources) built {
-	b := built{node: node, r: r}
-	// Consistency reads the clusters' references to endpoints, which the
-	// encoded clusters no longer show: it is checked on r.
-	full, err := cache.NewSnapshot("", byType(r))
-	if err == nil {
-		err = full.Consistent()
-	}
-	var enc translate.Resources
-	if err == nil {
-		enc, err = encodeAll(r)
-	}
-	if err != nil {
-		b.err = err
-		return b
-	}
-	// The encoded resources marshal to the same bytes as r's, so they hash
-	// to the version r.Hash() gives (VersionFor), at the cost of a copy.
-	b.version = enc.Hash()
-	b.snap, b.err = cache.NewSnapshot(b.version, byType(enc))
-	return b
-}
-
-// byType lists r's resources by type, as a snapshot takes them.
-func byType(r translate.Resources) map[resource.Type][]types.Resource {
-	res := map[resource.Type][]types.Resource{
-		resource.ListenerType: {},
-		resource.ClusterType:  {},
-		resource.EndpointType: {},
-	}
-	for _, l := range r.Listeners {
-		res[resource.ListenerType] = append(res[resource.ListenerType], l)
-	}
-	for _, c := range r.Clusters {
-		res[resource.ClusterType] = append(res[resource.ClusterType], c)
-	}
-	for _, e := range r.Endpoints {
-		res[resource.EndpointType] = append(res[resource.EndpointType], e)
-	}
-	return res
-}
-
-// encodeAll encodes every resource of r (encode), in the same order.
-func encodeAll(r translate.Resources) (translate.Resources, error) {
-	var out translate.Resources
-	var err error
-	out.Listeners, err = encodeEach(r.Listeners)
-	if err == nil {
-		out.Clusters, err = encodeEach(r.Clusters)
-	}
-	if err == nil {
-		out.Endpoints, err = encodeEach(r.Endpoints)
-	}
-	return out, err
-}
-
-func encodeEach[M proto.Message](ms []M) ([]M, error) {
-	out := make([]M, 0, len(ms))
-	for _, m := range ms {
-		e, err := encode(m)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, e)
-	}
-	return out, nil
-}
-
-// encode returns a message of m's type that holds m already encoded: its
-// name set (field 1 of every type latch serves: go-control-plane reads it to
-// index a snapshot and name what it sends) and every other field as the
-// bytes proto.Marshal made of them, kept as unknown fields, which marshalling
-// copies as they are. It marshals to the same bytes as m. A node's snapshot
-// then holds its resources in a few hundred bytes each instead of trees of
-// small objects, and every response to a stream (each reconnect, each
-// stream of a node) copies those bytes instead of walking the trees again.
-func encode[M proto.Message](m M) (M, error) {
-	var none M
-	pm := m.ProtoReflect()
-	name := pm.Descriptor().Fields().ByNumber(1)
-	if name == nil || name.Kind() != protoreflect.StringKind || name.Cardinality() == protoreflect.Repeated || name.ContainingOneof() != nil {
-		return none, fmt.Errorf("encoding %s: it has no name as field 1", pm.Descriptor().FullName())
-	}
-	// m is cleared of its name while it is marshalled, and given it back.
-	v := pm.Get(name)
-	pm.Clear(name)
-	raw, err := proto.MarshalOptions{Deterministic: true}.Marshal(m)
-	pm.Set(name, v)
-	if err != nil {
-		return none, fmt.Errorf("encoding %s %q: %w", pm.Descriptor().FullName(), v.String(), err)
-	}
-	out := pm.Type().New()
-	out.Set(name, v)
-	out.SetUnknown(raw)
-	return out.Interface().(M), nil
 }
 
 // setSnapshot is called with s.snapMu held.

@@ -146,26 +146,53 @@ func Translate(d policy.Declaration, opts Options) Resources {
 // Hash is a content hash of the resources, used as the snapshot version: the
 // same declarations give the same version on every control-plane replica.
 func (r Resources) Hash() string {
-	h := sha256.New()
 	det := proto.MarshalOptions{Deterministic: true}
-	add := func(kind string, m proto.Message) {
+	marshal := func(kind string, m proto.Message) []byte {
 		b, err := det.Marshal(m)
 		if err != nil {
 			panic(fmt.Sprintf("marshalling %s: %v", kind, err)) // resources built here always marshal
 		}
+		return b
+	}
+	var e Encoded
+	for _, l := range r.Listeners {
+		e.Listeners = append(e.Listeners, marshal("listener", l))
+	}
+	for _, c := range r.Clusters {
+		e.Clusters = append(e.Clusters, marshal("cluster", c))
+	}
+	for _, ep := range r.Endpoints {
+		e.Endpoints = append(e.Endpoints, marshal("endpoints", ep))
+	}
+	return e.Hash()
+}
+
+// Encoded is Resources, each already marshalled deterministically, in the
+// same order.
+type Encoded struct {
+	Listeners, Clusters, Endpoints [][]byte
+}
+
+// Hash is the Hash of the Resources e was marshalled from: a server that
+// holds resources marshalled needs not marshal them again to version them.
+func (e Encoded) Hash() string {
+	h := sha256.New()
+	add := func(kind string, b []byte) {
 		fmt.Fprintf(h, "%s %d\n", kind, len(b))
 		h.Write(b)
 	}
-	for _, l := range r.Listeners {
-		add("listener", l)
+	for _, b := range e.Listeners {
+		add("listener", b)
 	}
-	for _, c := range r.Clusters {
-		add("cluster", c)
+	for _, b := range e.Clusters {
+		add("cluster", b)
 	}
-	for _, e := range r.Endpoints {
-		add("endpoints", e)
+	for _, b := range e.Endpoints {
+		add("endpoints", b)
 	}
-	return hex.EncodeToString(h.Sum(nil))[:16]
+	// 16 hex digits: only the first 8 bytes are encoded, so the version
+	// does not keep the other 48 digits of the sum alive with it.
+	return hex.EncodeToString(h.Sum(nil)[:8])
 }
 
 type translator struct {
