@@ -5,7 +5,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X main.version=$(VERSION)
 HELM_VERSION := v3.22.0
 
-.PHONY: all build test test-short demo lint fmt vet staticcheck bench bench-smoke bench-compare reliability soak fuzz tools kube-tools clean
+.PHONY: all build test test-short demo lint fmt vet staticcheck bench bench-smoke bench-compare bench-floor reliability soak fuzz tools kube-tools clean
 
 all: build
 
@@ -69,6 +69,17 @@ SIDECARS ?= 1000,10000
 bench-propagation:
 	LATCH_XDS_BENCH_SIDECARS=$(SIDECARS) LATCH_XDS_BENCH_PROFILE=$(PROFILE) LATCH_XDS_BENCH_CP_GOMEMLIMIT=$(CP_GOMEMLIMIT) \
 		$(GO) test ./xds/server -run '^$$' -bench Propagation -benchtime 1x -timeout 120m
+
+# What one connected sidecar costs the control plane in memory, layer by
+# layer (xds/README.md, "Memory"): bare gRPC with the control plane's TLS and
+# server options, then go-control-plane, then latch, STREAMS streams each,
+# SotW and delta. 10,000 took under 2 minutes on 2 shared cores. CP_ENV adds
+# to the server process's environment, e.g. CP_ENV='GOGC=50' or
+# CP_ENV='GOMEMLIMIT=400MiB'; LAYERS=grpc,go-control-plane for some only.
+STREAMS ?= 10000
+bench-floor:
+	LATCH_XDS_FLOOR_STREAMS=$(STREAMS) LATCH_XDS_FLOOR_CP_ENV='$(CP_ENV)' LATCH_XDS_FLOOR_LAYERS=$(LAYERS) \
+		$(GO) test ./xds/server -run '^$$' -bench Floor -benchtime 1x -timeout 60m
 
 # Load, faults and hostile input, with the figures table (docs/security.md).
 reliability:
