@@ -470,6 +470,9 @@ func TestServerAdvertisesLimits(t *testing.T) {
 	if got := settings[http2.SettingMaxHeaderListSize]; got != maxHeaderBytes {
 		t.Errorf("MAX_HEADER_LIST_SIZE %d, want %d", got, maxHeaderBytes)
 	}
+	if got, ok := settings[http2.SettingHeaderTableSize]; !ok || got != 0 {
+		t.Errorf("HEADER_TABLE_SIZE %d (sent: %v), want 0 sent", got, ok)
+	}
 
 	// Pings more often than every 10 s: the server says goodbye.
 	for i := range 10 {
