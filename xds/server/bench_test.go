@@ -70,6 +70,7 @@ import (
 //	go test ./xds/server -run '^$' -bench 'Propagation/sidecars=1000/' -benchtime 5x
 //	LATCH_XDS_BENCH_PROFILE=/tmp/prof go test ... # CPU and heap profiles of the control plane per scenario
 //	LATCH_XDS_BENCH_CP_GOMEMLIMIT=700MiB go test ... # the control plane's GOMEMLIMIT, as the chart sets it
+//	LATCH_XDS_BENCH_MEMPROFILERATE=1 go test ...     # every allocation in its heap profiles
 func BenchmarkPropagation(b *testing.B) {
 	sizes := []int{1000, 10000}
 	if testing.Short() {
@@ -109,6 +110,12 @@ const (
 	// it from the container's memory limit); none if unset. GOMEMLIMIT
 	// itself would reach the sidecars' process too.
 	benchCPMemLimitEnv = "LATCH_XDS_BENCH_CP_GOMEMLIMIT"
+
+	// benchMemProfileRateEnv sets runtime.MemProfileRate in the control
+	// plane (and in BenchmarkDeclarationMemory): 1 records every
+	// allocation, for per-object figures in its heap profiles, at a cost
+	// in CPU that makes its timings meaningless.
+	benchMemProfileRateEnv = "LATCH_XDS_BENCH_MEMPROFILERATE"
 )
 
 func sidecarID(i int) string { return fmt.Sprintf("spiffe://mesh.test/ns/bench/sa/s%d", i) }
@@ -610,6 +617,13 @@ func cpuNS() int64 {
 // runControlPlane serves the declarations of dir/decl on addr with the SVID
 // the swarm wrote, and answers the benchmark's commands until stdin ends.
 func runControlPlane(t *testing.T, dir, addr string) {
+	if env := os.Getenv(benchMemProfileRateEnv); env != "" {
+		rate, err := strconv.Atoi(env)
+		if err != nil {
+			t.Fatalf("%s: %v", benchMemProfileRateEnv, err)
+		}
+		runtime.MemProfileRate = rate
+	}
 	if prof := os.Getenv("LATCH_XDS_BENCH_PROFILE"); prof != "" {
 		// Start-up (reading and translating every declaration) until
 		// listening: what a restart costs before any sidecar is served.

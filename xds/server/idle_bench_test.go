@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"runtime/pprof"
+	"strconv"
 	"testing"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -34,10 +35,10 @@ func BenchmarkDeclarationMemory(b *testing.B) {
 			b.Fatalf("LATCH_XDS_BENCH_SIDECARS: %v", err)
 		}
 	}
-	if env := os.Getenv("LATCH_XDS_BENCH_MEMPROFILERATE"); env != "" {
-		var rate int
-		if _, err := fmt.Sscan(env, &rate); err != nil {
-			b.Fatalf("LATCH_XDS_BENCH_MEMPROFILERATE: %v", err)
+	if env := os.Getenv(benchMemProfileRateEnv); env != "" {
+		rate, err := strconv.Atoi(env)
+		if err != nil {
+			b.Fatalf("%s: %v", benchMemProfileRateEnv, err)
 		}
 		defer func(old int) { runtime.MemProfileRate = old }(runtime.MemProfileRate)
 		runtime.MemProfileRate = rate
