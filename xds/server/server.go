@@ -20,7 +20,6 @@ import (
 	delta "github.com/envoyproxy/go-control-plane/pkg/server/delta/v3"
 	sotw "github.com/envoyproxy/go-control-plane/pkg/server/sotw/v3"
 	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	rpcstatus "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -69,8 +68,10 @@ type Server struct {
 	mu             sync.Mutex
 	streamsPerPeer int
 	streams        map[streamKey]*streamState
-	nodes          map[string]map[streamKey]bool // node ID → its bound streams
-	peers          map[peerKey]*peerUse
+	// nodes lists each node's bound streams: one, as a rule, and a map
+	// per node cost ten times the list.
+	nodes map[string][]streamKey
+	peers map[peerKey]*peerUse
 
 	logLimit logLimiter
 
@@ -87,9 +88,10 @@ type streamKey struct {
 }
 
 type streamState struct {
-	peer   spiffeid.ID
+	// from is the peer: its SPIFFE ID, which is the node ID once the
+	// stream is bound, and its address.
 	from   peerKey
-	node   string // node ID once proved equal to peer
+	bound  bool
 	opened time.Time
 	// types is what the stream was sent and answered, per served type (in
 	// the order of typeIndex). Fixed, not maps: ten thousand streams hold
@@ -101,9 +103,24 @@ type streamState struct {
 	lastSent, lastSentVersion, lastAcked string
 
 	// Delta: the names the stream is subscribed to, mirrored from
-	// go-control-plane's subscription to bound it.
-	subscribed     map[string]map[string]bool // type URL → names
-	subscribedSize int                        // bytes of those names
+	// go-control-plane's subscription to bound it; nil until it names one.
+	subscribed     map[subscription]struct{}
+	subscribedSize int // bytes of those names
+}
+
+// subscription is a resource name a delta stream subscribed to, and the
+// index of its type in servedTypeURLs.
+type subscription struct {
+	typ  int
+	name string
+}
+
+// node is the node ID the stream is bound to, "" before its first request.
+func (st *streamState) node() string {
+	if !st.bound {
+		return ""
+	}
+	return st.from.id
 }
 
 // typeState is what one stream was sent of one resource type and what its
@@ -163,7 +180,7 @@ func New(ctx context.Context, opts Options) *Server {
 		metrics:  opts.Metrics,
 		topts:    opts.Translate,
 		streams:  map[streamKey]*streamState{},
-		nodes:    map[string]map[streamKey]bool{},
+		nodes:    map[string][]streamKey{},
 		peers:    map[peerKey]*peerUse{},
 		served:   map[string]string{},
 		lastDecl: map[string]policy.Declaration{},
@@ -384,7 +401,7 @@ func (s *Server) Version(node string) string {
 func (s *Server) LastNACK(node string) string {
 	s.mu.Lock()
 	var msgs []string
-	for k := range s.nodes[node] {
+	for _, k := range s.nodes[node] {
 		for _, t := range s.streams[k].types {
 			if t.nack != "" {
 				msgs = append(msgs, t.nack)
@@ -484,18 +501,18 @@ func (s *Server) serverOptions(tlsConfig *tls.Config) []grpc.ServerOption {
 // node ID other than the SPIFFE ID its certificate proves.
 var ErrNodeMismatch = errors.New("node ID does not match the peer certificate's SPIFFE ID")
 
-// peerOf returns the SPIFFE ID of the verified client certificate on ctx,
-// and the workload instance it names with the peer's address.
-func peerOf(ctx context.Context) (spiffeid.ID, peerKey, error) {
+// peerOf returns the workload instance the verified client certificate on
+// ctx names: its SPIFFE ID, and the peer's address.
+func peerOf(ctx context.Context) (peerKey, error) {
 	p, ok := peer.FromContext(ctx)
 	if !ok {
-		return spiffeid.ID{}, peerKey{}, errors.New("no peer on the stream")
+		return peerKey{}, errors.New("no peer on the stream")
 	}
 	id, err := idFromAuth(p.AuthInfo)
 	if err != nil {
-		return spiffeid.ID{}, peerKey{}, err
+		return peerKey{}, err
 	}
-	return id, peerKey{id: id.String(), addr: hostOf(p.Addr)}, nil
+	return peerKey{id: id.String(), addr: hostOf(p.Addr)}, nil
 }
 
 // logPeer logs a line a peer caused, unless peers have caused too many
@@ -514,7 +531,7 @@ func (s *Server) logPeer(level slog.Level, msg string, args ...any) {
 func (s *Server) callbacks() serverv3.CallbackFuncs {
 	open := func(delta bool) func(context.Context, int64, string) error {
 		return func(ctx context.Context, id int64, _ string) error {
-			pid, from, err := peerOf(ctx)
+			from, err := peerOf(ctx)
 			if err != nil {
 				s.metrics.refused("no_peer_id")
 				s.logPeer(slog.LevelWarn, "xds stream refused", "reason", err)
@@ -528,11 +545,11 @@ func (s *Server) callbacks() serverv3.CallbackFuncs {
 					"reason", "stream limit", "limit", s.streamsPerPeer)
 				return status.Errorf(codes.ResourceExhausted, "latch control plane: %s already holds %d xDS streams (the limit per workload instance)", from, s.streamsPerPeer)
 			}
-			s.streams[streamKey{delta, id}] = &streamState{peer: pid, from: from, opened: time.Now()}
+			s.streams[streamKey{delta, id}] = &streamState{from: from, opened: time.Now()}
 			n := len(s.streams)
 			s.mu.Unlock()
 			s.metrics.connected(n)
-			s.logPeer(slog.LevelInfo, "xds stream opened", "peer_id", pid.String(), "remote_addr", from.addr, "delta", delta)
+			s.logPeer(slog.LevelInfo, "xds stream opened", "peer_id", from.id, "remote_addr", from.addr, "delta", delta)
 			return nil
 		}
 	}
@@ -544,10 +561,16 @@ func (s *Server) callbacks() serverv3.CallbackFuncs {
 			if st != nil {
 				delete(s.streams, key)
 				s.release(st.from, true)
-				if st.node != "" {
-					delete(s.nodes[st.node], key)
-					if len(s.nodes[st.node]) == 0 {
-						delete(s.nodes, st.node)
+				if node := st.node(); node != "" {
+					keys := s.nodes[node]
+					if i := slices.Index(keys, key); i >= 0 {
+						keys[i] = keys[len(keys)-1]
+						keys = keys[:len(keys)-1]
+					}
+					if len(keys) == 0 {
+						delete(s.nodes, node)
+					} else {
+						s.nodes[node] = keys
 					}
 				}
 			}
@@ -557,11 +580,11 @@ func (s *Server) callbacks() serverv3.CallbackFuncs {
 				return // refused when it opened
 			}
 			s.metrics.connected(n)
-			if st.node != "" {
-				s.forgetIfIdle(st.node)
+			if node := st.node(); node != "" {
+				s.forgetIfIdle(node)
 				s.signalAcks()
 			}
-			s.logPeer(slog.LevelInfo, "xds stream closed", "peer_id", st.peer.String(), "remote_addr", st.from.addr, "delta", delta,
+			s.logPeer(slog.LevelInfo, "xds stream closed", "peer_id", st.from.id, "remote_addr", st.from.addr, "delta", delta,
 				"duration", time.Since(st.opened).Round(time.Millisecond).String())
 		}
 	}
@@ -579,6 +602,7 @@ func (s *Server) callbacks() serverv3.CallbackFuncs {
 				return err
 			}
 			slimNode(req.GetNode())
+			s.share(key, &req.TypeUrl, &req.ResponseNonce, &req.VersionInfo)
 			if req.GetErrorDetail() != nil {
 				s.holdNACKed(key, req)
 			}
@@ -601,6 +625,7 @@ func (s *Server) callbacks() serverv3.CallbackFuncs {
 				return err
 			}
 			slimNode(req.GetNode())
+			s.share(key, &req.TypeUrl, &req.ResponseNonce, nil)
 			s.noteAck(key, req.GetTypeUrl(), "", req.GetResponseNonce() != "", req.GetErrorDetail())
 			s.trackAck(key, req.GetTypeUrl(), req.GetResponseNonce(), req.GetErrorDetail() != nil)
 			req.ErrorDetail = nil
@@ -633,27 +658,31 @@ func (s *Server) checkNode(key streamKey, node *core.Node) error {
 		return status.Error(codes.Internal, "latch control plane: request on an unknown stream")
 	}
 	if node == nil || node.GetId() == "" {
-		bound := st.node != ""
+		bound := st.bound
 		s.mu.Unlock()
 		if bound {
 			return nil // later requests may omit the node
 		}
 		s.metrics.refused("no_node_id")
-		s.logPeer(slog.LevelWarn, "xds stream refused", "peer_id", st.peer.String(), "remote_addr", st.from.addr, "reason", "first request carries no node ID")
+		s.logPeer(slog.LevelWarn, "xds stream refused", "peer_id", st.from.id, "remote_addr", st.from.addr, "reason", "first request carries no node ID")
 		return status.Error(codes.InvalidArgument, "latch control plane: the first request must carry the node ID")
 	}
-	if node.GetId() != st.peer.String() {
+	if node.GetId() != st.from.id {
 		s.mu.Unlock()
 		s.metrics.refused("node_mismatch")
 		nodeID := clip(node.GetId(), maxLoggedBytes)
-		s.logPeer(slog.LevelWarn, "xds stream refused", "peer_id", st.peer.String(), "remote_addr", st.from.addr, "node", nodeID, "reason", ErrNodeMismatch.Error())
-		return status.Errorf(codes.PermissionDenied, "latch control plane: node ID %q: %v (%s)", nodeID, ErrNodeMismatch, st.peer)
+		s.logPeer(slog.LevelWarn, "xds stream refused", "peer_id", st.from.id, "remote_addr", st.from.addr, "node", nodeID, "reason", ErrNodeMismatch.Error())
+		return status.Errorf(codes.PermissionDenied, "latch control plane: node ID %q: %v (%s)", nodeID, ErrNodeMismatch, st.from.id)
 	}
-	st.node = node.GetId()
-	if s.nodes[st.node] == nil {
-		s.nodes[st.node] = map[streamKey]bool{}
+	if !st.bound {
+		st.bound = true
+		s.nodes[st.from.id] = append(s.nodes[st.from.id], key)
+		// go-control-plane keeps the first request's node for the
+		// stream's life: let it keep the server's copy of the ID rather
+		// than the request's. (Later requests omit the node, or carry that
+		// one, which go-control-plane may be reading: it is left alone.)
+		node.Id = st.from.id
 	}
-	s.nodes[st.node][key] = true
 	s.mu.Unlock()
 	s.snapMu.Lock()
 	defer s.snapMu.Unlock()
@@ -696,26 +725,26 @@ func (s *Server) checkSubscription(key streamKey, req *discovery.DeltaDiscoveryR
 		s.mu.Unlock()
 		return status.Error(codes.Internal, "latch control plane: request on an unknown stream")
 	}
-	if st.subscribed == nil {
-		st.subscribed = map[string]map[string]bool{}
-	}
-	names := st.subscribed[req.GetTypeUrl()]
-	if names == nil {
-		names = map[string]bool{}
-		st.subscribed[req.GetTypeUrl()] = names
-	}
+	typ := typeIndex(req.GetTypeUrl()) // served: checkType ran first
 	for _, n := range req.GetResourceNamesSubscribe() {
-		if !names[n] && st.subscribedSize+len(n) <= maxSubscriptionBytes {
-			names[n] = true
-			st.subscribedSize += len(n)
-		} else if !names[n] {
+		sub := subscription{typ, n}
+		if _, had := st.subscribed[sub]; had {
+			continue
+		}
+		if st.subscribedSize+len(n) > maxSubscriptionBytes {
 			st.subscribedSize = maxSubscriptionBytes + 1
 			break
 		}
+		if st.subscribed == nil {
+			st.subscribed = map[subscription]struct{}{}
+		}
+		st.subscribed[sub] = struct{}{}
+		st.subscribedSize += len(n)
 	}
 	for _, n := range req.GetResourceNamesUnsubscribe() {
-		if names[n] {
-			delete(names, n)
+		sub := subscription{typ, n}
+		if _, had := st.subscribed[sub]; had {
+			delete(st.subscribed, sub)
 			st.subscribedSize -= len(n)
 		}
 	}
@@ -749,6 +778,29 @@ func slimNode(n *core.Node) {
 	n.ListeningAddresses = nil
 }
 
+// share points a request's type URL, nonce and version (version may be nil)
+// at equal strings the server holds already: the type URL it serves, the
+// nonce and version of the stream's last response of the type. The
+// request is kept by go-control-plane with the stream's watch of its type
+// until the next one, so its own copies would be held once per stream and
+// type. typeURL must be served (checkType).
+func (s *Server) share(key streamKey, typeURL, nonce, version *string) {
+	i := typeIndex(*typeURL)
+	*typeURL = servedTypeURLs[i]
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := s.streams[key]
+	if st == nil {
+		return
+	}
+	if t := &st.types[i]; *nonce == t.nonce {
+		*nonce = t.nonce
+	}
+	if version != nil && *version == st.types[i].version {
+		*version = st.types[i].version
+	}
+}
+
 // holdNACKed stops a refused version from being sent again at once. A SotW
 // NACK carries the last version the sidecar accepted; the snapshot cache
 // sees that it differs from the current one and would resend the refused
@@ -774,7 +826,7 @@ func (s *Server) noteAck(key streamKey, typeURL, version string, ack bool, nack 
 		s.mu.Unlock()
 		return
 	}
-	node := st.node
+	node := st.node()
 	if nack == nil {
 		switch {
 		case ack && key.delta:
@@ -872,7 +924,7 @@ func (s *Server) Acks() []NodeAcks {
 	out := make([]NodeAcks, 0, len(s.nodes))
 	for node, keys := range s.nodes {
 		na := NodeAcks{Node: node, Version: served[node]}
-		for k := range keys {
+		for _, k := range keys {
 			st := s.streams[k]
 			na.Connected++
 			if nack := st.firstNACK(); nack != "" {

@@ -2,9 +2,12 @@ package server
 
 import (
 	"context"
+	"strings"
 	"testing"
+	"unsafe"
 
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"go.uber.org/goleak"
@@ -71,7 +74,7 @@ func TestUpdateVersionsAndRemoval(t *testing.T) {
 	// b's declaration goes away while b is connected: b is served an empty
 	// snapshot, not its old one.
 	bStream := streamKey{id: 1}
-	s.streams[bStream] = &streamState{peer: spiffeid.RequireFromString("spiffe://mesh.test/b")}
+	s.streams[bStream] = &streamState{from: peerKey{id: "spiffe://mesh.test/b"}}
 	if err := s.checkNode(bStream, &core.Node{Id: "spiffe://mesh.test/b"}); err != nil {
 		t.Fatal(err)
 	}
@@ -105,7 +108,7 @@ func TestCheckNode(t *testing.T) {
 	s := New(ctx, Options{})
 	peer := spiffeid.RequireFromString("spiffe://mesh.test/a")
 	key := streamKey{id: 1}
-	s.streams[key] = &streamState{peer: peer}
+	s.streams[key] = &streamState{from: peerKey{id: peer.String()}}
 
 	if err := s.checkNode(key, nil); err == nil {
 		t.Error("first request without a node accepted")
@@ -138,5 +141,132 @@ func TestCheckNode(t *testing.T) {
 	}
 	if s.Version(peer.String()) == "" {
 		t.Error("undeclared node not given an empty snapshot once declarations are loaded")
+	}
+
+	// A node's streams are counted once each, however many requests name
+	// the node, and each leaves with its stream.
+	second := streamKey{delta: true, id: 7}
+	s.streams[second] = &streamState{from: peerKey{id: peer.String()}}
+	for range 3 {
+		if err := s.checkNode(second, &core.Node{Id: peer.String()}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := s.boundStreams(peer.String()); n != 2 {
+		t.Errorf("%d streams bound to the node, want 2", n)
+	}
+	s.callbacks().OnStreamClosed(key.id, nil)
+	if n := s.boundStreams(peer.String()); n != 1 || len(s.Undeclared()) != 1 {
+		t.Errorf("after one stream closed: %d streams bound, undeclared %v; want 1 and the node", n, s.Undeclared())
+	}
+	s.callbacks().OnDeltaStreamClosed(second.id, nil)
+	if n := s.boundStreams(peer.String()); n != 0 || len(s.nodes) != 0 || s.Version(peer.String()) != "" {
+		t.Errorf("after both closed: %d streams bound, %d nodes held, version %q; want nothing held", n, len(s.nodes), s.Version(peer.String()))
+	}
+}
+
+// TestRequestsKeepNoCopies: go-control-plane keeps each stream's latest
+// request of every type, and the first request's node, for as long as the
+// stream lives. What in them the server already holds (the type URL it
+// serves, the nonce and version of its last response, the peer's ID) is
+// made to point at the server's copy, so ten thousand streams do not each
+// keep their own.
+func TestRequestsKeepNoCopies(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	s := New(ctx, Options{})
+	s.Update(decls(t, a))
+	id := "spiffe://mesh.test/a"
+	cb := s.callbacks()
+	same := func(what, got, held string) {
+		t.Helper()
+		if got != held || unsafe.StringData(got) != unsafe.StringData(held) {
+			t.Errorf("%s %q: the request keeps its own copy of the server's %q", what, got, held)
+		}
+	}
+	for _, delta := range []bool{false, true} {
+		key := streamKey{delta: delta, id: 1}
+		s.streams[key] = &streamState{from: peerKey{id: strings.Clone(id), addr: "192.0.2.1"}}
+		node := &core.Node{Id: strings.Clone(id)}
+		first := &discovery.DiscoveryRequest{Node: node, TypeUrl: strings.Clone(resource.ListenerType)}
+		firstDelta := &discovery.DeltaDiscoveryRequest{Node: node, TypeUrl: strings.Clone(resource.ListenerType)}
+		var err error
+		if delta {
+			err = cb.OnStreamDeltaRequest(key.id, firstDelta)
+		} else {
+			err = cb.OnStreamRequest(key.id, first)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		same("node ID", node.GetId(), s.streams[key].from.id)
+		version := s.Version(id)
+		if delta {
+			cb.OnStreamDeltaResponse(key.id, firstDelta, &discovery.DeltaDiscoveryResponse{TypeUrl: resource.ListenerType, Nonce: "7", SystemVersionInfo: version})
+			ack := &discovery.DeltaDiscoveryRequest{TypeUrl: strings.Clone(resource.ListenerType), ResponseNonce: strings.Clone("7")}
+			if err := cb.OnStreamDeltaRequest(key.id, ack); err != nil {
+				t.Fatal(err)
+			}
+			same("type URL", ack.GetTypeUrl(), servedTypeURLs[typeIndex(resource.ListenerType)])
+			same("nonce", ack.GetResponseNonce(), s.streams[key].types[typeIndex(resource.ListenerType)].nonce)
+		} else {
+			cb.OnStreamResponse(ctx, key.id, first, &discovery.DiscoveryResponse{TypeUrl: resource.ListenerType, Nonce: "7", VersionInfo: version})
+			ack := &discovery.DiscoveryRequest{Node: node, TypeUrl: strings.Clone(resource.ListenerType), ResponseNonce: strings.Clone("7"), VersionInfo: strings.Clone(version)}
+			if err := cb.OnStreamRequest(key.id, ack); err != nil {
+				t.Fatal(err)
+			}
+			same("type URL", ack.GetTypeUrl(), servedTypeURLs[typeIndex(resource.ListenerType)])
+			same("nonce", ack.GetResponseNonce(), s.streams[key].types[typeIndex(resource.ListenerType)].nonce)
+			same("version", ack.GetVersionInfo(), s.streams[key].types[typeIndex(resource.ListenerType)].version)
+			if acks := s.Acks(); len(acks) != 1 || acks[0].Acked != 1 {
+				t.Errorf("the acknowledgement was not recorded: %+v", acks)
+			}
+		}
+	}
+}
+
+// TestSubscriptionBudget: a delta stream's subscriptions are counted once
+// per type and name, given back when unsubscribed, and refused past
+// maxSubscriptionBytes; a stream that subscribes to nothing holds nothing.
+func TestSubscriptionBudget(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	s := New(ctx, Options{})
+	key := streamKey{delta: true, id: 1}
+	s.streams[key] = &streamState{from: peerKey{id: "spiffe://mesh.test/a"}}
+	sub := func(typeURL string, add, drop []string) error {
+		return s.checkSubscription(key, &discovery.DeltaDiscoveryRequest{TypeUrl: typeURL, ResourceNamesSubscribe: add, ResourceNamesUnsubscribe: drop})
+	}
+	if err := sub(resource.ClusterType, nil, nil); err != nil || s.streams[key].subscribed != nil {
+		t.Fatalf("a request naming nothing: %v, mirror %v", err, s.streams[key].subscribed)
+	}
+	half := strings.Repeat("n", maxSubscriptionBytes/2)
+	for range 2 { // the same name again costs nothing
+		if err := sub(resource.EndpointType, []string{half}, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := s.streams[key].subscribedSize; got != len(half) {
+		t.Errorf("%d bytes counted, want %d", got, len(half))
+	}
+	// The same name of another type is another subscription; it fits, once.
+	if err := sub(resource.ListenerType, []string{half}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := sub(resource.ClusterType, []string{"x"}, nil); err == nil {
+		t.Fatal("a subscription past the budget was accepted")
+	}
+	s.streams[key] = &streamState{from: peerKey{id: "spiffe://mesh.test/a"}}
+	if err := sub(resource.EndpointType, []string{half, "a"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := sub(resource.EndpointType, []string{"b"}, []string{half, "never-subscribed"}); err != nil {
+		t.Fatal(err)
+	}
+	if got := s.streams[key].subscribedSize; got != 2 {
+		t.Errorf("after unsubscribing: %d bytes counted, want 2", got)
+	}
+	if err := sub(resource.ListenerType, []string{half, strings.Repeat("m", maxSubscriptionBytes/2-2)}, nil); err != nil {
+		t.Errorf("the budget given back was not reusable: %v", err)
 	}
 }
