@@ -1,6 +1,7 @@
 package policy
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"flag"
@@ -545,5 +546,48 @@ func TestTrustDomainPatternAgreesWithDecoder(t *testing.T) {
 		if re.MatchString(v) != (err == nil) {
 			t.Errorf("trustDomain %q: pattern match %v, decoder error %v", v, re.MatchString(v), err)
 		}
+	}
+}
+
+// TestStoreSkipsOnlyTheSameContent: the store knows a source's last content
+// by its digest alone; content given again is skipped, any other is parsed,
+// including the good version again after a refused one, and a file read
+// again after it could not be read.
+func TestStoreSkipsOnlyTheSameContent(t *testing.T) {
+	st, err := NewStore(testOpts, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const path = "/decl/a.yaml"
+	good := []byte(policyFor("a", "spiffe://mesh.test/a", 1001))
+	bad := []byte(strings.Replace(string(good), "appAddress", "app", 1))
+	steps := []struct {
+		what       string
+		set        func() Change
+		wantChange bool
+		wantReason string
+	}{
+		{"first", func() Change { return st.SetFile(path, good) }, true, ReasonAccepted},
+		{"the same bytes again", func() Change { return st.SetFile(path, bytes.Clone(good)) }, false, ReasonAccepted},
+		{"broken", func() Change { return st.SetFile(path, bad) }, true, ReasonInvalid},
+		{"broken again", func() Change { return st.SetFile(path, bad) }, false, ReasonInvalid},
+		{"the good version back", func() Change { return st.SetFile(path, good) }, true, ReasonAccepted},
+		{"unreadable", func() Change { return st.SetFileError(path, errors.New("permission denied")) }, true, ReasonInvalid},
+		{"readable again, unchanged", func() Change { return st.SetFile(path, good) }, true, ReasonAccepted},
+		{"one byte changed", func() Change {
+			return st.SetFile(path, []byte(strings.Replace(string(good), "1001", "1002", 1)))
+		}, true, ReasonAccepted},
+	}
+	for _, step := range steps {
+		ch := step.set()
+		if ch.Empty() == step.wantChange {
+			t.Errorf("%s: change %+v, want a change: %v", step.what, ch, step.wantChange)
+		}
+		if s, _ := st.State(FileSource(path)); s.Reason != step.wantReason {
+			t.Errorf("%s: %s, want %s", step.what, s.Reason, step.wantReason)
+		}
+	}
+	if got := ids(st.Snapshot()); got != "spiffe://mesh.test/a@1002" {
+		t.Errorf("served %q", got)
 	}
 }

@@ -1,8 +1,8 @@
 package policy
 
 import (
-	"bytes"
 	"cmp"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -149,9 +149,12 @@ type Store struct {
 
 type entry struct {
 	src Source
-	// latest is the content last given (a file's bytes; an object's spec
-	// with its generation), to skip an unchanged one.
-	latest     []byte
+	// latest is the digest of the content last given (a file's bytes; an
+	// object's spec, with its generation), to skip an unchanged one; nil
+	// if none was (a file that could not be read). Only the digest: the
+	// content itself, kept for every source, was a tenth of what the
+	// control plane held per declaration.
+	latest     *contentDigest
 	generation int64
 	// pending is the latest version when it is good but held back by a
 	// conflict; nil otherwise.
@@ -159,11 +162,21 @@ type entry struct {
 	pendingGen int64
 	errs       []*Error // why the latest version is not served; nil if it is
 	reason     string
-	// serving is what this source serves, and the content it came from.
+	// serving is what this source serves.
 	serving    []Declaration
 	servingGen int64
-	servingRaw []byte
 }
+
+// contentDigest identifies a source's content.
+type contentDigest [sha256.Size]byte
+
+func digestOf(data []byte) *contentDigest {
+	d := contentDigest(sha256.Sum256(data))
+	return &d
+}
+
+// is reports whether d is the digest of the content whose digest is o.
+func (d *contentDigest) is(o *contentDigest) bool { return d != nil && o != nil && *d == *o }
 
 // NewStore returns an empty Store.
 func NewStore(opts Options, log *slog.Logger) (*Store, error) {
@@ -190,6 +203,7 @@ func (s *Store) SetFile(path string, data []byte) Change {
 type parsedFile struct {
 	path   string
 	data   []byte
+	digest *contentDigest // of data, once taken
 	parsed bool
 	decls  []Declaration
 	err    error
@@ -199,9 +213,10 @@ type parsedFile struct {
 // ignores it anyway). It does not change the store, so files can be parsed
 // at once and handed to setFile one by one.
 func (s *Store) parse(f parsedFile) parsedFile {
+	f.digest = digestOf(f.data)
 	s.mu.Lock()
 	e := s.entries[FileSource(f.path)]
-	same := e != nil && e.latest != nil && bytes.Equal(e.latest, f.data)
+	same := e != nil && e.latest.is(f.digest)
 	s.mu.Unlock()
 	if !same {
 		f.decls, f.err = Parse(f.path, f.data, s.opts)
@@ -214,13 +229,16 @@ func (s *Store) setFile(f parsedFile) Change {
 	src := FileSource(f.path)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if e := s.entries[src]; e != nil && e.latest != nil && bytes.Equal(e.latest, f.data) {
+	if f.digest == nil {
+		f.digest = digestOf(f.data)
+	}
+	if e := s.entries[src]; e != nil && e.latest.is(f.digest) {
 		return Change{}
 	}
 	if !f.parsed {
 		f.decls, f.err = Parse(f.path, f.data, s.opts)
 	}
-	return s.set(src, bytes.Clone(f.data), 0, f.decls, f.err)
+	return s.set(src, f.digest, 0, f.decls, f.err)
 }
 
 // SetFileError records that the file at path could not be read; it keeps
@@ -249,11 +267,12 @@ func (s *Store) SetObject(o Object) Change {
 	src := ObjectSource(o.Namespace, o.Name)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if e := s.entries[src]; e != nil && e.latest != nil && e.generation == o.Generation && bytes.Equal(e.latest, o.Spec) {
+	digest := digestOf(o.Spec)
+	if e := s.entries[src]; e != nil && e.generation == o.Generation && e.latest.is(digest) {
 		return Change{}
 	}
 	decls, err := ParseObject(o, s.opts)
-	return s.set(src, bytes.Clone(o.Spec), o.Generation, decls, err)
+	return s.set(src, digest, o.Generation, decls, err)
 }
 
 // Remove forgets src: the IDs it served are no longer served, unless a
@@ -279,13 +298,13 @@ func (s *Store) Remove(src Source) Change {
 
 // set installs the outcome of parsing src's latest content. Called with
 // s.mu held.
-func (s *Store) set(src Source, raw []byte, gen int64, decls []Declaration, parseErr error) Change {
+func (s *Store) set(src Source, digest *contentDigest, gen int64, decls []Declaration, parseErr error) Change {
 	e := s.entries[src]
 	if e == nil {
 		e = &entry{src: src}
 		s.entries[src] = e
 	}
-	e.latest, e.generation = raw, gen
+	e.latest, e.generation = digest, gen
 	ch := Change{Sources: []Source{src}}
 	if parseErr != nil {
 		e.pending, e.pendingGen = nil, 0
@@ -326,7 +345,7 @@ func (s *Store) claim(e *entry) Change {
 	}
 	released := s.release(e, next)
 	ch.IDs = append(ch.IDs, released...)
-	e.serving, e.servingGen, e.servingRaw = e.pending, e.pendingGen, e.latest
+	e.serving, e.servingGen = e.pending, e.pendingGen
 	e.pending, e.pendingGen, e.errs, e.reason = nil, 0, nil, ReasonAccepted
 	ch.Merge(s.retry(released))
 	return ch
