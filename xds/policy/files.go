@@ -29,13 +29,13 @@ type Files struct {
 	dir   string
 
 	mu    sync.Mutex
-	known map[string]os.FileInfo // paths given to the store, as they were when read
+	known map[string]seenFile // paths given to the store, as they were when read
 }
 
 // NewFiles returns the source of the declarations in dir. Nothing is read
 // until Reload or Watch.
 func NewFiles(store *Store, dir string) *Files {
-	return &Files{store: store, dir: dir, known: map[string]os.FileInfo{}}
+	return &Files{store: store, dir: dir, known: map[string]seenFile{}}
 }
 
 // Dir is the directory the source reads.
@@ -64,25 +64,25 @@ func (f *Files) reload() (Change, error) {
 		return Change{}, fmt.Errorf("listing declarations in %s: %w", f.dir, err)
 	}
 	var changes []Change
-	now := map[string]os.FileInfo{}
+	now := make(map[string]seenFile, len(files))
 	var read []string
 	for _, file := range files {
 		p := file.path
-		if prev, ok := f.known[p]; ok && unchanged(prev, file.info) {
+		if prev, ok := f.known[p]; ok && prev.unchanged(file.info) {
 			// Not read again: with one file per workload, reading them all
 			// was most of the cost of a one-file change.
 			now[p] = prev
 			continue
 		}
-		now[p] = file.info
-		if racy(file.info, start) {
-			now[p] = nil // read again next time: see unchanged
+		now[p] = seenFile{} // read again next time: see unchanged
+		if !racy(file.info, start) {
+			now[p] = seen(file.info)
 		}
 		read = append(read, p)
 	}
 	for _, r := range f.readAll(read) {
 		if r.readErr != nil {
-			now[r.path] = nil // retried next time
+			now[r.path] = seenFile{} // retried next time
 			changes = append(changes, f.store.SetFileError(r.path, r.readErr))
 			continue
 		}
@@ -146,14 +146,30 @@ func (f *Files) readAll(paths []string) []readFile {
 	return out
 }
 
-// unchanged reports whether a file is the one read before, untouched: the
+// seenFile is what a reload keeps of a file it read, to know it untouched
+// at the next: which file it is, its size and its modification time. Not
+// the os.FileInfo, which is four times as large (the whole stat record and
+// the name), for every file.
+type seenFile struct {
+	trusted bool // false: read it again next time
+	file    fileID
+	size    int64
+	modTime int64 // Unix nanoseconds
+}
+
+func seen(fi os.FileInfo) seenFile {
+	id, ok := fileIdentity(fi)
+	return seenFile{trusted: ok, file: id, size: fi.Size(), modTime: fi.ModTime().UnixNano()}
+}
+
+// unchanged reports whether cur is the file read before, untouched: the
 // same file (device and inode: a ConfigMap update, or an editor's rename
 // over it, makes a new one), size and modification time. File times are
 // coarse (a clock tick, milliseconds), so a file that was modified shortly
-// before it was read is never taken as unchanged (racy, which stores nil):
+// before it was read is never taken as unchanged (racy; it is not trusted):
 // a second edit of the same size within the same tick would be missed.
-func unchanged(prev, cur os.FileInfo) bool {
-	return prev != nil && os.SameFile(prev, cur) && prev.Size() == cur.Size() && prev.ModTime().Equal(cur.ModTime())
+func (s seenFile) unchanged(cur os.FileInfo) bool {
+	return s.trusted && s == seen(cur)
 }
 
 // racyWindow is how recently modified a file may be when read and still be

@@ -70,12 +70,16 @@ func TestFilesRereadOnlyWhatChanged(t *testing.T) {
 	write(1004, fi.ModTime())
 	served("spiffe://mesh.test/a@1004")
 
-	// A new file (a rename over the old one) is read whatever its time.
+	// Trusted again once its time is old; then a new file (a rename over
+	// the old one) of the same size and time is read: it is another file.
+	earlier := hourAgo.Add(-time.Minute)
+	write(1004, earlier)
+	served("spiffe://mesh.test/a@1004")
 	tmp := filepath.Join(dir, ".a.tmp")
 	if err := os.WriteFile(tmp, []byte(policyFor("a", "spiffe://mesh.test/a", 1005)), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.Chtimes(tmp, hourAgo, hourAgo); err != nil {
+	if err := os.Chtimes(tmp, earlier, earlier); err != nil {
 		t.Fatal(err)
 	}
 	if err := os.Rename(tmp, path); err != nil {
