@@ -2,6 +2,8 @@ package server
 
 import (
 	"bytes"
+	"context"
+	"errors"
 	"maps"
 	"reflect"
 	"testing"
@@ -162,5 +164,20 @@ func TestBuildRefuses(t *testing.T) {
 	}
 	if b := build("n", translate.Resources{Clusters: []*cluster.Cluster{{ClusterDiscoveryType: &cluster.Cluster_Type{Type: cluster.Cluster_STATIC}}}}); b.err == nil {
 		t.Error("a cluster without a name was served")
+	}
+}
+
+// TestRefusedSnapshotNotRecorded: a node whose first snapshot could not be
+// built is not recorded as served (nor its declaration as translated), so
+// the next update builds it again instead of skipping it as unchanged.
+func TestRefusedSnapshotNotRecorded(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	s := New(ctx, Options{})
+	s.snapMu.Lock()
+	ok := s.install(built{node: "spiffe://mesh.test/n", err: errors.New("inconsistent")})
+	s.snapMu.Unlock()
+	if ok || s.Version("spiffe://mesh.test/n") != "" || len(s.served) != 0 {
+		t.Errorf("a refused snapshot was recorded: installed %v, version %q, %d nodes held", ok, s.Version("spiffe://mesh.test/n"), len(s.served))
 	}
 }

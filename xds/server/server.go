@@ -58,10 +58,11 @@ type Server struct {
 	// snapMu serialises snapshot changes. It is taken before mu, never
 	// while mu is held (Update holds snapMu for long), and mu is never held
 	// while calling into the cache.
-	snapMu   sync.Mutex
-	served   map[string]string             // node ID → snapshot version, for every node with a declaration now or before
-	lastDecl map[string]policy.Declaration // node ID → declaration last translated
-	ready    bool
+	snapMu sync.Mutex
+	// served is what each node is served, for every node with a
+	// declaration now or before, or an open stream.
+	served map[string]*servedNode
+	ready  bool
 
 	// Everything under mu belongs to an open stream or connection and goes
 	// with it, so what a peer makes the server hold ends when it leaves.
@@ -80,6 +81,16 @@ type Server struct {
 	// acksChanged is signalled (without blocking; one pending signal is
 	// enough) whenever what Acks returns may have changed.
 	acksChanged chan struct{}
+}
+
+// servedNode is what a node is served. One record per node, not a map per
+// field: with ten thousand nodes each map held its own copy of every node ID.
+type servedNode struct {
+	version string
+	// decl is the declaration last translated for the node, if declared:
+	// one equal to it translates to the same snapshot.
+	decl     policy.Declaration
+	declared bool
 }
 
 type streamKey struct {
@@ -176,14 +187,13 @@ func typeIndex(typeURL string) int {
 // New returns a Server whose streams end when ctx is done.
 func New(ctx context.Context, opts Options) *Server {
 	s := &Server{
-		log:      opts.Logger,
-		metrics:  opts.Metrics,
-		topts:    opts.Translate,
-		streams:  map[streamKey]*streamState{},
-		nodes:    map[string][]streamKey{},
-		peers:    map[peerKey]*peerUse{},
-		served:   map[string]string{},
-		lastDecl: map[string]policy.Declaration{},
+		log:     opts.Logger,
+		metrics: opts.Metrics,
+		topts:   opts.Translate,
+		streams: map[streamKey]*streamState{},
+		nodes:   map[string][]streamKey{},
+		peers:   map[peerKey]*peerUse{},
+		served:  map[string]*servedNode{},
 
 		streamsPerPeer: opts.StreamsPerPeer,
 		handshakes:     newHandshakeGate(maxHandshakes, handshakeSlotHold, handshakeTimeout),
@@ -257,7 +267,7 @@ func (s *Server) serve(declared []policy.Declaration, gone []string, total, errs
 	for _, d := range declared {
 		// An unchanged declaration translates to the same snapshot; skip
 		// the work (with many workloads, most are unchanged by an edit).
-		if prev, ok := s.lastDecl[d.ID.String()]; ok && reflect.DeepEqual(prev, d) {
+		if n := s.served[d.ID.String()]; n != nil && n.declared && reflect.DeepEqual(n.decl, d) {
 			continue
 		}
 		todo = append(todo, d)
@@ -273,7 +283,9 @@ func (s *Server) serve(declared []policy.Declaration, gone []string, total, errs
 		go func() {
 			defer wg.Done()
 			for d := range jobs {
-				results <- build(d.ID.String(), translate.Translate(d, s.topts))
+				b := build(d.ID.String(), translate.Translate(d, s.topts))
+				b.decl = &d
+				results <- b
 			}
 		}()
 	}
@@ -286,28 +298,26 @@ func (s *Server) serve(declared []policy.Declaration, gone []string, total, errs
 		close(results)
 	}()
 	changed := 0
-	installed := map[string]bool{}
 	for b := range results {
-		if s.served[b.node] != b.version {
+		if n := s.served[b.node]; n == nil || n.version != b.version {
 			changed++
 		}
-		installed[b.node] = s.install(b)
-	}
-	for _, d := range todo {
-		if installed[d.ID.String()] {
-			s.lastDecl[d.ID.String()] = d
+		if s.install(b) {
+			n := s.served[b.node]
+			n.decl, n.declared = *b.decl, true
 		}
 	}
 	removed := 0
 	for _, node := range gone {
-		if _, known := s.served[node]; !known {
+		n := s.served[node]
+		if n == nil {
 			continue
 		}
-		wasDeclared := s.lastDecl[node].Name != ""
+		wasDeclared := n.declared
 		if wasDeclared {
 			removed++
 		}
-		delete(s.lastDecl, node)
+		n.decl, n.declared = policy.Declaration{}, false
 		// A connected sidecar is told to serve nothing; one that is not
 		// connected is forgotten, and told when it connects.
 		if s.boundStreams(node) > 0 {
@@ -332,7 +342,6 @@ func (s *Server) setSnapshot(node string, r translate.Resources) { _ = s.install
 // with s.snapMu held, for a node with no declaration and no stream.
 func (s *Server) forget(node string) {
 	delete(s.served, node)
-	delete(s.lastDecl, node)
 	s.cache.ClearSnapshot(node)
 	s.metrics.forgetNode(node)
 }
@@ -343,7 +352,7 @@ func (s *Server) forget(node string) {
 func (s *Server) forgetIfIdle(node string) {
 	s.snapMu.Lock()
 	defer s.snapMu.Unlock()
-	if _, declared := s.lastDecl[node]; declared || s.boundStreams(node) > 0 {
+	if n := s.served[node]; (n != nil && n.declared) || s.boundStreams(node) > 0 {
 		return
 	}
 	s.forget(node)
@@ -360,7 +369,8 @@ func (s *Server) boundStreams(node string) int {
 // and reports whether the node now has it. It is called with s.snapMu held.
 func (s *Server) install(b built) bool {
 	node, version, r, err := b.node, b.version, b.r, b.err
-	if s.served[node] == version {
+	n := s.served[node]
+	if n != nil && n.version == version && err == nil {
 		return true
 	}
 	if err == nil {
@@ -372,7 +382,11 @@ func (s *Server) install(b built) bool {
 		s.log.Error("snapshot refused", "node", node, "version", version, "reason", err)
 		return false
 	}
-	s.served[node] = version
+	if n == nil {
+		n = &servedNode{}
+		s.served[node] = n
+	}
+	n.version = version
 	s.signalAcks()
 	s.log.Debug("snapshot updated", "node", node, "version", version,
 		"listeners", len(r.Listeners), "clusters", len(r.Clusters), "endpoints", len(r.Endpoints))
@@ -390,7 +404,10 @@ func (s *Server) Ready() bool {
 func (s *Server) Version(node string) string {
 	s.snapMu.Lock()
 	defer s.snapMu.Unlock()
-	return s.served[node]
+	if n := s.served[node]; n != nil {
+		return n.version
+	}
+	return ""
 }
 
 // LastNACK returns the error details of the updates node's open streams
@@ -432,7 +449,7 @@ func (s *Server) Undeclared() []string {
 	defer s.snapMu.Unlock()
 	var out []string
 	for _, node := range nodes {
-		if _, declared := s.lastDecl[node]; !declared {
+		if n := s.served[node]; n == nil || !n.declared {
 			out = append(out, node)
 		}
 	}
@@ -916,8 +933,8 @@ type NodeAcks struct {
 func (s *Server) Acks() []NodeAcks {
 	s.snapMu.Lock()
 	served := make(map[string]string, len(s.served))
-	for n, v := range s.served {
-		served[n] = v
+	for node, n := range s.served {
+		served[node] = n.version
 	}
 	s.snapMu.Unlock()
 	s.mu.Lock()

@@ -9,6 +9,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/emptypb"
 
+	"latch.dev/latch/xds/policy"
 	"latch.dev/latch/xds/translate"
 )
 
@@ -18,6 +19,9 @@ type built struct {
 	r             translate.Resources
 	snap          *nodeSnapshot
 	err           error
+	// decl is the declaration r was translated from; nil for an empty
+	// snapshot given to a node without one.
+	decl *policy.Declaration
 }
 
 // build makes a consistent snapshot of r, versioned by its content hash,
