@@ -73,7 +73,7 @@ bench-propagation:
 # What one connected sidecar costs the control plane in memory, layer by
 # layer (xds/README.md, "Memory"): bare gRPC with the control plane's TLS and
 # server options, then go-control-plane, then latch, STREAMS streams each,
-# SotW and delta. 10,000 took under 2 minutes on 2 shared cores. CP_ENV adds
+# SotW and delta. 10,000 took about 2 minutes on 2 shared cores. CP_ENV adds
 # to the server process's environment, e.g. CP_ENV='GOGC=50' or
 # CP_ENV='GOMEMLIMIT=400MiB'; LAYERS=grpc,go-control-plane for some only.
 STREAMS ?= 10000
