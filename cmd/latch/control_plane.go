@@ -349,14 +349,13 @@ type controlPlaneParts struct {
 	store *policy.Store
 	kube  *kube.Controller // nil without --kubernetes
 
-	mu   sync.Mutex
-	last policy.Snapshot
+	mu sync.Mutex
 	// stale is set while changes are held back, and until the first
 	// snapshot is served.
 	stale bool
 }
 
-// publish serves what the store holds now and keeps it for /status. Every
+// publish serves what the store holds now. Every
 // source calls it after a change, with what it changed (nil: anything may
 // have); the lock keeps an older snapshot from being served after a newer
 // one. Until the Kubernetes source has read every object it serves nothing:
@@ -369,7 +368,6 @@ func (p *controlPlaneParts) publish(ch *policy.Change) policy.Snapshot {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	s := p.store.Snapshot()
-	p.last = s
 	switch {
 	case p.kube != nil && !p.kube.Synced():
 		p.stale = true
@@ -444,8 +442,12 @@ func controlPlaneStatus(p *controlPlaneParts, wait *identityWait, dir string) co
 		return doc
 	}
 	doc.Identity = p.mon.Status()
+	// The store's snapshot, not one kept from the last publish: that would
+	// be a second copy of every declaration, for a page seldom read. Taken
+	// under the publish lock, it is what was last published unless a
+	// source changed since, and its publish is on its way.
 	p.mu.Lock()
-	snap := p.last
+	snap := p.store.Snapshot()
 	p.mu.Unlock()
 	for _, d := range snap.Declarations {
 		doc.Declarations = append(doc.Declarations, declarationStatus{
