@@ -109,7 +109,12 @@ type peerKey struct {
 func (k peerKey) String() string { return k.id + " from " + k.addr }
 
 // peerUse is what one workload instance holds now.
-type peerUse struct{ conns, streams int }
+type peerUse struct {
+	// key is the map's key for the peer, whose strings its streams share
+	// instead of each keeping copies of its own.
+	key            peerKey
+	conns, streams int
+}
 
 // hostOf is the IP of a peer address, without the port.
 func hostOf(a net.Addr) string {
@@ -142,7 +147,7 @@ func idFromAuth(auth credentials.AuthInfo) (spiffeid.ID, error) {
 func (s *Server) acquire(k peerKey, stream bool) bool {
 	u := s.peers[k]
 	if u == nil {
-		u = &peerUse{}
+		u = &peerUse{key: k}
 		s.peers[k] = u
 	}
 	n := &u.conns

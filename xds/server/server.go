@@ -562,6 +562,7 @@ func (s *Server) callbacks() serverv3.CallbackFuncs {
 					"reason", "stream limit", "limit", s.streamsPerPeer)
 				return status.Errorf(codes.ResourceExhausted, "latch control plane: %s already holds %d xDS streams (the limit per workload instance)", from, s.streamsPerPeer)
 			}
+			from = s.peers[from].key
 			s.streams[streamKey{delta, id}] = &streamState{from: from, opened: time.Now()}
 			n := len(s.streams)
 			s.mu.Unlock()

@@ -270,3 +270,27 @@ func TestSubscriptionBudget(t *testing.T) {
 		t.Errorf("the budget given back was not reusable: %v", err)
 	}
 }
+
+// TestStreamsShareThePeersStrings: a stream names its peer with the strings
+// of the server's record of the peer (its connection's), over a real mTLS
+// connection, instead of copies of its own.
+func TestStreamsShareThePeersStrings(t *testing.T) {
+	cp := startLiveCP(t, Options{})
+	c := cp.dial(t, idA, "127.0.0.1")
+	openBound(t, c, idA)
+	openBound(t, c, idA)
+	cp.s.mu.Lock()
+	defer cp.s.mu.Unlock()
+	if len(cp.s.streams) != 2 {
+		t.Fatalf("%d streams, want 2", len(cp.s.streams))
+	}
+	for _, st := range cp.s.streams {
+		u := cp.s.peers[st.from]
+		if u == nil || u.conns != 1 || u.streams != 2 {
+			t.Fatalf("the peer's record: %+v", u)
+		}
+		if unsafe.StringData(st.from.id) != unsafe.StringData(u.key.id) || unsafe.StringData(st.from.addr) != unsafe.StringData(u.key.addr) {
+			t.Errorf("stream of %s keeps its own copy of the peer's ID or address", st.from)
+		}
+	}
+}
