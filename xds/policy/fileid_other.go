@@ -9,3 +9,5 @@ import "os"
 type fileID struct{}
 
 func fileIdentity(os.FileInfo) (fileID, bool) { return fileID{}, false }
+
+func (fileID) changedAt() int64 { return 0 }

@@ -27,6 +27,11 @@ const DefaultDebounce = 100 * time.Millisecond
 type Files struct {
 	store *Store
 	dir   string
+	// racyWindow is racyWindow but in tests, which cannot set a file's
+	// ctime back and would otherwise wait for it to age.
+	racyWindow time.Duration
+	// read reads a file: os.ReadFile, but in tests that count reads.
+	read func(name string) ([]byte, error)
 
 	mu    sync.Mutex
 	known map[string]seenFile // paths given to the store, as they were when read
@@ -35,7 +40,7 @@ type Files struct {
 // NewFiles returns the source of the declarations in dir. Nothing is read
 // until Reload or Watch.
 func NewFiles(store *Store, dir string) *Files {
-	return &Files{store: store, dir: dir, known: map[string]seenFile{}}
+	return &Files{store: store, dir: dir, racyWindow: racyWindow, read: os.ReadFile, known: map[string]seenFile{}}
 }
 
 // Dir is the directory the source reads.
@@ -75,8 +80,8 @@ func (f *Files) reload() (Change, error) {
 			continue
 		}
 		now[p] = seenFile{} // read again next time: see unchanged
-		if !racy(file.info, start) {
-			now[p] = seen(file.info)
+		if s := seen(file.info); !s.racy(start, f.racyWindow) {
+			now[p] = s
 		}
 		read = append(read, p)
 	}
@@ -122,7 +127,7 @@ func (f *Files) readAll(paths []string) []readFile {
 	out := make([]readFile, len(paths))
 	do := func(i int) {
 		out[i].path = paths[i]
-		if out[i].data, out[i].readErr = os.ReadFile(paths[i]); out[i].readErr == nil {
+		if out[i].data, out[i].readErr = f.read(paths[i]); out[i].readErr == nil {
 			out[i].parsedFile = f.store.parse(out[i].parsedFile)
 		}
 	}
@@ -147,9 +152,9 @@ func (f *Files) readAll(paths []string) []readFile {
 }
 
 // seenFile is what a reload keeps of a file it read, to know it untouched
-// at the next: which file it is, its size and its modification time. Not
-// the os.FileInfo, which is four times as large (the whole stat record and
-// the name), for every file.
+// at the next: which file it is and when its inode last changed, its size
+// and its modification time. Not the os.FileInfo, which is four times as
+// large (the whole stat record and the name), for every file.
 type seenFile struct {
 	trusted bool // false: read it again next time
 	file    fileID
@@ -164,21 +169,25 @@ func seen(fi os.FileInfo) seenFile {
 
 // unchanged reports whether cur is the file read before, untouched: the
 // same file (device and inode: a ConfigMap update, or an editor's rename
-// over it, makes a new one), size and modification time. File times are
-// coarse (a clock tick, milliseconds), so a file that was modified shortly
-// before it was read is never taken as unchanged (racy; it is not trusted):
-// a second edit of the same size within the same tick would be missed.
+// over it, makes a new one), whose inode has not changed since (its ctime:
+// a write, even one that sets the modification time back, changes it),
+// of the same size and modification time. File times are coarse (a clock
+// tick, milliseconds), so a file that changed shortly before it was read is
+// never taken as unchanged (racy; it is not trusted): a second write within
+// the same tick would be missed.
 func (s seenFile) unchanged(cur os.FileInfo) bool {
 	return s.trusted && s == seen(cur)
 }
 
-// racyWindow is how recently modified a file may be when read and still be
-// trusted by its size and time afterwards; far above any file system's
-// timestamp granularity.
+// racyWindow is how recently a file may have changed (its modification
+// time or its inode's) when read and still be trusted by its stat
+// afterwards; far above any file system's timestamp granularity.
 const racyWindow = 2 * time.Second
 
-func racy(fi os.FileInfo, readAt time.Time) bool {
-	return fi.ModTime().After(readAt.Add(-racyWindow))
+// racy reports whether s changed within window of readAt, or after it.
+func (s seenFile) racy(readAt time.Time, window time.Duration) bool {
+	since := readAt.Add(-window).UnixNano()
+	return s.modTime > since || s.file.changedAt() > since
 }
 
 // mergeChanges merges changes in one pass (Change.Merge checks for

@@ -9,20 +9,31 @@ import (
 	"runtime"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 )
 
 // TestFilesRereadOnlyWhatChanged: a reload reads only the files whose stat
-// changed (another file, size or modification time), so a one-file change in
-// a directory of thousands reads one file; a file modified within moments of
-// being read is read again next time, since file times are coarse.
+// changed (another file, its inode changed, another size or modification
+// time), so a one-file change in a directory of thousands reads one file; a
+// file changed within moments of being read is read again next time, since
+// file times are coarse; and a file rewritten with the size and
+// modification time it had (cp -p, tar, rsync -t, a pipeline that fixes
+// every file's time) is read: its inode's change time moved.
 func TestFilesRereadOnlyWhatChanged(t *testing.T) {
 	dir := t.TempDir()
 	f, err := newFiles(dir, testOpts)
 	if err != nil {
 		t.Fatal(err)
 	}
+	// A file is trusted once it has not changed for the window: short
+	// here, since a test cannot set a change time back.
+	const window = 100 * time.Millisecond
+	f.racyWindow = window
+	settle := func() { time.Sleep(2 * window) }
+	var reads atomic.Int64
+	f.read = func(name string) ([]byte, error) { reads.Add(1); return os.ReadFile(name) }
 	path := filepath.Join(dir, "a.yaml")
 	// In place, as an editor saving without a rename does: same inode.
 	write := func(port int, mod time.Time) {
@@ -34,47 +45,55 @@ func TestFilesRereadOnlyWhatChanged(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	served := func(want string) Change {
+	reload := func(what, want string, wantRead bool) {
 		t.Helper()
-		snap, ch, err := f.Reload()
+		before := reads.Load()
+		snap, _, err := f.Reload()
 		if err != nil {
 			t.Fatal(err)
 		}
 		if got := ids(snap); got != want {
-			t.Fatalf("served %q, want %q", got, want)
+			t.Fatalf("%s: served %q, want %q", what, got, want)
 		}
-		return ch
+		if read := reads.Load() != before; read != wantRead {
+			t.Fatalf("%s: the file read: %v, want %v", what, read, wantRead)
+		}
 	}
 	hourAgo := time.Now().Add(-time.Hour).Truncate(time.Second)
 	write(1001, hourAgo)
-	served("spiffe://mesh.test/a@1001")
+	reload("first", "spiffe://mesh.test/a@1001", true)
+	// Its inode changed moments before it was read, whatever its
+	// modification time says: read again until it has been still for the
+	// window, then trusted.
+	reload("changed moments before the last read", "spiffe://mesh.test/a@1001", true)
+	settle()
+	reload("still for the window", "spiffe://mesh.test/a@1001", true)
+	reload("unchanged", "spiffe://mesh.test/a@1001", false)
 
-	// Same inode, size and time: not read. (The blind spot of any stat
-	// check; an edit changes the time, a rename or ConfigMap swap the
-	// inode.) This is how the test sees that the file was not read.
+	// Rewritten in place with the same size and modification time: its
+	// change time tells.
 	write(1002, hourAgo)
-	if ch := served("spiffe://mesh.test/a@1001"); !ch.Empty() {
-		t.Errorf("unchanged stat, yet a change: %+v", ch)
-	}
+	reload("rewritten, its time set back", "spiffe://mesh.test/a@1002", true)
 
-	// An edit now is read.
+	// An edit now is read; it was modified moments before that read, so
+	// another edit with the same size and time is still read.
+	settle()
 	write(1003, time.Now())
-	served("spiffe://mesh.test/a@1003")
-
-	// It was modified moments before that read, so its time is not
-	// trusted: another edit with the same size and time is still read.
+	reload("edited now", "spiffe://mesh.test/a@1003", true)
 	fi, err := os.Stat(path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	write(1004, fi.ModTime())
-	served("spiffe://mesh.test/a@1004")
+	reload("edited again within the tick", "spiffe://mesh.test/a@1004", true)
 
-	// Trusted again once its time is old; then a new file (a rename over
-	// the old one) of the same size and time is read: it is another file.
+	// Trusted again once still; then a new file (a rename over the old
+	// one) of the same size and time is read: it is another file.
 	earlier := hourAgo.Add(-time.Minute)
 	write(1004, earlier)
-	served("spiffe://mesh.test/a@1004")
+	settle()
+	reload("still again", "spiffe://mesh.test/a@1004", true)
+	reload("unchanged again", "spiffe://mesh.test/a@1004", false)
 	tmp := filepath.Join(dir, ".a.tmp")
 	if err := os.WriteFile(tmp, []byte(policyFor("a", "spiffe://mesh.test/a", 1005)), 0o644); err != nil {
 		t.Fatal(err)
@@ -85,7 +104,7 @@ func TestFilesRereadOnlyWhatChanged(t *testing.T) {
 	if err := os.Rename(tmp, path); err != nil {
 		t.Fatal(err)
 	}
-	served("spiffe://mesh.test/a@1005")
+	reload("renamed over", "spiffe://mesh.test/a@1005", true)
 }
 
 // TestFilesReadAtOnceKeepListingOrder: many changed files are read and
