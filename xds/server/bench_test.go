@@ -402,9 +402,15 @@ type helper struct {
 }
 
 func startHelper(b *testing.B, role, dir, args string, env ...string) *helper {
-	cmd := exec.Command(os.Args[0], "-test.run=^TestBenchHelper$", "-test.timeout=0")
-	cmd.Env = append(os.Environ(), benchRoleEnv+"="+role, benchDirEnv+"="+dir, benchArgsEnv+"="+args)
-	cmd.Env = append(cmd.Env, env...)
+	env = append([]string{benchRoleEnv + "=" + role, benchDirEnv + "=" + dir, benchArgsEnv + "=" + args}, env...)
+	return startProcess(b, "TestBenchHelper", env)
+}
+
+// startProcess runs this test binary again as the test named test, with env
+// added to this process's environment, and reads its answers line by line.
+func startProcess(b *testing.B, test string, env []string) *helper {
+	cmd := exec.Command(os.Args[0], "-test.run=^"+test+"$", "-test.timeout=0")
+	cmd.Env = append(os.Environ(), env...)
 	in, _ := cmd.StdinPipe()
 	out, _ := cmd.StdoutPipe()
 	cmd.Stderr = os.Stderr

@@ -11,7 +11,6 @@ import (
 	"math"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"runtime"
 	"runtime/debug"
@@ -280,25 +279,9 @@ func componentOf(site string) string {
 // startFloorServer starts the server of a layer in its own process (this
 // test binary again, TestFloorHelper) on the PKI the swarm wrote to dir.
 func startFloorServer(b *testing.B, layer, dir, args string) *controlPlane {
-	cmd := exec.Command(os.Args[0], "-test.run=^TestFloorHelper$", "-test.timeout=0")
-	cmd.Env = append(os.Environ(), floorLayerEnv+"="+layer, floorDirEnv+"="+dir, floorArgsEnv+"="+args)
-	cmd.Env = append(cmd.Env, strings.Fields(os.Getenv(floorCPEnvEnv))...)
-	in, _ := cmd.StdinPipe()
-	out, _ := cmd.StdoutPipe()
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		b.Fatal(err)
-	}
-	h := &helper{cmd: cmd, in: in, lines: make(chan string, 16), done: make(chan struct{})}
-	go func() {
-		defer close(h.done)
-		sc := bufio.NewScanner(out)
-		sc.Buffer(nil, 64<<20)
-		for sc.Scan() {
-			h.lines <- sc.Text()
-		}
-		close(h.lines)
-	}()
+	env := append([]string{floorLayerEnv + "=" + layer, floorDirEnv + "=" + dir, floorArgsEnv + "=" + args},
+		strings.Fields(os.Getenv(floorCPEnvEnv))...)
+	h := startProcess(b, "TestFloorHelper", env)
 	h.expect(b, "listening")
 	return &controlPlane{helper: h}
 }
