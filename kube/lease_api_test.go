@@ -96,6 +96,25 @@ func (l *leaders) times(name string) (started, stopped time.Time) {
 	return l.started[name], l.stopped[name]
 }
 
+// waitStarted waits until the sampler has seen name lead, and returns when.
+// Waiting on the replica itself would not do: on a busy machine the sampler
+// may not yet have run since, and a time it has not recorded reads as zero.
+func (l *leaders) waitStarted(t *testing.T, name string) time.Time {
+	t.Helper()
+	waitFor(t, name+" to lead", func() bool { started, _ := l.times(name); return !started.IsZero() })
+	started, _ := l.times(name)
+	return started
+}
+
+// waitStopped waits until the sampler has seen name stop leading, and
+// returns when, for the same reason.
+func (l *leaders) waitStopped(t *testing.T, name string) time.Time {
+	t.Helper()
+	waitFor(t, name+" to stop leading", func() bool { _, stopped := l.times(name); return !stopped.IsZero() })
+	_, stopped := l.times(name)
+	return stopped
+}
+
 // cutOff dials the API server over real sockets until cut: then it closes
 // every connection it made and new ones hang until their request gives up
 // (a partition, the worst case for a leader: its writes neither succeed nor
@@ -183,9 +202,10 @@ func TestLeaderCutOffFromTheAPIServer(t *testing.T) {
 
 	cut := time.Now()
 	link.setCut(true)
-	waitFor(t, "cp-b to take over", b.ctl.Leading)
+	// Both times as the sampler saw them: it samples both replicas at once,
+	// so once it has seen cp-b lead it has seen whether cp-a still did.
+	bStarted := l.waitStarted(t, "cp-b")
 	_, aStopped := l.times("cp-a")
-	bStarted, _ := l.times("cp-b")
 	t.Logf("cut at 0: cp-a stopped writing status at %v, cp-b took over at %v", aStopped.Sub(cut).Round(time.Millisecond), bStarted.Sub(cut).Round(time.Millisecond))
 	switch {
 	case aStopped.IsZero() || !aStopped.Before(bStarted):
@@ -468,8 +488,7 @@ func TestHostileLeaseHolders(t *testing.T) {
 			}
 		}
 		at := time.Now()
-		waitFor(t, "the first replica's term to end", func() bool { _, stopped := l.times(a.name); return !stopped.IsZero() })
-		_, stopped := l.times(a.name)
+		stopped := l.waitStopped(t, a.name)
 		t.Logf("the leader stopped %v after", stopped.Sub(at).Round(time.Millisecond))
 		if stopped.Sub(at) > 1500*time.Millisecond {
 			t.Errorf("the leader stopped %v after: not at its next renewal but near its renew deadline", stopped.Sub(at))
@@ -593,8 +612,7 @@ func TestLeaseAcrossAPIServerRestart(t *testing.T) {
 			_ = c.StartAPIServer(context.Background())
 		}
 	}()
-	waitFor(t, "cp-restart-a to stop leading", func() bool { return !a.ctl.Leading() })
-	_, stopped := l.times(a.name)
+	stopped := l.waitStopped(t, a.name)
 	t.Logf("API server down at 0: cp-restart-a stopped leading at %v", stopped.Sub(down).Round(time.Millisecond))
 	if stopped.Sub(down) > testRenewDeadline+500*time.Millisecond {
 		t.Errorf("cp-restart-a led %v after the API server went away, past its renew deadline (%v)", stopped.Sub(down), testRenewDeadline)
