@@ -642,21 +642,11 @@ func runControlPlane(t *testing.T, dir, addr string) {
 		}
 		defer f.Close()
 	}
-	certPEM, _ := os.ReadFile(filepath.Join(dir, "cp.crt"))
-	keyPEM, _ := os.ReadFile(filepath.Join(dir, "cp.key"))
-	bundlePEM, _ := os.ReadFile(filepath.Join(dir, "bundle.crt"))
-	svid, err := x509svid.Parse(certPEM, keyPEM)
-	if err != nil {
-		t.Fatal(err)
-	}
-	bundle, err := x509bundle.Parse(spiffeid.RequireTrustDomainFromString("mesh.test"), bundlePEM)
-	if err != nil {
-		t.Fatal(err)
-	}
+	tlsConfig, td := controlPlaneTLS(t, dir)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	reg := prometheus.NewRegistry()
-	store, err := policy.NewStore(policy.Options{TrustDomains: []spiffeid.TrustDomain{bundle.TrustDomain()}}, nil)
+	store, err := policy.NewStore(policy.Options{TrustDomains: []spiffeid.TrustDomain{td}}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -676,7 +666,7 @@ func runControlPlane(t *testing.T, dir, addr string) {
 		}
 		srv.UpdateChanged(snap, ch)
 	}
-	g := srv.NewGRPCServer(identity.NewTLS(identitytest.NewSource(svid, bundle)).ServerConfig(identity.Modern(), func(spiffeid.ID) error { return nil }))
+	g := srv.NewGRPCServer(tlsConfig)
 	lis, err := net.Listen("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
@@ -1141,4 +1131,21 @@ func (sw *swarm) session(ctx context.Context, i int, addr string, known map[stri
 			report(evConfigured, resp.GetSystemVersionInfo(), len(known[ldsType]) == 0)
 		}
 	}
+}
+
+// controlPlaneTLS is the control plane's server TLS configuration on the
+// SVID and bundle the swarm wrote to dir, and the trust domain they are of.
+func controlPlaneTLS(t *testing.T, dir string) (*tls.Config, spiffeid.TrustDomain) {
+	certPEM, _ := os.ReadFile(filepath.Join(dir, "cp.crt"))
+	keyPEM, _ := os.ReadFile(filepath.Join(dir, "cp.key"))
+	bundlePEM, _ := os.ReadFile(filepath.Join(dir, "bundle.crt"))
+	svid, err := x509svid.Parse(certPEM, keyPEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bundle, err := x509bundle.Parse(spiffeid.RequireTrustDomainFromString("mesh.test"), bundlePEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return identity.NewTLS(identitytest.NewSource(svid, bundle)).ServerConfig(identity.Modern(), func(spiffeid.ID) error { return nil }), bundle.TrustDomain()
 }

@@ -3,7 +3,6 @@ package server_test
 import (
 	"bufio"
 	"context"
-	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -33,13 +32,9 @@ import (
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	sotw "github.com/envoyproxy/go-control-plane/pkg/server/sotw/v3"
 	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
-	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/grpc"
 
-	"latch.dev/latch/identity"
-	"latch.dev/latch/identity/identitytest"
 	"latch.dev/latch/internal/freeport"
 	"latch.dev/latch/xds/policy"
 	"latch.dev/latch/xds/server"
@@ -308,7 +303,7 @@ func TestFloorHelper(t *testing.T) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	tlsConfig := floorTLS(t, dir)
+	tlsConfig, _ := controlPlaneTLS(t, dir)
 
 	var g *grpc.Server
 	var streams func() int
@@ -400,23 +395,6 @@ func TestFloorHelper(t *testing.T) {
 			fmt.Println("ok")
 		}
 	}
-}
-
-// floorTLS is the control plane's server TLS configuration on the SVID the
-// swarm wrote to dir.
-func floorTLS(t *testing.T, dir string) *tls.Config {
-	certPEM, _ := os.ReadFile(filepath.Join(dir, "cp.crt"))
-	keyPEM, _ := os.ReadFile(filepath.Join(dir, "cp.key"))
-	bundlePEM, _ := os.ReadFile(filepath.Join(dir, "bundle.crt"))
-	svid, err := x509svid.Parse(certPEM, keyPEM)
-	if err != nil {
-		t.Fatal(err)
-	}
-	bundle, err := x509bundle.Parse(spiffeid.RequireTrustDomainFromString("mesh.test"), bundlePEM)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return identity.NewTLS(identitytest.NewSource(svid, bundle)).ServerConfig(identity.Modern(), func(spiffeid.ID) error { return nil })
 }
 
 // bareADS answers a stream's first request with one small response, then
